@@ -1,0 +1,301 @@
+"""Frozen, validated configuration: dataclass defaults, YAML files and command-line overrides.
+
+Every field is checked in ``__post_init__`` so a bad value fails with one line naming the field
+and its allowed range before any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from simclr_kit.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration value outside its allowed range."""
+
+
+def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name} = {value!r} is out of range: must be {allowed}")
+
+
+def _prob(name: str, value: float | None) -> None:
+    if value is not None:
+        _check(0.0 <= value <= 1.0, name, "a probability in [0, 1]", value)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """SimCLR view augmentation (Chen et al. 2020, appendix A); ``None`` means size-dependent.
+
+    Colour jitter strength s gives brightness/contrast/saturation 0.8 s and hue 0.2 s; the paper
+    uses s=0.5 for CIFAR-10 and s=1.0 for ImageNet, so ``None`` picks 0.5 at <= 64 px, else 1.0.
+    Blur is off at <= 32 px (it destroys tiny images) and p=0.5 above.
+    """
+
+    crop_scale_min: float = 0.08
+    crop_scale_max: float = 1.0
+    crop_ratio_min: float = 3 / 4
+    crop_ratio_max: float = 4 / 3
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    jitter_strength: float | None = None
+    grayscale_p: float = 0.2
+    blur_p: float | None = None
+    blur_sigma_min: float = 0.1
+    blur_sigma_max: float = 2.0
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(0 < self.crop_scale_min <= self.crop_scale_max <= 1, "augment.crop_scale_min/max",
+               "0 < min <= max <= 1", (self.crop_scale_min, self.crop_scale_max))
+        _check(0 < self.crop_ratio_min <= self.crop_ratio_max, "augment.crop_ratio_min/max",
+               "0 < min <= max", (self.crop_ratio_min, self.crop_ratio_max))
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            _prob(f"augment.{name}", getattr(self, name))
+        if self.jitter_strength is not None:
+            _check(0 <= self.jitter_strength <= 1.25, "augment.jitter_strength", "in [0, 1.25]",
+                   self.jitter_strength)
+        _check(0 < self.blur_sigma_min <= self.blur_sigma_max, "augment.blur_sigma_min/max",
+               "0 < min <= max", (self.blur_sigma_min, self.blur_sigma_max))
+        _check(0 <= self.solarize_threshold <= 1, "augment.solarize_threshold", "in [0, 1]",
+               self.solarize_threshold)
+
+    def resolved(self, image_size: int) -> AugmentConfig:
+        """The same config with the size-dependent ``None`` defaults filled in."""
+        strength = self.jitter_strength
+        if strength is None:
+            strength = 0.5 if image_size <= 64 else 1.0
+        blur_p = self.blur_p
+        if blur_p is None:
+            blur_p = 0.0 if image_size <= 32 else 0.5
+        return dataclasses.replace(self, jitter_strength=strength, blur_p=blur_p)
+
+    @property
+    def jitter(self) -> tuple[float, float, float, float]:
+        """(brightness, contrast, saturation, hue) from the strength s: 0.8s, 0.8s, 0.8s, 0.2s."""
+        s = 0.5 if self.jitter_strength is None else self.jitter_strength
+        return 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are read."""
+
+    data: str = "digits"
+    data_config: str | None = None
+    revision: str | None = None
+    train_split: str | None = None
+    eval_split: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    image_size: int | None = None
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    bad_images: str = "skip"
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None:
+            _check(8 <= self.image_size <= 1024, "image_size", "an integer in [8, 1024] pixels",
+                   self.image_size)
+        _check(0 < self.val_fraction < 1, "val_fraction", "in (0, 1)", self.val_fraction)
+        _check(self.bad_images in ("skip", "error"), "bad_images", "'skip' or 'error'",
+               self.bad_images)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Downstream protocols on a frozen (or fine-tuned) encoder; defaults are the standard ones."""
+
+    protocols: tuple[str, ...] = ("linear", "knn")
+    knn_k: tuple[int, ...] = (200,)
+    knn_temperature: float = 0.1
+    linear_epochs: int = 100
+    linear_lr: float = 1e-3
+    linear_batch_size: int = 256
+    linear_weight_decay: float = 0.0
+    probe_augment: bool = False
+    finetune_epochs: int = 30
+    finetune_lr: float = 1e-3
+    finetune_backbone_lr_mult: float = 0.1
+    finetune_batch_size: int = 128
+    finetune_weight_decay: float = 0.0
+    seeds: int = 3
+    baselines: tuple[str, ...] = ()
+    batch_size: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        allowed = {"knn", "linear", "finetune", "fractions"}
+        for p in self.protocols:
+            _check(p in allowed, "protocols", f"a subset of {sorted(allowed)}", self.protocols)
+        for k in self.knn_k:
+            _check(k >= 1, "knn_k", "integers >= 1", self.knn_k)
+        _check(self.knn_temperature > 0, "knn_temperature", "> 0", self.knn_temperature)
+        for name in ("linear_epochs", "finetune_epochs", "seeds"):
+            _check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        for name in ("linear_lr", "finetune_lr", "finetune_backbone_lr_mult"):
+            _check(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        for name in ("linear_batch_size", "finetune_batch_size", "batch_size"):
+            _check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        for b in self.baselines:
+            _check(b in ("random", "imagenet"), "baselines", "'random' and/or 'imagenet'",
+                   self.baselines)
+
+
+BACKBONE_INITS = ("scratch", "imagenet")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """One SimCLR pretraining run. ``lr`` is the rate for a batch of 256, scaled linearly."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    out: str | None = None
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 0.3
+    optimizer: str = "lars"
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    warmup_epochs: float = 10.0
+    temperature: float = 0.1
+    backbone: str = "resnet18"
+    stem: str = "auto"
+    init: str = "scratch"
+    projection_dim: int = 256
+    projection_hidden_dim: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = True
+    seed: int = 0
+    checkpoint_every: int = 10
+    log_every: int = 10
+    monitor_knn: int = 0
+    time_budget: float | None = None
+    deterministic: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        _check(self.batch_size >= 2, "batch_size", "an integer >= 2 (NT-Xent needs negatives)",
+               self.batch_size)
+        _check(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite number > 0", self.lr)
+        _check(self.optimizer in ("lars", "sgd", "adam"), "optimizer", "'lars', 'sgd' or 'adam'",
+               self.optimizer)
+        _check(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
+        _check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        _check(self.warmup_epochs >= 0, "warmup_epochs", ">= 0", self.warmup_epochs)
+        _check(self.temperature > 0 and math.isfinite(self.temperature), "temperature",
+               "a finite number > 0", self.temperature)
+        _check(self.stem in ("auto", "cifar", "imagenet"), "stem", "'auto', 'cifar' or 'imagenet'",
+               self.stem)
+        _check(self.projection_dim >= 1, "projection_dim", "an integer >= 1", self.projection_dim)
+        if self.projection_hidden_dim is not None:
+            _check(self.projection_hidden_dim >= 1, "projection_hidden_dim", "an integer >= 1",
+                   self.projection_hidden_dim)
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision",
+               "'auto', 'fp32', 'bf16' or 'fp16'", self.precision)
+        _check(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0 (0: only at the end)",
+               self.checkpoint_every)
+        _check(self.log_every >= 1, "log_every", "an integer >= 1", self.log_every)
+        _check(self.monitor_knn >= 0, "monitor_knn", "an integer >= 0 (0: off)", self.monitor_knn)
+        if self.time_budget is not None:
+            _check(self.time_budget > 0, "time_budget", "> 0 minutes", self.time_budget)
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+               "device", "'auto', 'cpu', 'cuda[:N]' or 'mps'", self.device)
+        from simclr_kit.models import check_backbone_name
+
+        check_backbone_name(self.backbone)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """The downstream classifier: a new head on the extracted backbone, cross-entropy and Adam."""
+
+    head: str = "linear"
+    finetune: bool = False
+    epochs: int = 30
+    lr: float = 1e-3
+    backbone_lr_mult: float = 0.1
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    hidden_dim: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.head in ("linear", "mlp"), "head", "'linear' or 'mlp'", self.head)
+        _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        _check(self.lr > 0, "lr", "> 0", self.lr)
+        _check(self.backbone_lr_mult > 0, "backbone_lr_mult", "> 0", self.backbone_lr_mult)
+        _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        _check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+
+
+C = TypeVar("C")
+_NESTED: dict[str, type] = {"data": DataConfig, "augment": AugmentConfig}
+
+
+def from_dict(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
+    """Build a (nested) config dataclass from a plain dict; unknown keys are an error."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of field names to values")
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        if cls is PretrainConfig and name in _NESTED:
+            value = from_dict(_NESTED[name], value, f"{where}.{name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON/YAML-safe dict of a config, nested dataclasses included."""
+    return dataclasses.asdict(config)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict (validated when turned into a dataclass)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {p} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {p} must hold a mapping of field names to values")
+    return values
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Recursively overlay ``overrides`` (None values ignored) on ``base``."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
