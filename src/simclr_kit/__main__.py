@@ -1,0 +1,3 @@
+from simclr_kit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""The downstream classifier: extracted backbone + new head, cross-entropy, Adam; save; predict.
+
+Frozen (default): the backbone is in eval mode and gets no gradient, so its features are fixed;
+they are computed once and the head trains on them (the same result as a forward per epoch, far
+faster). ``finetune=True`` trains the whole network, backbone at ``lr x backbone_lr_mult``, with
+random crops and flips.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from simclr_kit import __version__
+from simclr_kit.augment import SimCLRAugment, normalize
+from simclr_kit.checkpoint import atomic_write_text, load_weights, save_weights
+from simclr_kit.config import AugmentConfig, ClassifierConfig, DataConfig
+from simclr_kit.data.sources import IMAGE_SUFFIXES, open_splits
+from simclr_kit.data.store import ImageStore, decode_split
+from simclr_kit.devices import resolve_device
+from simclr_kit.encoder import Encoder, load_encoder
+from simclr_kit.errors import UserError
+from simclr_kit.evaluation.features import extract_features
+from simclr_kit.models import Classifier, build_backbone
+
+# Fine-tuning augmentation: crops and flips only, no colour distortion.
+FINETUNE_AUGMENT = AugmentConfig(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, mean, std, device,
+             batch_size: int = 512) -> float:
+    """Top-1 accuracy in percent of ``model`` on ``images: (N, 3, S, S) uint8``."""
+    model.eval()
+    correct = 0
+    for start in range(0, images.shape[0], batch_size):
+        x = normalize(images[start:start + batch_size].to(device), mean, std)
+        pred = model(x).argmax(1).cpu()
+        correct += int((pred == labels[start:start + batch_size]).sum())
+    return 100.0 * correct / max(1, images.shape[0])
+
+
+def _train_head_on_features(model: Classifier, f_train: Tensor, y_train: Tensor,
+                            cfg: ClassifierConfig, progress: bool) -> None:
+    optimizer = torch.optim.Adam(model.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed)
+    model.head.train()
+    for _ in tqdm(range(cfg.epochs), desc="head", unit="epoch", disable=not progress, leave=False):
+        perm = torch.randperm(f_train.shape[0], generator=g)
+        for start in range(0, f_train.shape[0], cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            loss = F.cross_entropy(model.head(f_train[idx]), y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+def _finetune(model: Classifier, train: ImageStore, mean, std, cfg: ClassifierConfig,
+              device: torch.device, progress: bool) -> None:
+    params = [{"params": model.head.parameters(), "lr": cfg.lr},
+              {"params": model.backbone.parameters(), "lr": cfg.lr * cfg.backbone_lr_mult}]
+    optimizer = torch.optim.Adam(params, weight_decay=cfg.weight_decay)
+    augment = SimCLRAugment(FINETUNE_AUGMENT, train.image_size, mean, std, cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    labels = train.labels.to(device)  # type: ignore[union-attr]
+    for epoch in tqdm(range(cfg.epochs), desc="fine-tune", unit="epoch", disable=not progress,
+                      leave=False):
+        model.train()
+        perm = torch.randperm(len(train), generator=g)
+        for start in range(0, len(train), cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            x, _ = augment(train.images[idx].to(device), idx.to(device), epoch)
+            loss = F.cross_entropy(model(x), labels[idx.to(device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+def train_classifier(checkpoint: str | Path, data: DataConfig, out: str | Path,
+                     cfg: ClassifierConfig | None = None, device: str = "auto",
+                     progress: bool = True) -> dict[str, Any]:
+    """Train a classifier on the encoder from ``checkpoint``; save it in ``out``; return metrics."""
+    cfg = cfg or ClassifierConfig()
+    out = Path(out)
+    if (out / "classifier.safetensors").exists():
+        raise UserError(f"{out} already holds a classifier: choose another --out")
+    dev = resolve_device(device)
+    encoder = load_encoder(checkpoint, dev)
+    train_split, val_split = open_splits(data, need_eval=True)
+    train = decode_split(train_split, encoder.image_size, data.bad_images, progress)
+    val = decode_split(val_split, encoder.image_size, data.bad_images, progress)  # type: ignore[arg-type]
+    for store, role in ((train, "train"), (val, "validation")):
+        if store.labels is None:
+            raise UserError(f"the {role} split has no labels: a classifier needs a label column")
+    class_names = train.class_names or [str(i) for i in range(int(train.labels.max()) + 1)]
+    torch.manual_seed(cfg.seed)
+    model = Classifier(encoder.backbone, encoder.feature_dim, len(class_names), cfg.head,
+                       cfg.hidden_dim, frozen=not cfg.finetune).to(dev)
+    if cfg.finetune:
+        _finetune(model, train, encoder.mean, encoder.std, cfg, dev, progress)
+    else:
+        f_train = extract_features(encoder, train.images, encoder.mean, encoder.std, dev,
+                                   progress=progress, desc="train features")
+        _train_head_on_features(model, f_train.to(dev), train.labels.to(dev), cfg, progress)
+    val_acc = accuracy(model, val.images, val.labels, encoder.mean, encoder.std, dev)
+    meta = {"kind": "classifier", "class_names": class_names, "image_size": encoder.image_size,
+            "mean": list(encoder.mean), "std": list(encoder.std),
+            "backbone": encoder.meta.get("backbone", "resnet18"),
+            "stem": encoder.meta.get("stem", "imagenet"), "feature_dim": encoder.feature_dim,
+            "head": cfg.head, "hidden_dim": cfg.hidden_dim, "finetune": cfg.finetune,
+            "encoder_checkpoint": str(checkpoint), "val_accuracy": val_acc,
+            "val_split": val.provenance, "config": cfg.__dict__, "package_version": __version__}
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(out / "classifier.safetensors", model.state_dict(), meta)
+    return {"val_accuracy": val_acc, "out": str(out), "classes": len(class_names)}
+
+
+def load_classifier(cls_dir: str | Path, device: torch.device) -> tuple[Classifier, dict]:
+    path = Path(cls_dir)
+    file = path / "classifier.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{cls_dir} holds no classifier.safetensors (made by train-classifier)")
+    meta = json.loads(file.with_suffix(".json").read_text())
+    backbone = build_backbone(meta["backbone"], meta["stem"])
+    model = Classifier(backbone, meta["feature_dim"], len(meta["class_names"]), meta["head"],
+                       meta["hidden_dim"], frozen=True)
+    model.load_state_dict(load_weights(file), strict=True)
+    return model.to(device).eval(), meta
+
+
+def _image_paths(spec: str) -> list[Path] | None:
+    """Image files named by ``spec`` (a file, a glob, or a folder of images), or None."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        return [path]
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True))
+    elif path.is_dir() and not any(path.rglob("*.parquet")) and not (path / "state.json").exists() \
+            and not (path / "dataset_dict.json").exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        return None
+    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def predict(cls_dir: str | Path, data: str, out: str | Path, device: str = "auto",
+            data_config: DataConfig | None = None, batch_size: int = 256) -> int:
+    """Write ``out`` (CSV: id, predicted class, probability), one row per image; returns rows."""
+    dev = resolve_device(device)
+    model, meta = load_classifier(cls_dir, dev)
+    encoder = Encoder(model.backbone, meta["image_size"], meta["mean"], meta["std"], meta)
+    paths = _image_paths(data)
+    if paths is not None:
+        if not paths:
+            raise UserError(f"no images found at {data}")
+        from PIL import Image
+
+        ids = [str(p) for p in paths]
+        images = torch.cat([encoder.to_uint8(Image.open(p)) for p in paths])
+    else:
+        cfg = data_config or DataConfig(data=data)
+        split, _ = open_splits(cfg, need_eval=False)
+        store = decode_split(split, meta["image_size"], cfg.bad_images, progress=False)
+        ids = [str(int(r)) for r in store.row_ids]
+        images = store.images
+    rows = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            x = normalize(images[start:start + batch_size].to(dev), meta["mean"], meta["std"])
+            prob = model(x).softmax(1).cpu()
+            p, c = prob.max(1)
+            rows += [(ids[start + i], meta["class_names"][int(c[i])], f"{float(p[i]):.6f}")
+                     for i in range(len(c))]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = [["id", "predicted", "probability"], *rows]
+    buf = io.StringIO()
+    csv.writer(buf).writerows(text)
+    atomic_write_text(out, buf.getvalue())
+    return len(rows)

@@ -1,0 +1,323 @@
+"""The ``simclr`` command: sub-commands parse flags into configs and call the API. No logic here.
+
+Every user error (UserError) becomes one line on stderr and exit code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from simclr_kit import __version__
+from simclr_kit.config import (AugmentConfig, ClassifierConfig, DataConfig, EvalConfig,
+                               PretrainConfig, from_dict, load_yaml, merge)
+from simclr_kit.errors import UserError
+
+P, D, A, E, K = PretrainConfig, DataConfig(), AugmentConfig(), EvalConfig(), ClassifierConfig()
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return parse
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# (flag, config path, type, help). The default shown comes from the dataclass.
+DATA_FLAGS = [
+    ("--data", "data.data", str, "images: 'digits' (embedded), a hub id, a save_to_disk folder, "
+     "a Parquet folder or glob, or an image folder"),
+    ("--data-config", "data.data_config", str, "hub dataset configuration name"),
+    ("--revision", "data.revision", str, "hub dataset revision (branch, tag or commit)"),
+    ("--train-split", "data.train_split", str, "split to train on (default: 'train' or the only split)"),
+    ("--eval-split", "data.eval_split", str,
+     "split to evaluate on (default: 'validation', else 'test', else a stratified part of train)"),
+    ("--image-column", "data.image_column", str, "image column (default: the Image feature)"),
+    ("--label-column", "data.label_column", str, "label column (default: the ClassLabel feature)"),
+    ("--image-size", "data.image_size", int,
+     "working size in pixels (default: the images' own size when they share one, up to 224)"),
+    ("--val-fraction", "data.val_fraction", float,
+     f"part split off for validation when there is a single split (default: {D.val_fraction})"),
+    ("--split-seed", "data.split_seed", int, f"seed of that split (default: {D.split_seed})"),
+    ("--bad-images", "data.bad_images", str,
+     f"unreadable images: 'skip' (counted and listed) or 'error' (default: {D.bad_images})"),
+]
+PRETRAIN_FLAGS = [
+    ("--out", "out", str, "run directory (default: runs/simclr-DATE-TIME); must not exist"),
+    ("--epochs", "epochs", int, f"passes over the data (default: {P.epochs})"),
+    ("--batch-size", "batch_size", int,
+     f"global batch in images, divided over processes (default: {P.batch_size})"),
+    ("--lr", "lr", float, f"learning rate for a batch of 256, scaled linearly with the batch "
+     f"(default: {P.lr}, SimCLR's LARS rate)"),
+    ("--optimizer", "optimizer", str, f"'lars' (SimCLR), 'sgd' or 'adam'; warm-up then cosine, "
+     f"stepped per batch (default: {P.optimizer})"),
+    ("--weight-decay", "weight_decay", float, f"(default: {P.weight_decay}; 5e-4 suits sgd)"),
+    ("--warmup-epochs", "warmup_epochs", float, f"linear warm-up length (default: {P.warmup_epochs})"),
+    ("--temperature", "temperature", float, f"NT-Xent temperature; 0.1 works for most sets, "
+     f"try 0.2-0.5 if the loss plateaus early (default: {P.temperature})"),
+    ("--backbone", "backbone", str, f"any torchvision classification model (default: {P.backbone})"),
+    ("--stem", "stem", str, "'auto' (CIFAR stem at <= 64 px), 'cifar' or 'imagenet' "
+     f"(default: {P.stem})"),
+    ("--init", "init", str, "'scratch', 'imagenet' (torchvision weights) or a weights path "
+     f"(default: {P.init})"),
+    ("--projection-dim", "projection_dim", int, f"output size of the head (default: {P.projection_dim})"),
+    ("--projection-hidden-dim", "projection_hidden_dim", int,
+     "hidden size of the head (default: the backbone's feature size)"),
+    ("--device", "device", str, "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'mps' "
+     f"(default: {P.device})"),
+    ("--precision", "precision", str, "'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'fp32', "
+     "'bf16', 'fp16'"),
+    ("--compile", "compile", _bool, f"torch.compile the model (default: {P.compile})"),
+    ("--channels-last", "channels_last", _bool, f"channels_last memory on CUDA (default: {P.channels_last})"),
+    ("--sync-bn", "sync_bn", _bool, f"SyncBatchNorm across GPUs under torchrun (default: {P.sync_bn})"),
+    ("--seed", "seed", int, f"seed of weights, order and augmentation (default: {P.seed})"),
+    ("--checkpoint-every", "checkpoint_every", int,
+     f"epochs between kept checkpoints, 0 for only the last (default: {P.checkpoint_every})"),
+    ("--log-every", "log_every", int, f"steps between metric lines (default: {P.log_every})"),
+    ("--monitor-knn", "monitor_knn", int, "run the kNN protocol every N epochs (default: 0, off)"),
+    ("--time-budget", "time_budget", float, "minutes: fit the epochs and schedule to this budget"),
+    ("--deterministic", "deterministic", _bool, "deterministic algorithms (slower)"),
+    ("--crop-scale-min", "augment.crop_scale_min", float,
+     f"smallest crop area fraction (default: {A.crop_scale_min})"),
+    ("--flip-p", "augment.flip_p", float, f"horizontal flip probability (default: {A.flip_p})"),
+    ("--jitter-strength", "augment.jitter_strength", float,
+     "colour strength s (default: 0.5 at <= 64 px, 1.0 above)"),
+    ("--blur-p", "augment.blur_p", float, "blur probability (default: 0 at <= 32 px, 0.5 above)"),
+    ("--solarize-p", "augment.solarize_p", float, f"solarize probability (default: {A.solarize_p})"),
+]
+EVAL_FLAGS = [
+    ("--protocols", "protocols", _csv(str), "comma list of knn, linear, finetune, fractions "
+     f"(default: {','.join(E.protocols)})"),
+    ("--knn-k", "knn_k", _csv(int), f"neighbours, a comma list to sweep (default: {E.knn_k[0]})"),
+    ("--knn-temperature", "knn_temperature", float, f"kNN vote temperature (default: {E.knn_temperature})"),
+    ("--linear-epochs", "linear_epochs", int, f"linear probe epochs (default: {E.linear_epochs})"),
+    ("--linear-lr", "linear_lr", float, f"linear probe Adam rate (default: {E.linear_lr})"),
+    ("--linear-batch-size", "linear_batch_size", int, f"(default: {E.linear_batch_size})"),
+    ("--linear-weight-decay", "linear_weight_decay", float, f"(default: {E.linear_weight_decay})"),
+    ("--baseline", "baselines", _csv(str), "also evaluate 'random' and/or 'imagenet' encoders"),
+    ("--eval-batch-size", "batch_size", int, f"feature extraction batch (default: {E.batch_size})"),
+    ("--eval-seed", "seed", int, f"seed of the probes (default: {E.seed})"),
+]
+CLASSIFIER_FLAGS = [
+    ("--head", "head", str, f"'linear' or 'mlp' (default: {K.head})"),
+    ("--finetune", "finetune", _bool, "train the whole network (default: frozen backbone)"),
+    ("--epochs", "epochs", int, f"(default: {K.epochs})"),
+    ("--lr", "lr", float, f"Adam rate of the head (default: {K.lr})"),
+    ("--backbone-lr-mult", "backbone_lr_mult", float,
+     f"backbone rate = lr x this, with --finetune (default: {K.backbone_lr_mult})"),
+    ("--batch-size", "batch_size", int, f"(default: {K.batch_size})"),
+    ("--weight-decay", "weight_decay", float, f"(default: {K.weight_decay})"),
+    ("--seed", "seed", int, f"(default: {K.seed})"),
+]
+
+
+def _add(parser: argparse.ArgumentParser, flags: list, title: str) -> None:
+    group = parser.add_argument_group(title)
+    for flag, path, kind, text in flags:
+        group.add_argument(flag, dest=path, type=kind, default=None, help=text)
+
+
+def _overrides(args: argparse.Namespace, flags: list) -> dict[str, Any]:
+    """Nested dict of the flags the user gave (``data.image_size`` -> {"data": {...}})."""
+    out: dict[str, Any] = {}
+    for _, path, _, _ in flags:
+        value = getattr(args, path)
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """A built-in recipe (``recipes/NAME.yaml`` in the package) as a dict."""
+    text = resources.files("simclr_kit").joinpath(f"recipes/{name}.yaml").read_text()
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
+    """YAML file (or the digits recipe when no data is named), then the flags on top."""
+    given = _overrides(args, DATA_FLAGS + PRETRAIN_FLAGS)
+    if args.config:
+        base = load_yaml(args.config)
+    elif given.get("data", {}).get("data", "digits") == "digits":
+        base = recipe("digits")
+    else:
+        base = {}
+    return from_dict(PretrainConfig, merge(base, given))
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    return from_dict(DataConfig, _overrides(args, DATA_FLAGS).get("data", {}), "data")
+
+
+def _print_result_table(result: dict[str, Any]) -> None:
+    print(f"\nevaluation on {result['eval']['split']} ({result['eval']['rows']} images); "
+          f"written to {result['out']}/eval.json\n")
+    print(result["table"])
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from simclr_kit.pretrain import pretrain
+
+    cfg = pretrain_config(args)
+    if args.resume:
+        cfg = _resume_config(args)
+    run_dir = pretrain(cfg, resume=args.resume)
+    print(f"checkpoint saved in {run_dir}")
+    return 0
+
+
+def _resume_config(args: argparse.Namespace) -> PretrainConfig:
+    """A resumed run continues with its own saved config; flags may change only a few fields."""
+    saved = Path(args.resume) / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"--resume {args.resume}: no config.yaml there, so it is not a run directory")
+    allowed = {"epochs", "device", "progress", "log_every", "checkpoint_every"}
+    given = _overrides(args, DATA_FLAGS + PRETRAIN_FLAGS)
+    changed = {k: v for k, v in given.items() if k in allowed}
+    return from_dict(PretrainConfig, merge(load_yaml(saved), changed))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from simclr_kit.evaluation.protocols import evaluate
+    from simclr_kit.pretrain import pretrain
+
+    cfg = pretrain_config(args)
+    eval_cfg = from_dict(EvalConfig, merge({"baselines": ("random",)}, _overrides(args, EVAL_FLAGS)),
+                         "eval")
+    run_dir = pretrain(cfg)
+    result = evaluate(run_dir, cfg.data, eval_cfg, device=cfg.device, progress=cfg.progress)
+    _print_result_table(result)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from simclr_kit.evaluation.protocols import evaluate
+
+    eval_cfg = from_dict(EvalConfig, _overrides(args, EVAL_FLAGS), "eval")
+    result = evaluate(args.checkpoint, data_config(args), eval_cfg, out=args.out,
+                      device=args.device)
+    _print_result_table(result)
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from simclr_kit.classifier import train_classifier
+
+    cfg = from_dict(ClassifierConfig, _overrides(args, CLASSIFIER_FLAGS), "classifier")
+    result = train_classifier(args.checkpoint, data_config(args), args.out, cfg, args.device)
+    print(f"validation accuracy {result['val_accuracy']:.2f}% ({result['classes']} classes); "
+          f"classifier saved in {result['out']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from simclr_kit.classifier import predict
+
+    n = predict(args.classifier, args.data, args.out, args.device, data_config(args))
+    print(f"{n} predictions written to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from simclr_kit.encoder import export_backbone
+
+    out = export_backbone(args.checkpoint, args.output, args.backbone)
+    print(f"backbone exported to {out} (metadata in {out.with_suffix('.json')})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="simclr", description="SimCLR pretraining of image encoders, and evaluation.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"simclr-kit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(func=func)
+        p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+        return p
+
+    p = command("run", cmd_run, "pretrain, then evaluate (linear probe and kNN) next to a "
+                "random-init encoder; with no --data, the embedded digits demo")
+    p.add_argument("--config", help="YAML file of pretraining fields; flags override it")
+    _add(p, DATA_FLAGS, "data")
+    _add(p, PRETRAIN_FLAGS, "pretraining")
+    _add(p, EVAL_FLAGS, "evaluation")
+
+    p = command("pretrain", cmd_pretrain, "SimCLR pretraining; writes a run directory")
+    p.add_argument("--config", help="YAML file of pretraining fields; flags override it")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    _add(p, DATA_FLAGS, "data")
+    _add(p, PRETRAIN_FLAGS, "pretraining")
+
+    p = command("evaluate", cmd_evaluate, "evaluate an encoder with standard protocols")
+    p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
+    p.add_argument("--out", help="results folder (default: the run directory)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add(p, DATA_FLAGS, "data")
+    _add(p, EVAL_FLAGS, "evaluation")
+
+    p = command("train-classifier", cmd_train_classifier,
+                "train a classifier head on the extracted backbone (frozen, or --finetune)")
+    p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
+    p.add_argument("--out", required=True, help="folder for the classifier")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add(p, DATA_FLAGS, "data")
+    _add(p, CLASSIFIER_FLAGS, "classifier")
+
+    p = command("predict", cmd_predict, "predict classes with a saved classifier")
+    p.add_argument("classifier", help="folder written by train-classifier")
+    p.add_argument("--out", required=True, help="CSV file: id, predicted, probability")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add(p, DATA_FLAGS, "data (an image file, folder or glob is also accepted)")
+
+    p = command("export", cmd_export, "write the backbone alone as torchvision-loadable safetensors")
+    p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
+    p.add_argument("output", help="OUT.safetensors")
+    p.add_argument("--backbone", help="architecture of a foreign weights file (default: resnet18)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"simclr {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        code = getattr(err, "exit_code", None)  # a run stopped by a signal after saving
+        if code is None:
+            raise
+        print(f"simclr {args.command}: {err}", file=sys.stderr)
+        return int(code)
+    except KeyboardInterrupt:
+        print(f"simclr {args.command}: interrupted", file=sys.stderr)
+        return 130

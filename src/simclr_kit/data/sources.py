@@ -1,0 +1,214 @@
+"""Open any image source as a Hugging Face ``datasets`` split and find its columns.
+
+Sources: the embedded ``digits`` set, a hub id, a ``save_to_disk`` directory, a directory or glob
+of Parquet files, an image folder (sub-folder per class, or flat and unlabeled).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from simclr_kit.config import DataConfig
+from simclr_kit.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a source with its resolved columns and provenance."""
+
+    dataset: datasets.Dataset
+    image_column: str
+    label_column: str | None
+    class_names: list[str] | None
+    source: str
+    split: str
+
+    @property
+    def provenance(self) -> dict:
+        return {"source": self.source, "split": self.split, "rows": len(self.dataset),
+                "fingerprint": self.dataset._fingerprint, "image_column": self.image_column,
+                "label_column": self.label_column}
+
+
+def digits_dataset() -> datasets.DatasetDict:
+    """scikit-learn's 8x8 digits (1,797 images, shipped in its wheel), pixels 0-16 scaled to 0-255."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    pixels = np.round(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # (N, 8, 8)
+    features = datasets.Features({
+        "image": datasets.Image(),
+        "label": datasets.ClassLabel(names=[str(d) for d in range(10)]),
+    })
+    from PIL import Image
+
+    data = {"image": [Image.fromarray(p, mode="L") for p in pixels],
+            "label": bunch.target.tolist()}
+    return datasets.DatasetDict({"train": datasets.Dataset.from_dict(data, features=features)})
+
+
+def _is_image_folder(path: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file())
+
+
+def _load_local(path: Path) -> datasets.DatasetDict:
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(path))
+        return loaded if isinstance(loaded, datasets.DatasetDict) else \
+            datasets.DatasetDict({"train": loaded})
+    if path.is_file() and path.suffix == ".parquet":
+        return datasets.load_dataset("parquet", data_files={"train": str(path)})
+    if any(path.rglob("*.parquet")):
+        return datasets.load_dataset("parquet", data_dir=str(path))
+    if _is_image_folder(path):
+        return datasets.load_dataset("imagefolder", data_dir=str(path))
+    raise UserError(f"{path} holds no Parquet files, no saved dataset and no images")
+
+
+def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
+    try:
+        loaded = datasets.load_dataset(cfg.data, cfg.data_config, revision=cfg.revision)
+    except (ConnectionError, OSError) as err:
+        raise UserError(f"cannot load {cfg.data!r}: it is not an existing path, and the hub "
+                        f"dataset could not be reached ({type(err).__name__}); check the path, "
+                        "or go online / set HF_HUB_OFFLINE=0") from None
+    except datasets.exceptions.DatasetNotFoundError:
+        raise UserError(f"{cfg.data!r} is neither an existing path nor a hub dataset") from None
+    except RuntimeError as err:
+        if "script" in str(err).lower():
+            raise UserError(f"{cfg.data!r} needs a loading script, which is never run: convert "
+                            "it to Parquet (or find the hub's refs/convert/parquet revision, "
+                            "--revision refs/convert/parquet) and pass that") from None
+        raise
+    except ValueError as err:
+        raise UserError(f"cannot load {cfg.data!r}: {str(err).splitlines()[0]}") from None
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return loaded
+
+
+def open_source(cfg: DataConfig) -> datasets.DatasetDict:
+    """All splits of the source named by ``cfg.data``."""
+    if cfg.data == "digits":
+        return digits_dataset()
+    if any(ch in cfg.data for ch in "*?["):
+        files = sorted(glob.glob(cfg.data, recursive=True))
+        if not files:
+            raise UserError(f"no files match {cfg.data!r}")
+        return datasets.load_dataset("parquet", data_files={"train": files})
+    path = Path(os.path.expanduser(cfg.data))
+    if path.exists():
+        return _load_local(path)
+    if cfg.data.startswith((".", "/", "~")) or cfg.data.count("/") > 1:
+        raise UserError(f"data path {cfg.data} does not exist")
+    return _load_hub(cfg)
+
+
+def find_image_column(features: datasets.Features, override: str | None) -> str:
+    if override is not None:
+        if override not in features:
+            raise UserError(f"image column {override!r} not found; columns: {list(features)}")
+        return override
+    for name, feature in features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    raise UserError(f"no image column found (no feature of type Image) among {list(features)}; "
+                    "name one with --image-column")
+
+
+def find_label_column(features: datasets.Features, override: str | None) -> str | None:
+    if override is not None:
+        if override not in features:
+            raise UserError(f"label column {override!r} not found; columns: {list(features)}")
+        feature = features[override]
+        if not isinstance(feature, datasets.ClassLabel) and not (
+                isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
+            raise UserError(f"label column {override!r} has type {feature}: it must be a "
+                            "ClassLabel or an integer column")
+        return override
+    for name, feature in features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            return name
+    return None
+
+
+def _class_names(ds: datasets.Dataset, label_column: str | None) -> list[str] | None:
+    if label_column is None:
+        return None
+    feature = ds.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    top = int(max(ds[label_column])) if len(ds) else -1
+    return [str(i) for i in range(top + 1)]
+
+
+def _make_split(ds: datasets.Dataset, cfg: DataConfig, split: str) -> Split:
+    image_column = find_image_column(ds.features, cfg.image_column)
+    label_column = find_label_column(ds.features, cfg.label_column)
+    return Split(ds, image_column, label_column, _class_names(ds, label_column), cfg.data, split)
+
+
+def _carve_validation(ds: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset,
+                                                                       datasets.Dataset]:
+    """Split a single split into train and a stratified validation part (seed recorded)."""
+    label_column = find_label_column(ds.features, cfg.label_column)
+    stratify = label_column if label_column and isinstance(
+        ds.features[label_column], datasets.ClassLabel) else None
+    try:
+        parts = ds.train_test_split(test_size=cfg.val_fraction, seed=cfg.split_seed,
+                                    stratify_by_column=stratify)
+    except ValueError as err:  # too few rows per class to stratify
+        raise UserError(f"cannot split off a validation part: {err}") from None
+    return parts["train"], parts["test"]
+
+
+def open_splits(cfg: DataConfig, need_eval: bool) -> tuple[Split, Split | None]:
+    """The pretraining/train split and, if ``need_eval``, the evaluation split.
+
+    Train: ``cfg.train_split``, else ``train``, else the only split. Evaluation: ``cfg.eval_split``,
+    else ``validation``, else ``test``; with a single split, a stratified ``cfg.val_fraction`` part
+    is split off with ``cfg.split_seed`` (and pretraining uses only the rest).
+    """
+    dd = open_source(cfg)
+    names = list(dd)
+    if cfg.train_split is not None:
+        if cfg.train_split not in dd:
+            raise UserError(f"split {cfg.train_split!r} not found; splits: {names}")
+        train_name = cfg.train_split
+    elif "train" in dd:
+        train_name = "train"
+    elif len(names) == 1:
+        train_name = names[0]
+    else:
+        raise UserError(f"no 'train' split among {names}: choose one with --train-split")
+
+    eval_name = cfg.eval_split
+    if eval_name is not None and eval_name not in dd:
+        raise UserError(f"evaluation split {eval_name!r} not found; splits: {names}")
+    if eval_name is None:
+        eval_name = next((n for n in ("validation", "valid", "val", "test") if n in dd), None)
+    train_ds = dd[train_name]
+    has_labels = find_label_column(train_ds.features, cfg.label_column) is not None
+    if (eval_name is None or eval_name == train_name) and not has_labels:
+        if need_eval:
+            raise UserError(f"{cfg.data} has no label column, so it cannot be evaluated: "
+                            "evaluate on a labelled dataset, or name one with --label-column")
+        return _make_split(train_ds, cfg, train_name), None
+    if eval_name is None or eval_name == train_name:
+        train_ds, eval_ds = _carve_validation(train_ds, cfg)
+        train = _make_split(train_ds, cfg, f"{train_name}[carved train, seed {cfg.split_seed}]")
+        evaluation = _make_split(eval_ds, cfg,
+                                 f"{train_name}[carved {cfg.val_fraction:.0%} validation, "
+                                 f"seed {cfg.split_seed}]")
+    else:
+        train = _make_split(train_ds, cfg, train_name)
+        evaluation = _make_split(dd[eval_name], cfg, eval_name)
+    return train, (evaluation if need_eval else None)

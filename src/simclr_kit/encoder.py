@@ -1,0 +1,211 @@
+"""Turn any weights file into a usable encoder: our checkpoints, exports and foreign state dicts.
+
+Accepted: a run directory, a checkpoint directory, a ``.safetensors`` file (ours, or an exported
+backbone), a plain PyTorch state dict (``.pt``/``.pth``, read with ``weights_only=True``) in the
+seed's layout (``backbone.*`` plus a projection head) or as a bare torchvision backbone.
+``module.``, ``backbone.`` and ``encoder.`` prefixes are recognised; the stem is inferred from the
+shape of ``conv1.weight``; the projection head is never taken for the backbone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch import Tensor, nn
+
+from simclr_kit.checkpoint import (latest_checkpoint, load_weights, read_metadata, save_weights,
+                                   torch_load_safe)
+from simclr_kit.data.store import resize_center_crop, to_rgb_array
+from simclr_kit.errors import UserError
+from simclr_kit.models import build_backbone, feature_dim
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_BACKBONE_PREFIXES = ("backbone.", "encoder.", "model.backbone.")
+_HEAD_PREFIXES = ("projection_head.", "projector.", "projection.", "head.", "g.")
+
+
+@dataclass
+class Weights:
+    """Backbone weights (keys as in the bare torchvision model) and what is known about them."""
+
+    backbone: dict[str, Tensor]
+    meta: dict[str, Any]
+    path: Path
+    full: dict[str, Tensor] | None = None  # the whole SimCLR state dict, when the file holds one
+
+
+def resolve_weights_file(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"checkpoint {p} does not exist")
+    if p.is_dir():
+        if (p / "model.safetensors").is_file():
+            return p / "model.safetensors"
+        if (p / "classifier.safetensors").is_file():
+            raise UserError(f"{p} is a classifier directory: give the encoder checkpoint instead")
+        return latest_checkpoint(p) / "model.safetensors"  # type: ignore[operator]
+    return p
+
+
+def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def split_state_dict(state: dict[str, Any]) -> tuple[dict[str, Tensor], bool]:
+    """(backbone keys without prefix, whether a projection head was present and dropped)."""
+    state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    if state and all(k.startswith("module.") for k in state):
+        state = _strip(state, "module.")
+    for prefix in _BACKBONE_PREFIXES:
+        part = _strip(state, prefix)
+        if part:
+            has_head = any(k.startswith(_HEAD_PREFIXES) for k in state)
+            return part, has_head
+    bare = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)
+            and not k.startswith("fc.")}
+    return bare, len(bare) != len(state)
+
+
+def infer_stem(backbone_state: dict[str, Tensor]) -> str | None:
+    """'cifar' for a 3x3 first convolution, 'imagenet' for 7x7 (ResNets); None if unknown."""
+    conv1 = backbone_state.get("conv1.weight")
+    if conv1 is None or conv1.ndim != 4:
+        return None
+    return "cifar" if conv1.shape[-1] == 3 else "imagenet"
+
+
+def read_weights(path: str | Path, backbone: str | None = None) -> Weights:
+    """Read any accepted weights file (see module docstring) without building a model."""
+    file = resolve_weights_file(path)
+    if file.suffix == ".safetensors":
+        meta = read_metadata(file)
+        sidecar = file.with_suffix(".json")
+        if not meta and sidecar.is_file():
+            meta = json.loads(sidecar.read_text())
+        state = load_weights(file)
+    elif file.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        meta = {}
+        state = torch_load_safe(file)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise UserError(f"{file} holds a {type(state).__name__}, not a state dict: from "
+                            "trusted code, re-save with torch.save(model.state_dict(), path)")
+    else:
+        raise UserError(f"{file}: unknown weights format (expected .safetensors, .pt or .pth)")
+    full = state if any(k.startswith("projection_head.") for k in state) else None
+    bb, _ = split_state_dict(state)
+    if not bb:
+        raise UserError(f"{file} holds no backbone weights (keys: {list(state)[:5]} ...)")
+    meta = dict(meta)
+    meta.setdefault("stem", infer_stem(bb) or "imagenet")
+    if backbone is not None:
+        meta["backbone"] = backbone
+    meta.setdefault("backbone", "resnet18")
+    return Weights(bb, meta, file, full)
+
+
+def build_loaded_backbone(weights: Weights) -> nn.Module:
+    """The torchvision backbone of the recorded architecture with the weights loaded strictly."""
+    model = build_backbone(weights.meta["backbone"], weights.meta["stem"])
+    missing, unexpected = _key_diff(model.state_dict(), weights.backbone)
+    if missing or unexpected:
+        raise UserError(
+            f"{weights.path} does not match a {weights.meta['backbone']} ({weights.meta['stem']} "
+            f"stem): missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected "
+            f"keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}; pass the right "
+            "--backbone")
+    try:
+        model.load_state_dict(weights.backbone, strict=True)
+    except RuntimeError as err:
+        raise UserError(f"{weights.path} does not fit {weights.meta['backbone']}: "
+                        f"{str(err).splitlines()[1].strip() if chr(10) in str(err) else err}") from None
+    return model
+
+
+def _key_diff(expected: dict, got: dict) -> tuple[list[str], list[str]]:
+    exp = {k for k in expected if not k.endswith("num_batches_tracked")}
+    have = {k for k in got if not k.endswith("num_batches_tracked")}
+    return sorted(exp - have), sorted(have - exp)
+
+
+class Encoder(nn.Module):
+    """Eval-mode backbone: normalised ``x: (N, 3, S, S)`` -> features ``(N, feature_dim)``.
+
+    ``encoder.transform(images)`` turns PIL images, a list of them, or uint8 tensors
+    ``(3, H, W)``/``(N, 3, H, W)`` into that input (recorded resize and normalisation).
+    """
+
+    def __init__(self, backbone: nn.Module, image_size: int, mean: Sequence[float],
+                 std: Sequence[float], meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.image_size = int(image_size)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.meta = meta or {}
+        self.feature_dim = feature_dim(backbone, self.image_size)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x).flatten(1)
+
+    def to_uint8(self, images: Any) -> Tensor:
+        """PIL image(s) or uint8 tensor(s) -> ``(N, 3, S, S) uint8`` at the working size."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+            arrays = [resize_center_crop(to_rgb_array(im), self.image_size) for im in images]
+            return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        x = torch.as_tensor(images)
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise UserError("expected PIL images or uint8 tensors of shape (N, 3, H, W)")
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = TF.resize(x, self.image_size, antialias=True)
+            x = TF.center_crop(x, [self.image_size, self.image_size])
+        return x
+
+    def transform(self, images: Any) -> Tensor:
+        x = self.to_uint8(images).float().div_(255)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def encoder_from_weights(weights: Weights) -> Encoder:
+    meta = weights.meta
+    return Encoder(build_loaded_backbone(weights), meta.get("image_size", 224),
+                   meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD), meta)
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu",
+                 backbone: str | None = None) -> Encoder:
+    """Load an encoder (backbone only, eval mode) from any accepted weights file or run dir."""
+    return encoder_from_weights(read_weights(path, backbone)).to(device).eval()
+
+
+def export_backbone(path: str | Path, out: str | Path, backbone: str | None = None) -> Path:
+    """Write the backbone alone as safetensors (+ JSON sidecar) that loads with ``strict=True``
+    into ``torchvision.models.<backbone>()`` after the classifier becomes ``nn.Identity()``."""
+    weights = read_weights(path, backbone)
+    build_loaded_backbone(weights)  # proves the keys fit before anything is written
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"export target {out} must end in .safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keep = ("backbone", "stem", "feature_dim", "image_size", "mean", "std", "dataset",
+            "package_version", "epoch")
+    meta = {k: weights.meta[k] for k in keep if k in weights.meta}
+    meta["kind"] = "backbone"
+    save_weights(out, weights.backbone, meta)
+    return out

@@ -1,0 +1,1 @@
+"""Downstream evaluation protocols on frozen features: kNN, linear probe, label efficiency."""

@@ -1,0 +1,184 @@
+"""Backbones, the projection head and the SimCLR module. Knows nothing about training or data.
+
+The backbone is any torchvision classification model with its classifier replaced by
+``nn.Identity()``; its feature size is found by a dummy forward, never read from
+``fc.in_features`` (which is gone once ``fc`` is an Identity).
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from simclr_kit.errors import UserError
+
+# Images at or below this size get the CIFAR stem: the ImageNet stem (7x7 stride-2 conv and a
+# max-pool) shrinks a 32 px image to 8x8 before the first residual block.
+CIFAR_STEM_MAX_SIZE = 64
+
+
+def available_backbones() -> list[str]:
+    """Names of the torchvision classification models that can serve as backbones."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise a one-line UserError when ``name`` is not a torchvision classification model."""
+    if name not in available_backbones():
+        hint = ", ".join(n for n in available_backbones() if n.startswith("resnet"))
+        raise UserError(f"unknown backbone {name!r}: use a torchvision classification model "
+                        f"name such as {hint}, mobilenet_v3_small, efficientnet_b0")
+
+
+def resolve_stem(stem: str, image_size: int) -> str:
+    """'cifar' for images <= 64 px, 'imagenet' above, unless forced."""
+    if stem != "auto":
+        return stem
+    return "cifar" if image_size <= CIFAR_STEM_MAX_SIZE else "imagenet"
+
+
+def _drop_classifier(model: nn.Module) -> None:
+    """Replace the final classifier of a torchvision model by an Identity, in place."""
+    for attr in ("fc", "classifier", "head", "heads"):
+        if isinstance(getattr(model, attr, None), nn.Module):
+            setattr(model, attr, nn.Identity())
+            return
+    raise UserError(f"cannot find the classifier of {type(model).__name__} to remove")
+
+
+def _apply_cifar_stem(model: nn.Module, name: str) -> None:
+    """3x3 stride-1 first conv and no max-pool (He et al. 2016, section 4.2, CIFAR ResNets)."""
+    if not isinstance(getattr(model, "conv1", None), nn.Conv2d):
+        raise UserError(f"the CIFAR stem is defined for ResNet-style backbones, not {name!r}: "
+                        "use --stem imagenet")
+    out_channels = model.conv1.out_channels
+    model.conv1 = nn.Conv2d(3, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def build_backbone(name: str = "resnet18", stem: str = "imagenet",
+                   weights: str | None = None) -> nn.Module:
+    """A torchvision model by name, classifier removed; ``stem`` is 'cifar' or 'imagenet'.
+
+    ``weights='imagenet'`` loads torchvision's default ImageNet weights (ImageNet stem only).
+    """
+    check_backbone_name(name)
+    if weights == "imagenet":
+        if stem == "cifar":
+            raise UserError("--init imagenet needs the ImageNet stem: drop --stem cifar")
+        model = _load_imagenet_model(name)
+    else:
+        model = torchvision.models.get_model(name, weights=None)
+    _drop_classifier(model)
+    if stem == "cifar":
+        _apply_cifar_stem(model, name)
+    return model
+
+
+def _load_imagenet_model(name: str) -> nn.Module:
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except Exception as err:  # offline: urllib raises URLError, hub raises RuntimeError
+        cache = torch.hub.get_dir() + "/checkpoints"
+        file = weights.url.rsplit("/", 1)[-1]
+        raise UserError(f"cannot download ImageNet weights for {name} ({type(err).__name__}): "
+                        f"put {file} from {weights.url} into {cache}") from None
+
+
+@torch.no_grad()
+def feature_dim(backbone: nn.Module, image_size: int = 32) -> int:
+    """Output size of ``backbone`` found by a dummy forward of a (2, 3, S, S) batch.
+
+    The module's train/eval mode is restored afterwards; BatchNorm running statistics are not
+    touched because the probe runs in eval mode.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        param = next(backbone.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        out = backbone(torch.zeros(2, 3, image_size, image_size, device=device))
+    finally:
+        backbone.train(was_training)
+    return int(out.flatten(1).shape[1])
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's 2-layer MLP g(h): Linear(d, h) - BN - ReLU - Linear(h, p) (Chen et al. 2020, sec. 2.1).
+
+    ``h: (N, d)`` -> ``z: (N, p)``; the paper uses p=128, the seed 256 (our default).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.layers(h)
+
+
+class SimCLR(nn.Module):
+    """Backbone f and projection head g: ``x: (N, 3, S, S)`` -> ``z = g(f(x)): (N, projection_dim)``.
+
+    The seed's layout (attributes ``backbone`` and ``projection_head``), so its state dicts load.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, projection_dim: int = 256,
+                 hidden_dim: int | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.projection_head = ProjectionHead(feature_dim, hidden_dim or feature_dim, projection_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.projection_head(self.backbone(x).flatten(1))
+
+
+def build_simclr(backbone_name: str, stem: str, image_size: int, projection_dim: int = 256,
+                 hidden_dim: int | None = None, weights: str | None = None) -> SimCLR:
+    """Backbone by name with the stem resolved for ``image_size``, plus the projection head."""
+    backbone = build_backbone(backbone_name, resolve_stem(stem, image_size), weights)
+    dim = feature_dim(backbone, max(image_size, 32))
+    return SimCLR(backbone, dim, projection_dim, hidden_dim)
+
+
+class Classifier(nn.Module):
+    """Extracted backbone plus a new head: ``x: (N, 3, S, S)`` -> logits ``(N, num_classes)``.
+
+    With ``frozen=True`` the backbone stays in eval mode whatever ``.train()`` says, so its
+    BatchNorm statistics never move (the trap in lightly #1440), and gets no gradients.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int,
+                 head: str = "linear", hidden_dim: int = 512, frozen: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.frozen = frozen
+        if head == "linear":
+            self.head: nn.Module = nn.Linear(feature_dim, num_classes)
+        else:
+            self.head = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.ReLU(inplace=True),
+                                      nn.Linear(hidden_dim, num_classes))
+        if frozen:
+            self.backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                features = self.backbone(x).flatten(1)
+        else:
+            features = self.backbone(x).flatten(1)
+        return self.head(features)

@@ -1,0 +1,339 @@
+"""The SimCLR training loop: one path for CPU, one GPU and torchrun.
+
+Set-up (data, model, optimizer, run directory) lives in :func:`prepare`; :func:`train_epoch`
+is the hot loop; :func:`pretrain` ties them together with checkpoints, resume and logging.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from simclr_kit import __version__, distributed
+from simclr_kit.augment import SimCLRAugment, channel_stats
+from simclr_kit.checkpoint import (atomic_write_text, latest_checkpoint, load_train_state,
+                                   load_weights, save_checkpoint)
+from simclr_kit.config import PretrainConfig, to_dict
+from simclr_kit.data.sources import open_splits
+from simclr_kit.data.store import ImageStore, decode_split, skipped_summary
+from simclr_kit.devices import autocast_dtype, resolve_device
+from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, read_weights
+from simclr_kit.errors import UserError
+from simclr_kit.loss import nt_xent
+from simclr_kit.models import SimCLR, build_simclr, resolve_stem
+from simclr_kit.optim import build_optimizer, effective_lr, set_lr, warmup_cosine
+from simclr_kit.report.metrics import MetricsLog
+
+
+@dataclass
+class Trainer:
+    """Everything one training run holds; built by :func:`prepare`."""
+
+    config: PretrainConfig
+    run_dir: Path
+    device: torch.device
+    store: ImageStore
+    eval_store: ImageStore | None
+    images: Tensor  # the store's uint8 images, on the training device when they fit
+    model: SimCLR
+    ddp_model: nn.Module
+    augment: SimCLRAugment
+    optimizer: torch.optim.Optimizer
+    meta: dict[str, Any]
+    log: MetricsLog
+    base_lr: float
+    steps_per_epoch: int
+    total_epochs: int
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    stop_signal: int | None = None
+    hooks: list[Callable[[Trainer], None]] = field(default_factory=list)
+
+    @property
+    def batch_per_rank(self) -> int:
+        return self.config.batch_size // distributed.world_size()
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """One global order per epoch, the same on every rank: ``(n,)`` int64 on the CPU."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def batch_indices(perm: Tensor, step: int, global_batch: int) -> Tensor:
+    """This rank's share of global batch ``step``: rank r takes the r-th contiguous chunk, so the
+    union over ranks is exactly the single-process batch."""
+    b = global_batch // distributed.world_size()
+    start = step * global_batch + distributed.rank() * b
+    return perm[start:start + b]
+
+
+def _place_images(store: ImageStore, device: torch.device) -> Tensor:
+    """Keep the uint8 set on the device when it takes under a quarter of free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if store.images.numel() < free // 4:
+            return store.images.to(device)
+        return store.images.pin_memory()
+    return store.images
+
+
+def _new_run_dir(cfg: PretrainConfig) -> Path:
+    run_dir = Path(cfg.out or f"runs/simclr-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"run directory {run_dir} already exists and is not empty: use "
+                        f"--resume {run_dir} to continue it, or choose another --out")
+    return run_dir
+
+
+def _check_batch(cfg: PretrainConfig, n_images: int) -> None:
+    world = distributed.world_size()
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible "
+                        f"by the number of processes ({world})")
+    if cfg.batch_size // world < 2 and world > 1:
+        raise UserError(f"--batch-size {cfg.batch_size} gives fewer than 2 images per process")
+    if n_images < cfg.batch_size:
+        raise UserError(f"only {n_images} images, fewer than one batch of {cfg.batch_size}: "
+                        f"lower --batch-size to at most {n_images}")
+
+
+def _load_data(cfg: PretrainConfig) -> tuple[ImageStore, ImageStore | None]:
+    train, evaluation = open_splits(cfg.data, need_eval=cfg.monitor_knn > 0)
+    store = decode_split(train, cfg.data.image_size, cfg.data.bad_images,
+                         progress=cfg.progress and distributed.is_main())
+    eval_store = None
+    if evaluation is not None:
+        eval_store = decode_split(evaluation, store.image_size, cfg.data.bad_images,
+                                  progress=cfg.progress and distributed.is_main())
+    return store, eval_store
+
+
+def _build_model(cfg: PretrainConfig, image_size: int) -> tuple[SimCLR, dict[str, Any]]:
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    init_meta: dict[str, Any] = {}
+    if cfg.init in ("scratch", "imagenet"):
+        weights = "imagenet" if cfg.init == "imagenet" else None
+        stem = "imagenet" if weights else resolve_stem(cfg.stem, image_size)
+        model = build_simclr(cfg.backbone, stem, image_size, cfg.projection_dim,
+                             cfg.projection_hidden_dim, weights)
+    else:
+        loaded = read_weights(cfg.init, cfg.backbone)
+        stem = loaded.meta["stem"]
+        model = build_simclr(loaded.meta["backbone"], stem, image_size, cfg.projection_dim,
+                             cfg.projection_hidden_dim)
+        model.backbone.load_state_dict(loaded.backbone, strict=True)
+        init_meta = {"init_from": str(loaded.path)}
+    return model, dict(init_meta, stem=stem)
+
+
+def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
+    """Build data, model, optimizer and run directory (or reopen ``resume``)."""
+    device = distributed.init(resolve_device(cfg.device))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    run_dir = resume if resume is not None else _new_run_dir(cfg)
+    store, eval_store = _load_data(cfg)
+    _check_batch(cfg, len(store))
+    if store.skipped and distributed.is_main():
+        tqdm.write(skipped_summary(store) + f"; listed in {run_dir / 'skipped.txt'}")
+
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.init == "imagenet" else channel_stats(store.images)
+    model, init_meta = _build_model(cfg, store.image_size)
+    model = model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model: nn.Module = model
+    if distributed.world_size() > 1:
+        if device.type == "cuda" and cfg.sync_bn:
+            ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ddp_model = nn.parallel.DistributedDataParallel(
+            ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)  # type: ignore[assignment]
+
+    base_lr = effective_lr(cfg.lr, cfg.batch_size)
+    optimizer = build_optimizer(model, cfg.optimizer, base_lr, cfg.momentum, cfg.weight_decay)
+    meta = {
+        "backbone": cfg.backbone, "stem": init_meta["stem"], "feature_dim": model.feature_dim,
+        "projection_dim": cfg.projection_dim,
+        "projection_hidden_dim": cfg.projection_hidden_dim or model.feature_dim,
+        "image_size": store.image_size, "mean": list(mean), "std": list(std),
+        "dataset": store.provenance, "config": to_dict(cfg), "package_version": __version__,
+        **{k: v for k, v in init_meta.items() if k != "stem"},
+    }
+    log = MetricsLog(run_dir / "metrics.jsonl" if distributed.is_main() else None)
+    trainer = Trainer(cfg, run_dir, device, store, eval_store, _place_images(store, device),
+                      model, ddp_model, SimCLRAugment(cfg.augment, store.image_size, mean, std,
+                                                      cfg.seed),
+                      optimizer, meta, log, base_lr, len(store) // cfg.batch_size, cfg.epochs)
+    if resume is not None:
+        _restore(trainer)
+    elif distributed.is_main():
+        _write_run_files(trainer)
+    return trainer
+
+
+def _write_run_files(t: Trainer) -> None:
+    t.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(t.run_dir / "config.yaml", yaml.safe_dump(to_dict(t.config), sort_keys=False))
+    if t.store.skipped:
+        atomic_write_text(t.run_dir / "skipped.txt",
+                          "".join(f"{r}\t{m}\n" for r, m in t.store.skipped))
+    t.log.write("run", device=str(t.device), world_size=distributed.world_size(),
+                images=len(t.store), image_size=t.store.image_size, effective_lr=t.base_lr,
+                steps_per_epoch=t.steps_per_epoch, dataset=t.store.provenance,
+                version=__version__)
+
+
+def _restore(t: Trainer) -> None:
+    ckpt = latest_checkpoint(t.run_dir)
+    assert ckpt is not None
+    t.model.load_state_dict(load_weights(ckpt / "model.safetensors"))
+    state = load_train_state(ckpt)
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.epoch, t.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+    t.global_step = int(state["global_step"])
+    t.total_epochs = int(state.get("total_epochs", t.total_epochs))
+    torch.set_rng_state(state["rng_cpu"])
+    if t.device.type == "cuda" and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"], t.device)
+    t.log.write("resume", epoch=t.epoch, step_in_epoch=t.step_in_epoch, checkpoint=ckpt.name)
+
+
+def save(t: Trainer, keep: bool = False) -> Path | None:
+    """Checkpoint the current position (rank 0 writes; every rank waits for it)."""
+    path = None
+    if distributed.is_main():
+        name = f"epoch-{t.epoch:04d}" + (f"-step-{t.step_in_epoch:06d}" if t.step_in_epoch else "")
+        state = {"optimizer": t.optimizer.state_dict(), "epoch": t.epoch,
+                 "step_in_epoch": t.step_in_epoch, "global_step": t.global_step,
+                 "total_epochs": t.total_epochs, "rng_cpu": torch.get_rng_state()}
+        if t.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(t.device)
+        meta = dict(t.meta, epoch=t.epoch, step_in_epoch=t.step_in_epoch,
+                    global_step=t.global_step)
+        path = save_checkpoint(t.run_dir, name, t.model, meta, state, keep)
+    distributed.barrier()
+    return path
+
+
+def train_step(t: Trainer, idx: Tensor) -> Tensor:
+    """One optimisation step on this rank's images ``idx: (b,)``; returns the loss (device)."""
+    total_steps = t.total_epochs * t.steps_per_epoch
+    warmup = round(t.config.warmup_epochs * t.steps_per_epoch)
+    set_lr(t.optimizer, warmup_cosine(t.global_step, total_steps, min(warmup, total_steps),
+                                      t.base_lr))
+    images = t.images[idx.to(t.images.device)].to(t.device, non_blocking=True)
+    v1, v2 = t.augment(images, idx.to(t.device), t.epoch)  # each (b, 3, S, S)
+    x = torch.cat([v1, v2])
+    if t.config.channels_last and t.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = autocast_dtype(t.config.precision, t.device)
+    ctx = torch.autocast(t.device.type, dtype=dtype) if dtype is not None else nullcontext()
+    with ctx:
+        z = t.ddp_model(x)
+    z1, z2 = z.float().chunk(2)
+    loss = nt_xent(z1, z2, t.config.temperature)
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t.optimizer.step()
+    return loss.detach()
+
+
+def train_epoch(t: Trainer, bar: tqdm | None) -> None:
+    """Run the rest of epoch ``t.epoch`` from ``t.step_in_epoch``; stops early on a signal."""
+    perm = epoch_permutation(len(t.store), t.config.seed, t.epoch)
+    t.ddp_model.train()
+    loss_sum = torch.zeros((), device=t.device)
+    seen, started = 0, time.perf_counter()
+    while t.step_in_epoch < t.steps_per_epoch and t.stop_signal is None:
+        loss = train_step(t, batch_indices(perm, t.step_in_epoch, t.config.batch_size))
+        loss_sum += loss
+        seen += 1
+        t.step_in_epoch += 1
+        t.global_step += 1
+        if bar is not None:
+            bar.update(1)
+        if seen == t.config.log_every or t.step_in_epoch == t.steps_per_epoch:
+            _log_interval(t, loss_sum / seen, seen, time.perf_counter() - started, bar)
+            loss_sum.zero_()
+            seen, started = 0, time.perf_counter()
+
+
+def _log_interval(t: Trainer, loss: Tensor, steps: int, seconds: float, bar: tqdm | None) -> None:
+    value = float(distributed.all_reduce_sum(loss.detach()) / distributed.world_size())
+    if not math.isfinite(value):
+        raise UserError(f"the loss became {value} at epoch {t.epoch} step {t.step_in_epoch}: "
+                        "lower --lr or use --precision fp32; the last good checkpoint is kept")
+    ips = steps * t.config.batch_size / max(seconds, 1e-9)
+    lr = t.optimizer.param_groups[0]["lr"]
+    t.log.write("train", epoch=t.epoch, step=t.global_step, loss=value, lr=lr,
+                images_per_s=round(ips, 1))
+    if bar is not None:
+        bar.set_postfix(loss=f"{value:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.3g}")
+
+
+def _install_signal_handlers(t: Trainer) -> Callable[[], None]:
+    """SIGINT/SIGTERM finish the current step, then the loop saves and stops."""
+    def handler(signum: int, _frame: Any) -> None:
+        t.stop_signal = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]  # type: ignore[func-returns-value]
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after saving; ``code`` is 128 + the signal number."""
+
+    def __init__(self, signum: int, run_dir: Path) -> None:
+        super().__init__(f"stopped by signal {signal.Signals(signum).name}; checkpoint saved: "
+                         f"resume with  simclr pretrain --resume {run_dir}")
+        self.exit_code = 128 + signum
+
+
+def fit(t: Trainer) -> Path:
+    """Train to ``t.total_epochs``, checkpointing every ``checkpoint_every`` epochs and at the end."""
+    restore = _install_signal_handlers(t)
+    try:
+        while t.epoch < t.total_epochs:
+            bar = None
+            if t.config.progress and distributed.is_main():
+                bar = tqdm(total=t.steps_per_epoch, initial=t.step_in_epoch, unit="step",
+                           desc=f"epoch {t.epoch + 1}/{t.total_epochs}", leave=False)
+            train_epoch(t, bar)
+            if bar is not None:
+                bar.close()
+            if t.stop_signal is not None:
+                save(t)
+                raise Interrupted(t.stop_signal, t.run_dir)
+            t.epoch += 1
+            t.step_in_epoch = 0
+            for hook in t.hooks:
+                hook(t)
+            every = t.config.checkpoint_every
+            if every and t.epoch % every == 0 and t.epoch < t.total_epochs:
+                save(t, keep=True)
+        final = save(t, keep=True)
+        t.log.write("done", epoch=t.epoch, step=t.global_step)
+        return final or t.run_dir
+    finally:
+        restore()
+
+
+def pretrain(config: PretrainConfig, resume: str | Path | None = None) -> Path:
+    """Pretrain (or resume) a SimCLR encoder; returns the run directory."""
+    trainer = prepare(config, Path(resume) if resume is not None else None)
+    fit(trainer)
+    return trainer.run_dir

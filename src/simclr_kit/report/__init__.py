@@ -1,0 +1,1 @@
+"""Metrics logs, plots and the run report."""

@@ -1,0 +1,42 @@
+"""The metrics log: one JSON object per line in ``RUN/metrics.jsonl``, appended (resume-safe)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Append-only JSONL writer; a no-op on ranks other than 0 (``path=None``)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, kind: str, **values: Any) -> None:
+        if self.path is None:
+            return
+        record = {"kind": kind, "time": round(time.time(), 3)}
+        for key, value in values.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                value = str(value)
+            record[key] = value
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record of a metrics log; a torn last line (killed mid-write) is ignored."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -1,0 +1,84 @@
+"""Shared fixtures: small generated datasets, a private cache folder, quiet progress bars."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SIMCLR_KIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+
+
+def make_class_images(n_per_class: int = 12, classes: int = 3, size: int = 12,
+                      seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
+    """Generated RGB images whose class is a colour and a bar position: learnable, tiny."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    palette = np.array([[220, 40, 40], [40, 200, 60], [50, 70, 230], [200, 200, 40]])
+    for c in range(classes):
+        for _ in range(n_per_class):
+            img = rng.integers(0, 60, size=(size, size, 3)).astype(np.uint8)
+            col = (c * size) // classes
+            img[:, col:col + max(1, size // classes)] = palette[c % len(palette)]
+            images.append(img)
+            labels.append(c)
+    return images, labels
+
+
+def write_image_folder(root: Path, n_per_class: int = 12, classes: int = 3, size: int = 12,
+                       fmt: str = "png") -> Path:
+    from PIL import Image
+
+    images, labels = make_class_images(n_per_class, classes, size)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"img_{i:04d}.{fmt}")
+    return root
+
+
+def write_parquet_dataset(root: Path, n_per_class: int = 12, classes: int = 3,
+                          size: int = 12) -> Path:
+    """A Parquet folder with train/test splits and columns named like the hub's cifar10."""
+    import datasets
+    from PIL import Image
+
+    features = datasets.Features({"img": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[f"c{i}" for i in range(classes)])})
+    for split, seed in (("train", 0), ("test", 1)):
+        images, labels = make_class_images(n_per_class, classes, size, seed)
+        ds = datasets.Dataset.from_dict({"img": [Image.fromarray(i) for i in images],
+                                         "label": labels}, features=features)
+        root.mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(root / f"{split}.parquet"))
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "folder")
+
+
+@pytest.fixture
+def parquet_dir(tmp_path: Path) -> Path:
+    return write_parquet_dataset(tmp_path / "parquet")
+
+
+def needs_shared(name: str) -> Path:
+    path = SHARED_DATASETS / name
+    if not path.exists():
+        pytest.skip(f"{path} not present (only beside the development checkout)")
+    return path
+
+
+os.environ.setdefault("TQDM_DISABLE", "1")

@@ -1,0 +1,69 @@
+"""Config validation and YAML handling; LARS and the per-step warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from simclr_kit.config import (AugmentConfig, ConfigError, PretrainConfig, from_dict, load_yaml,
+                               merge)
+from simclr_kit.errors import UserError
+from simclr_kit.optim import LARS, effective_lr, parameter_groups, warmup_cosine
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 0.0), ("batch_size", 1), ("lr", -1.0),
+                                         ("epochs", 0), ("backbone", "nope")])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(UserError, match=field if field != "backbone" else "unknown backbone"):
+        PretrainConfig(**{field: value})
+
+
+def test_yaml_unknown_key_and_nested_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\naugment:\n  flip_p: 0.0\ndata:\n  image_size: 16\n")
+    cfg = from_dict(PretrainConfig, load_yaml(path))
+    assert cfg.epochs == 3 and cfg.augment.flip_p == 0.0 and cfg.data.image_size == 16
+    path.write_text("epochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        from_dict(PretrainConfig, load_yaml(path))
+    with pytest.raises(ConfigError, match="image_size"):
+        from_dict(PretrainConfig, {"data": {"image_size": 4}})
+
+
+def test_merge_flags_over_file():
+    merged = merge({"epochs": 3, "augment": {"flip_p": 0.0, "jitter_p": 0.5}},
+                   {"augment": {"flip_p": 0.5}, "epochs": None})
+    assert merged == {"epochs": 3, "augment": {"flip_p": 0.5, "jitter_p": 0.5}}
+
+
+def test_augment_defaults_depend_on_size():
+    small, large = AugmentConfig().resolved(32), AugmentConfig().resolved(224)
+    assert small.jitter == pytest.approx((0.4, 0.4, 0.4, 0.1)) and small.blur_p == 0.0
+    assert large.jitter == pytest.approx((0.8, 0.8, 0.8, 0.2)) and large.blur_p == 0.5
+
+
+def test_schedule_is_per_step_warmup_then_cosine():
+    lrs = [warmup_cosine(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+    assert effective_lr(0.3, 512) == pytest.approx(0.6)
+
+
+def test_lars_matches_hand_computed_step_and_skips_bias_and_norm():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    groups = parameter_groups(model, 1e-2)
+    assert [len(g["params"]) for g in groups] == [1, 3]  # weight; bias, BN weight, BN bias
+    w0 = model[0].weight.detach().clone()
+    b0 = model[0].bias.detach().clone()
+    model(torch.randn(8, 4)).pow(2).sum().backward()
+    gw, gb = model[0].weight.grad.clone(), model[0].bias.grad.clone()
+    LARS(groups, lr=0.5, momentum=0.9, weight_decay=1e-2, eta=1e-3).step()
+    g = gw + 1e-2 * w0
+    trust = 1e-3 * w0.norm() / g.norm()
+    torch.testing.assert_close(model[0].weight.detach(), w0 - 0.5 * trust * g)
+    torch.testing.assert_close(model[0].bias.detach(), b0 - 0.5 * gb)  # plain SGD, no decay
