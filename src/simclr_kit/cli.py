@@ -83,7 +83,7 @@ PRETRAIN_FLAGS = [
     ("--precision", "precision", str, "'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'fp32', "
      "'bf16', 'fp16'"),
     ("--compile", "compile", _bool, f"torch.compile the model (default: {P.compile})"),
-    ("--channels-last", "channels_last", _bool, f"channels_last memory on CUDA (default: {P.channels_last})"),
+    ("--channels-last", "channels_last", _bool, f"channels_last memory format (default: {P.channels_last})"),
     ("--sync-bn", "sync_bn", _bool, f"SyncBatchNorm across GPUs under torchrun (default: {P.sync_bn})"),
     ("--seed", "seed", int, f"seed of weights, order and augmentation (default: {P.seed})"),
     ("--checkpoint-every", "checkpoint_every", int,
@@ -235,7 +235,10 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from simclr_kit.classifier import predict
 
-    n = predict(args.classifier, args.data, args.out, args.device, data_config(args))
+    data = getattr(args, "data.data")
+    if data is None:
+        raise UserError("--data is required: an image file, folder, glob or dataset")
+    n = predict(args.classifier, data, args.out, args.device, data_config(args))
     print(f"{n} predictions written to {args.out}")
     return 0
 

@@ -35,6 +35,9 @@ from simclr_kit.optim import build_optimizer, effective_lr, set_lr, warmup_cosin
 from simclr_kit.report.metrics import MetricsLog
 
 
+ROLLING_CHECKPOINT_SECONDS = 300.0
+
+
 @dataclass
 class Trainer:
     """Everything one training run holds; built by :func:`prepare`."""
@@ -152,7 +155,7 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.init == "imagenet" else channel_stats(store.images)
     model, init_meta = _build_model(cfg, store.image_size)
     model = model.to(device)
-    if cfg.channels_last and device.type == "cuda":
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model: nn.Module = model
     if distributed.world_size() > 1:
@@ -205,7 +208,8 @@ def _restore(t: Trainer) -> None:
     t.optimizer.load_state_dict(state["optimizer"])
     t.epoch, t.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
     t.global_step = int(state["global_step"])
-    t.total_epochs = int(state.get("total_epochs", t.total_epochs))
+    if t.config.time_budget is not None:  # the budget fixed the length when the run started
+        t.total_epochs = int(state.get("total_epochs", t.total_epochs))
     torch.set_rng_state(state["rng_cpu"])
     if t.device.type == "cuda" and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"], t.device)
@@ -238,7 +242,7 @@ def train_step(t: Trainer, idx: Tensor) -> Tensor:
     images = t.images[idx.to(t.images.device)].to(t.device, non_blocking=True)
     v1, v2 = t.augment(images, idx.to(t.device), t.epoch)  # each (b, 3, S, S)
     x = torch.cat([v1, v2])
-    if t.config.channels_last and t.device.type == "cuda":
+    if t.config.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     dtype = autocast_dtype(t.config.precision, t.device)
     ctx = torch.autocast(t.device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -306,15 +310,16 @@ class Interrupted(Exception):
 def fit(t: Trainer) -> Path:
     """Train to ``t.total_epochs``, checkpointing every ``checkpoint_every`` epochs and at the end."""
     restore = _install_signal_handlers(t)
+    last_save = time.monotonic()
+    bar = None
+    if t.config.progress and distributed.is_main():
+        bar = tqdm(total=t.total_epochs * t.steps_per_epoch, initial=t.global_step, unit="step",
+                   desc="pretraining", dynamic_ncols=True)
     try:
         while t.epoch < t.total_epochs:
-            bar = None
-            if t.config.progress and distributed.is_main():
-                bar = tqdm(total=t.steps_per_epoch, initial=t.step_in_epoch, unit="step",
-                           desc=f"epoch {t.epoch + 1}/{t.total_epochs}", leave=False)
-            train_epoch(t, bar)
             if bar is not None:
-                bar.close()
+                bar.set_description(f"epoch {t.epoch + 1}/{t.total_epochs}")
+            train_epoch(t, bar)
             if t.stop_signal is not None:
                 save(t)
                 raise Interrupted(t.stop_signal, t.run_dir)
@@ -323,12 +328,19 @@ def fit(t: Trainer) -> Path:
             for hook in t.hooks:
                 hook(t)
             every = t.config.checkpoint_every
-            if every and t.epoch % every == 0 and t.epoch < t.total_epochs:
-                save(t, keep=True)
+            kept = bool(every) and t.epoch % every == 0
+            # Between kept checkpoints, a rolling one at most every few minutes bounds the work a
+            # crash can lose without writing a checkpoint per (possibly 2-second) epoch.
+            due = time.monotonic() - last_save > ROLLING_CHECKPOINT_SECONDS
+            if t.epoch < t.total_epochs and (kept or due):
+                save(t, keep=kept)
+                last_save = time.monotonic()
         final = save(t, keep=True)
         t.log.write("done", epoch=t.epoch, step=t.global_step)
         return final or t.run_dir
     finally:
+        if bar is not None:
+            bar.close()
         restore()
 
 

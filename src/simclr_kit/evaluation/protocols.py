@@ -106,9 +106,9 @@ def evaluate(checkpoint: str | Path, data: DataConfig, cfg: EvalConfig | None = 
     Results go to ``out``, else to the run directory that holds the checkpoint.
     """
     cfg = cfg or EvalConfig()
-    out_dir = _output_dir(checkpoint, out)
     dev = resolve_device(device)
     encoder = load_encoder(checkpoint, dev)
+    out_dir = _output_dir(checkpoint, out)
     train_split, val_split = open_splits(data, need_eval=True)
     train = decode_split(train_split, encoder.image_size, data.bad_images, progress)
     val = decode_split(val_split, encoder.image_size, data.bad_images, progress)  # type: ignore[arg-type]

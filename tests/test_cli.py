@@ -1,0 +1,139 @@
+"""The command line end to end on a few dozen generated images, in-process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+from torch import nn
+
+from conftest import write_parquet_dataset
+from simclr_kit.cli import main
+from simclr_kit.report.metrics import read_metrics
+
+TINY = ["--batch-size", "8", "--device", "cpu", "--log-every", "1", "--projection-dim", "16"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_parquet_dataset(tmp_path_factory.mktemp("data") / "pq", n_per_class=8, size=8)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    return out
+
+
+def test_pretrain_writes_run_directory(run):
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "latest").is_file()
+    records = read_metrics(run / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 3 and all(r["loss"] > 0 for r in train)  # 24 images / batch 8
+    assert records[0]["effective_lr"] == pytest.approx(0.3 * 8 / 256)
+
+
+def test_resume_continues_to_more_epochs(run, tmp_path):
+    assert main(["pretrain", "--resume", str(run), "--epochs", "2"]) == 0
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["kind"] for r in records].count("resume") == 1
+    assert max(r["step"] for r in records if r["kind"] == "train") == 6
+    assert (run / "checkpoints" / "latest").read_text().strip() == "epoch-0002"
+
+
+def test_evaluate_writes_json_and_table(run, data, capsys):
+    assert main(["evaluate", str(run), "--data", str(data), "--linear-epochs", "3",
+                 "--knn-k", "3,10", "--device", "cpu"]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    protocols = {(r["protocol"], r["hyperparameters"].get("k")) for r in result["results"]}
+    assert protocols == {("knn", 3), ("knn", 10), ("linear", None)}
+    assert result["eval"]["split"] == "test"
+    assert "| linear | top1 |" in capsys.readouterr().out
+
+
+def test_train_classifier_predict_and_export(run, data, tmp_path):
+    cls = tmp_path / "cls"
+    assert main(["train-classifier", str(run), "--data", str(data), "--out", str(cls),
+                 "--epochs", "2", "--device", "cpu"]) == 0
+    meta = json.loads((cls / "classifier.json").read_text())
+    assert meta["class_names"] == ["c0", "c1", "c2"] and 0 <= meta["val_accuracy"] <= 100
+    preds = tmp_path / "preds.csv"
+    assert main(["predict", str(cls), "--data", str(data), "--out", str(preds)]) == 0
+    rows = list(csv.DictReader(open(preds)))
+    assert len(rows) == 24  # every row of the train split
+    assert {r["predicted"] for r in rows} <= {"c0", "c1", "c2"}
+    assert all(0 < float(r["probability"]) <= 1 for r in rows)
+
+    out = tmp_path / "bb.safetensors"
+    assert main(["export", str(run), str(out)]) == 0
+    plain = torchvision.models.resnet18()
+    plain.fc = nn.Identity()
+    plain.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    plain.maxpool = nn.Identity()
+    plain.load_state_dict(load_file(str(out)), strict=True)
+
+
+def test_predict_on_image_files(run, data, tmp_path):
+    from PIL import Image
+
+    cls = tmp_path / "cls"
+    assert main(["train-classifier", str(run), "--data", str(data), "--out", str(cls),
+                 "--epochs", "1", "--device", "cpu"]) == 0
+    for i in range(3):
+        Image.new("RGB", (20, 14), (i * 80, 10, 10)).save(tmp_path / f"x{i}.png")
+    preds = tmp_path / "p.csv"
+    assert main(["predict", str(cls), "--data", str(tmp_path / "x*.png"), "--out", str(preds)]) == 0
+    assert [r["id"].endswith(f"x{i}.png") for i, r in enumerate(csv.DictReader(open(preds)))] == [True] * 3
+
+
+def test_run_prints_simclr_next_to_random_init(data, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["run", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY,
+                 "--linear-epochs", "2", "--knn-k", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "| simclr | random-init |" in text
+    rows = json.loads((out / "eval.json").read_text())["results"]
+    assert {r["encoder"] for r in rows} == {"simclr", "random-init"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["pretrain", "--data", "./missing/folder"], "does not exist"),
+    (["pretrain", "--temperature", "0"], "temperature"),
+    (["pretrain", "--batch-size", "1"], "batch_size"),
+    (["evaluate", "./missing-run", "--data", "digits"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_existing_run_dir_is_never_overwritten(run, data, capsys):
+    before = (run / "checkpoints" / "latest").read_text()
+    assert main(["pretrain", "--data", str(data), "--out", str(run), "--epochs", "1", *TINY]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run / "checkpoints" / "latest").read_text() == before
+
+
+def test_too_few_images_for_a_batch(data, tmp_path, capsys):
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "r"),
+                 "--batch-size", "64", "--device", "cpu"]) == 2
+    assert "fewer than one batch" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_module_entry_point_and_help_show_defaults():
+    proc = subprocess.run([sys.executable, "-m", "simclr_kit", "pretrain", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "(default: 0.1" in proc.stdout and "--temperature" in proc.stdout
+    assert torch.__version__  # the same interpreter has torch

@@ -1,0 +1,120 @@
+"""Every source kind opens through `datasets`, columns are found by type, images become RGB."""
+
+from __future__ import annotations
+
+import io
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_class_images, needs_shared
+from simclr_kit.config import DataConfig
+from simclr_kit.data.sources import open_splits
+from simclr_kit.data.store import decode_split, resize_center_crop, to_rgb_array
+from simclr_kit.errors import UserError
+
+
+def _decode(cfg: DataConfig, need_eval: bool = True):
+    train, evaluation = open_splits(cfg, need_eval)
+    return (decode_split(train, cfg.image_size, progress=False),
+            decode_split(evaluation, cfg.image_size, progress=False) if evaluation else None)
+
+
+def test_digits_scaled_to_255_and_stratified_validation():
+    from sklearn.datasets import load_digits
+
+    train, val = _decode(DataConfig(data="digits"))
+    assert len(train) + len(val) == 1797 and len(val) == 360
+    assert train.image_size == 8 and train.images.dtype == torch.uint8
+    assert int(train.images.max()) == 255  # 16 -> 255, not left at 0-16
+    # Stratified: each class's share of the validation part matches its share overall.
+    counts = np.bincount(load_digits().target, minlength=10) / 1797
+    np.testing.assert_allclose(np.bincount(val.labels.numpy(), minlength=10) / 360, counts, atol=0.01)
+    # Exact pixels: each stored image is a digit scaled by 255/16, in all three channels.
+    digits = load_digits().images
+    first = train.images[0, 0].numpy().astype(float)
+    match = [i for i in range(1797) if np.array_equal(np.round(digits[i] * 255 / 16), first)]
+    assert match and torch.equal(train.images[0, 0], train.images[0, 2])
+
+
+def test_parquet_folder_with_cifar_like_columns(parquet_dir):
+    train, test = _decode(DataConfig(data=str(parquet_dir)))
+    assert train.provenance["image_column"] == "img" and train.provenance["split"] == "train"
+    assert test.provenance["split"] == "test" and train.class_names == ["c0", "c1", "c2"]
+    assert train.images.shape == (36, 3, 12, 12) and sorted(set(train.labels.tolist())) == [0, 1, 2]
+
+
+def test_parquet_glob_and_save_to_disk(parquet_dir, tmp_path):
+    # A single labelled split: a stratified validation part is held out, pretraining included.
+    train, val = _decode(DataConfig(data=str(parquet_dir / "train*.parquet")))
+    assert len(train) + len(val) == 36 and "carved" in val.provenance["split"]
+    counts = np.bincount(val.labels.numpy(), minlength=3)
+    assert counts.min() >= 2 and counts.max() - counts.min() <= 1
+    full_train, _ = _decode(DataConfig(data=str(parquet_dir)))
+    ds = datasets.load_dataset("parquet", data_dir=str(parquet_dir))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    saved_train, saved_test = _decode(DataConfig(data=str(tmp_path / "saved")))
+    assert torch.equal(saved_train.images, full_train.images)
+    assert len(saved_test) == 36
+
+
+def test_image_folder_labelled_and_flat(image_folder, tmp_path):
+    train, val = _decode(DataConfig(data=str(image_folder), val_fraction=0.25))
+    assert len(train) + len(val) == 36 and train.class_names == ["class_0", "class_1", "class_2"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, img in enumerate(make_class_images(4, 2)[0]):
+        Image.fromarray(img).save(flat / f"{i}.png")
+    store, none = _decode(DataConfig(data=str(flat)), need_eval=False)
+    assert len(store) == 8 and store.labels is None and none is None
+    with pytest.raises(UserError, match="no label"):
+        _decode(DataConfig(data=str(flat)), need_eval=True)
+
+
+def test_column_overrides_and_missing_columns(parquet_dir):
+    with pytest.raises(UserError, match="image column 'image' not found"):
+        _decode(DataConfig(data=str(parquet_dir), image_column="image"))
+    train, _ = _decode(DataConfig(data=str(parquet_dir), image_column="img", label_column="label"))
+    assert len(train) == 36
+
+
+def test_missing_path_is_user_error():
+    with pytest.raises(UserError, match="does not exist"):
+        open_splits(DataConfig(data="./no/such/folder"), need_eval=False)
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if img.mode != "CMYK" else "JPEG")
+    return buf.getvalue()
+
+
+def test_any_mode_becomes_rgb():
+    rgb = np.zeros((6, 6, 3), np.uint8)
+    rgb[..., 0] = 200
+    for mode in ("L", "RGBA", "P", "CMYK", "1"):
+        arr = to_rgb_array(Image.open(io.BytesIO(_png_bytes(Image.fromarray(rgb).convert(mode)))))
+        assert arr.shape == (6, 6, 3) and arr.dtype == np.uint8
+    wide = Image.fromarray(np.full((4, 4), 65535, np.uint16))  # 16-bit white
+    assert to_rgb_array(wide).min() == 255
+    half = Image.fromarray(np.full((4, 4), 32768, np.uint16))
+    assert abs(int(to_rgb_array(half)[0, 0, 0]) - 128) <= 1  # scaled, not clipped to 255
+
+
+def test_resize_shorter_side_and_centre_crop():
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, 10:30] = 255  # the centre square of a 20x40 image
+    out = resize_center_crop(arr, 10)
+    assert out.shape == (10, 10, 3) and out[:, 1:-1].min() == 255 and out.min() > 200
+    same = np.random.default_rng(0).integers(0, 255, (10, 10, 3)).astype(np.uint8)
+    assert resize_center_crop(same, 10) is same  # already at size: untouched
+
+
+def test_shared_cifar10_mini_just_works():
+    path = needs_shared("cifar10-mini")
+    train, test = _decode(DataConfig(data=str(path)))
+    assert train.images.shape == (1000, 3, 32, 32) and len(test) == 200
+    assert train.num_classes == 10 and train.provenance["image_column"] == "img"
