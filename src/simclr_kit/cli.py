@@ -178,7 +178,7 @@ def _print_result_table(result: dict[str, Any]) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from simclr_kit.pretrain import pretrain
+    from simclr_kit.training import pretrain
 
     cfg = pretrain_config(args)
     if args.resume:
@@ -201,7 +201,7 @@ def _resume_config(args: argparse.Namespace) -> PretrainConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from simclr_kit.evaluation.protocols import evaluate
-    from simclr_kit.pretrain import pretrain
+    from simclr_kit.training import pretrain
 
     cfg = pretrain_config(args)
     eval_cfg = from_dict(EvalConfig, merge({"baselines": ("random",)}, _overrides(args, EVAL_FLAGS)),
