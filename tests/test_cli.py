@@ -67,7 +67,7 @@ def test_train_classifier_predict_and_export(run, data, tmp_path):
     preds = tmp_path / "preds.csv"
     assert main(["predict", str(cls), "--data", str(data), "--out", str(preds)]) == 0
     rows = list(csv.DictReader(open(preds)))
-    assert len(rows) == 24  # every row of the train split
+    assert len(rows) == 24  # every row of the test split (the default)
     assert {r["predicted"] for r in rows} <= {"c0", "c1", "c2"}
     assert all(0 < float(r["probability"]) <= 1 for r in rows)
 

@@ -24,7 +24,8 @@ from simclr_kit import __version__
 from simclr_kit.augment import SimCLRAugment, normalize
 from simclr_kit.checkpoint import atomic_write_text, load_weights, save_weights
 from simclr_kit.config import AugmentConfig, ClassifierConfig, DataConfig
-from simclr_kit.data.sources import IMAGE_SUFFIXES, open_splits
+from simclr_kit.data.sources import (IMAGE_SUFFIXES, Split, find_image_column, open_source,
+                                     open_splits)
 from simclr_kit.data.store import ImageStore, decode_split
 from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, load_encoder
@@ -152,6 +153,17 @@ def _image_paths(spec: str) -> list[Path] | None:
     return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
+def prediction_split(cfg: DataConfig) -> Split:
+    """Every row of ``cfg.train_split`` (``--split``), else of the only split, else of 'test'."""
+    dd = open_source(cfg)
+    name = cfg.train_split or (next(iter(dd)) if len(dd) == 1 else
+                               "test" if "test" in dd else "train")
+    if name not in dd:
+        raise UserError(f"split {name!r} not found; splits: {list(dd)} (choose with --split)")
+    ds = dd[name]
+    return Split(ds, find_image_column(ds.features, cfg.image_column), None, None, cfg.data, name)
+
+
 def predict(cls_dir: str | Path, data: str, out: str | Path, device: str = "auto",
             data_config: DataConfig | None = None, batch_size: int = 256) -> int:
     """Write ``out`` (CSV: id, predicted class, probability), one row per image; returns rows."""
@@ -168,8 +180,8 @@ def predict(cls_dir: str | Path, data: str, out: str | Path, device: str = "auto
         images = torch.cat([encoder.to_uint8(Image.open(p)) for p in paths])
     else:
         cfg = data_config or DataConfig(data=data)
-        split, _ = open_splits(cfg, need_eval=False)
-        store = decode_split(split, meta["image_size"], cfg.bad_images, progress=False)
+        store = decode_split(prediction_split(cfg), meta["image_size"], cfg.bad_images,
+                             progress=False)
         ids = [str(int(r)) for r in store.row_ids]
         images = store.images
     rows = []

@@ -7,6 +7,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
 from importlib import resources
@@ -136,7 +137,7 @@ def _overrides(args: argparse.Namespace, flags: list) -> dict[str, Any]:
     """Nested dict of the flags the user gave (``data.image_size`` -> {"data": {...}})."""
     out: dict[str, Any] = {}
     for _, path, _, _ in flags:
-        value = getattr(args, path)
+        value = getattr(args, path, None)
         if value is None:
             continue
         node = out
@@ -238,7 +239,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     data = getattr(args, "data.data")
     if data is None:
         raise UserError("--data is required: an image file, folder, glob or dataset")
-    n = predict(args.classifier, data, args.out, args.device, data_config(args))
+    cfg = dataclasses.replace(data_config(args), train_split=args.split)
+    n = predict(args.classifier, data, args.out, args.device, cfg)
     print(f"{n} predictions written to {args.out}")
     return 0
 
@@ -296,8 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("predict", cmd_predict, "predict classes with a saved classifier")
     p.add_argument("classifier", help="folder written by train-classifier")
     p.add_argument("--out", required=True, help="CSV file: id, predicted, probability")
+    p.add_argument("--split", help="dataset split to predict (default: the only split, else "
+                   "'test', else 'train')")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    _add(p, DATA_FLAGS, "data (an image file, folder or glob is also accepted)")
+    _add(p, [f for f in DATA_FLAGS if f[0] in ("--data", "--data-config", "--revision",
+                                                "--image-column", "--bad-images")],
+         "data (an image file, folder or glob is also accepted)")
 
     p = command("export", cmd_export, "write the backbone alone as torchvision-loadable safetensors")
     p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
