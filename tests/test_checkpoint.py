@@ -90,10 +90,14 @@ def test_bare_torchvision_state_dict_with_fc_loads(tmp_path):
     torch.testing.assert_close(encoder(x), plain.eval()(x))
 
 
-def test_wrong_architecture_lists_keys(run_dir):
-    path, _ = run_dir
-    with pytest.raises(UserError, match="missing keys.*layer1.2"):
+def test_wrong_architecture_is_refused(run_dir, tmp_path):
+    path, model = run_dir
+    with pytest.raises(UserError, match="holds a resnet18 backbone, not a resnet34"):
         load_encoder(path, backbone="resnet34")
+    # Without metadata the keys are compared, and the difference is listed.
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(UserError, match="missing keys.*layer1.2"):
+        load_encoder(tmp_path / "plain.pt", backbone="resnet34")
 
 
 def test_whole_pickled_model_is_refused(tmp_path):

@@ -137,3 +137,11 @@ def test_module_entry_point_and_help_show_defaults():
     assert proc.returncode == 0
     assert "(default: 0.1" in proc.stdout and "--temperature" in proc.stdout
     assert torch.__version__  # the same interpreter has torch
+
+
+def test_pretrain_from_init_weights(run, data, tmp_path):
+    out = tmp_path / "from-init"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "1",
+                 "--init", str(run), *TINY]) == 0
+    meta = json.loads(next((out / "checkpoints").glob("epoch-*/model.json")).read_text())
+    assert meta["init_from"].endswith("model.safetensors") and meta["stem"] == "cifar"

@@ -118,3 +118,9 @@ def test_shared_cifar10_mini_just_works():
     train, test = _decode(DataConfig(data=str(path)))
     assert train.images.shape == (1000, 3, 32, 32) and len(test) == 200
     assert train.num_classes == 10 and train.provenance["image_column"] == "img"
+
+
+def test_unreachable_hub_id_is_one_clear_error():
+    # conftest sets HF_HUB_OFFLINE=1, so nothing is requested.
+    with pytest.raises(UserError, match="hub dataset could not be reached"):
+        open_splits(DataConfig(data="someone/some-images"), need_eval=False)

@@ -107,9 +107,11 @@ def read_weights(path: str | Path, backbone: str | None = None) -> Weights:
         raise UserError(f"{file} holds no backbone weights (keys: {list(state)[:5]} ...)")
     meta = dict(meta)
     meta.setdefault("stem", infer_stem(bb) or "imagenet")
-    if backbone is not None:
-        meta["backbone"] = backbone
-    meta.setdefault("backbone", "resnet18")
+    recorded = meta.get("backbone")
+    if backbone is not None and recorded is not None and recorded != backbone:
+        raise UserError(f"{file} holds a {recorded} backbone, not a {backbone}: drop --backbone "
+                        f"or pass --backbone {recorded}")
+    meta["backbone"] = recorded or backbone or "resnet18"
     return Weights(bb, meta, file, full)
 
 

@@ -27,10 +27,10 @@ from simclr_kit.config import PretrainConfig, to_dict
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import ImageStore, decode_split, skipped_summary
 from simclr_kit.devices import autocast_dtype, resolve_device
-from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, read_weights
+from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone, read_weights
 from simclr_kit.errors import UserError
 from simclr_kit.loss import nt_xent
-from simclr_kit.models import SimCLR, build_simclr, resolve_stem
+from simclr_kit.models import SimCLR, build_simclr, feature_dim, resolve_stem
 from simclr_kit.optim import build_optimizer, effective_lr, set_lr, warmup_cosine
 from simclr_kit.report.metrics import MetricsLog
 
@@ -60,7 +60,8 @@ class Trainer:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
-    stop_signal: int | None = None
+    stop_signal: int | None = None  # a signal this process received
+    stopping: bool = False  # the ranks agreed to stop after the current step
     hooks: list[Callable[[Trainer], None]] = field(default_factory=list)
 
     @property
@@ -93,33 +94,49 @@ def _place_images(store: ImageStore, device: torch.device) -> Tensor:
 
 
 def _new_run_dir(cfg: PretrainConfig) -> Path:
-    run_dir = Path(cfg.out or f"runs/simclr-{time.strftime('%Y%m%d-%H%M%S')}")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"run directory {run_dir} already exists and is not empty: use "
-                        f"--resume {run_dir} to continue it, or choose another --out")
-    return run_dir
+    """Rank 0 names and checks the directory and every rank takes its answer: a clock or a
+    check on another rank could differ (a rank that starts late would find rank 0's files)."""
+    decision: tuple[str, str | None] = ("", None)
+    if distributed.is_main():
+        run_dir = Path(cfg.out or f"runs/simclr-{time.strftime('%Y%m%d-%H%M%S')}")
+        error = None
+        if run_dir.exists() and any(run_dir.iterdir()):
+            error = (f"run directory {run_dir} already exists and is not empty: use "
+                     f"--resume {run_dir} to continue it, or choose another --out")
+        decision = (str(run_dir), error)
+    path, error = distributed.broadcast_object(decision)
+    if error is not None:
+        raise UserError(error)
+    return Path(path)
 
 
-def _check_batch(cfg: PretrainConfig, n_images: int) -> None:
+def _check_world(cfg: PretrainConfig) -> None:
+    """Before any data is read: the global batch must split evenly over the processes."""
     world = distributed.world_size()
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible "
                         f"by the number of processes ({world})")
     if cfg.batch_size // world < 2 and world > 1:
         raise UserError(f"--batch-size {cfg.batch_size} gives fewer than 2 images per process")
+
+
+def _check_batch(cfg: PretrainConfig, n_images: int) -> None:
     if n_images < cfg.batch_size:
         raise UserError(f"only {n_images} images, fewer than one batch of {cfg.batch_size}: "
                         f"lower --batch-size to at most {n_images}")
 
 
 def _load_data(cfg: PretrainConfig) -> tuple[ImageStore, ImageStore | None]:
-    train, evaluation = open_splits(cfg.data, need_eval=cfg.monitor_knn > 0)
-    store = decode_split(train, cfg.data.image_size, cfg.data.bad_images,
-                         progress=cfg.progress and distributed.is_main())
-    eval_store = None
-    if evaluation is not None:
-        eval_store = decode_split(evaluation, store.image_size, cfg.data.bad_images,
-                                  progress=cfg.progress and distributed.is_main())
+    """Every rank holds the whole decoded set; each node's first rank downloads and decodes it
+    (into the disk cache), the node's other ranks then read that cache."""
+    with distributed.local_main_first():
+        train, evaluation = open_splits(cfg.data, need_eval=cfg.monitor_knn > 0)
+        store = decode_split(train, cfg.data.image_size, cfg.data.bad_images,
+                             progress=cfg.progress and distributed.is_main())
+        eval_store = None
+        if evaluation is not None:
+            eval_store = decode_split(evaluation, store.image_size, cfg.data.bad_images,
+                                      progress=cfg.progress and distributed.is_main())
     return store, eval_store
 
 
@@ -134,9 +151,9 @@ def _build_model(cfg: PretrainConfig, image_size: int) -> tuple[SimCLR, dict[str
     else:
         loaded = read_weights(cfg.init, cfg.backbone)
         stem = loaded.meta["stem"]
-        model = build_simclr(loaded.meta["backbone"], stem, image_size, cfg.projection_dim,
-                             cfg.projection_hidden_dim)
-        model.backbone.load_state_dict(loaded.backbone, strict=True)
+        backbone = build_loaded_backbone(loaded)
+        model = SimCLR(backbone, feature_dim(backbone, max(image_size, 32)), cfg.projection_dim,
+                       cfg.projection_hidden_dim)
         init_meta = {"init_from": str(loaded.path)}
     return model, dict(init_meta, stem=stem)
 
@@ -146,6 +163,7 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
     device = distributed.init(resolve_device(cfg.device))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    _check_world(cfg)
     run_dir = resume if resume is not None else _new_run_dir(cfg)
     store, eval_store = _load_data(cfg)
     _check_batch(cfg, len(store))
@@ -157,12 +175,7 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ddp_model: nn.Module = model
-    if distributed.world_size() > 1:
-        if device.type == "cuda" and cfg.sync_bn:
-            ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        ddp_model = nn.parallel.DistributedDataParallel(
-            ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp_model = distributed.wrap_model(model, device, cfg.sync_bn)
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)  # type: ignore[assignment]
 
@@ -262,7 +275,7 @@ def train_epoch(t: Trainer, bar: tqdm | None) -> None:
     t.ddp_model.train()
     loss_sum = torch.zeros((), device=t.device)
     seen, started = 0, time.perf_counter()
-    while t.step_in_epoch < t.steps_per_epoch and t.stop_signal is None:
+    while t.step_in_epoch < t.steps_per_epoch and not t.stopping:
         loss = train_step(t, batch_indices(perm, t.step_in_epoch, t.config.batch_size))
         loss_sum += loss
         seen += 1
@@ -270,10 +283,24 @@ def train_epoch(t: Trainer, bar: tqdm | None) -> None:
         t.global_step += 1
         if bar is not None:
             bar.update(1)
-        if seen == t.config.log_every or t.step_in_epoch == t.steps_per_epoch:
+        logged = seen == t.config.log_every or t.step_in_epoch == t.steps_per_epoch
+        if logged:
             _log_interval(t, loss_sum / seen, seen, time.perf_counter() - started, bar)
             loss_sum.zero_()
             seen, started = 0, time.perf_counter()
+        _agree_stop(t, logged)
+
+
+def _agree_stop(t: Trainer, sync_point: bool) -> None:
+    """Set ``t.stopping`` when a signal arrived. A signal may reach the ranks of a torchrun job
+    at different steps, and a rank that stopped alone would leave the others waiting in a
+    collective: under torchrun the ranks agree at the logging points, where they sync anyway."""
+    if distributed.world_size() == 1:
+        t.stopping = t.stop_signal is not None
+    elif sync_point:
+        signum = distributed.max_over_ranks(t.stop_signal or 0)
+        if signum:
+            t.stop_signal, t.stopping = t.stop_signal or signum, True
 
 
 def _log_interval(t: Trainer, loss: Tensor, steps: int, seconds: float, bar: tqdm | None) -> None:
@@ -320,9 +347,9 @@ def fit(t: Trainer) -> Path:
             if bar is not None:
                 bar.set_description(f"epoch {t.epoch + 1}/{t.total_epochs}")
             train_epoch(t, bar)
-            if t.stop_signal is not None:
+            if t.stopping:
                 save(t)
-                raise Interrupted(t.stop_signal, t.run_dir)
+                raise Interrupted(t.stop_signal or signal.SIGTERM, t.run_dir)
             t.epoch += 1
             t.step_in_epoch = 0
             for hook in t.hooks:
@@ -332,6 +359,7 @@ def fit(t: Trainer) -> Path:
             # Between kept checkpoints, a rolling one at most every few minutes bounds the work a
             # crash can lose without writing a checkpoint per (possibly 2-second) epoch.
             due = time.monotonic() - last_save > ROLLING_CHECKPOINT_SECONDS
+            due = distributed.max_over_ranks(int(due)) > 0  # every rank must join save()
             if t.epoch < t.total_epochs and (kept or due):
                 save(t, keep=kept)
                 last_save = time.monotonic()

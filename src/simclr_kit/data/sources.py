@@ -74,12 +74,16 @@ def _load_local(path: Path) -> datasets.DatasetDict:
 
 
 def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
+    import huggingface_hub
+
+    # The hub client logs every retry; the one line below says what went wrong instead.
+    huggingface_hub.utils.logging.set_verbosity_error()
     try:
         loaded = datasets.load_dataset(cfg.data, cfg.data_config, revision=cfg.revision)
     except (ConnectionError, OSError) as err:
         raise UserError(f"cannot load {cfg.data!r}: it is not an existing path, and the hub "
                         f"dataset could not be reached ({type(err).__name__}); check the path, "
-                        "or go online / set HF_HUB_OFFLINE=0") from None
+                        "or the network (HF_HUB_OFFLINE=1 forbids it)") from None
     except datasets.exceptions.DatasetNotFoundError:
         raise UserError(f"{cfg.data!r} is neither an existing path nor a hub dataset") from None
     except RuntimeError as err:
