@@ -6,12 +6,17 @@ process would, so the training loop never branches on "am I distributed".
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def is_initialized() -> bool:
@@ -29,6 +34,11 @@ def world_size() -> int:
 def is_main() -> bool:
     """Only rank 0 writes files and prints progress."""
     return rank() == 0
+
+
+def local_rank() -> int:
+    """This process's index on its own node (torchrun's LOCAL_RANK); 0 outside torchrun."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_initialized() else 0
 
 
 def launched_by_torchrun() -> bool:
@@ -50,7 +60,24 @@ def init(device: torch.device) -> torch.device:
     else:
         backend = "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    atexit.register(shutdown)  # a group left open at exit makes PyTorch warn (and NCCL may hang)
     return device
+
+
+def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = True) -> nn.Module:
+    """``model`` in DistributedDataParallel under torchrun; ``model`` itself in one process.
+
+    With ``sync_bn`` on CUDA, BatchNorm layers become SyncBatchNorm in place (they keep their
+    parameter objects, so an optimizer over ``model`` still holds them): statistics over the
+    global batch, as SimCLR trains. SyncBatchNorm has no CPU kernels, so under gloo BatchNorm
+    stays per rank: each rank normalises its own 2b views.
+    """
+    if world_size() == 1:
+        return model
+    if device.type == "cuda" and sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def shutdown() -> None:
@@ -79,14 +106,19 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # autograd may still hold the incoming buffer
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         n = grad.shape[0] // dist.get_world_size()
         return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
 
 
 def all_gather_with_grad(x: Tensor) -> Tensor:
-    """``x: (n, ...)`` on each rank -> ``(world * n, ...)`` in rank order, gradients summed."""
+    """``x: (n, ...)`` on each rank -> ``(world * n, ...)`` in rank order, gradients summed.
+
+    With the summed backward, rank r's ``x`` receives d(sum_r' loss_r')/dx_r, which is W times
+    the gradient of the mean loss; DDP's averaging of parameter gradients over the W ranks divides
+    it out again, so the update equals the single-process one without rescaling the loss.
+    """
     if world_size() == 1:
         return x
     return _AllGatherWithGrad.apply(x)
@@ -116,3 +148,68 @@ def all_reduce_sum(x: Tensor) -> Tensor:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def _comm_device() -> torch.device:
+    """Where collective buffers must live: NCCL needs this rank's GPU, gloo takes CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's ``value``: lets all ranks take the same decision."""
+    if world_size() == 1:
+        return value
+    x = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` (any picklable value) on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextmanager
+def local_main_first() -> Iterator[None]:
+    """Run the body on each node's local rank 0 first, then on the other ranks of the node.
+
+    For work whose result the first process caches (downloads, the decoded image store): the
+    others then read the cache instead of doing it again. If the first process fails it still
+    releases the others, which then meet the same error themselves.
+    """
+    first = local_rank() == 0
+    if not first:
+        barrier()
+    try:
+        yield
+    finally:
+        if first:
+            barrier()
+
+
+def shard_rows(n: int) -> Tensor:
+    """This rank's rows of ``n`` for sharded inference: ``(ceil(n / W),)`` int64.
+
+    Rank r takes the r-th contiguous block; blocks past the end repeat row n - 1 so every rank
+    has the same number of rows (all-gather needs equal sizes). :func:`gather_rows` drops those
+    repeats, so no sample is counted twice (unlike a padding DistributedSampler).
+    """
+    per_rank = math.ceil(n / world_size())
+    start = rank() * per_rank
+    return torch.arange(start, start + per_rank).clamp(max=max(n - 1, 0))
+
+
+def gather_rows(local: Tensor, n: int) -> Tensor:
+    """Rows computed for :func:`shard_rows` on every rank -> the ``(n, ...)`` result, in order.
+
+    ``local: (ceil(n / W), ...)`` on any device; the result is on the same device as ``local``.
+    """
+    if world_size() == 1:
+        return local[:n]
+    return all_gather_tensor(local.to(_comm_device())).to(local.device)[:n]

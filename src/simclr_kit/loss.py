@@ -21,8 +21,12 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1,
 
     ``z1, z2: (b, D)`` projections of the two views of the same b images on this rank.
     Across W ranks N = W b. Each anchor's positive is the other view of its image; the other
-    2N - 2 embeddings are negatives. Averaging the per-rank losses (as DDP's gradient averaging
-    does) gives the loss over the global batch of 2N anchors.
+    2N - 2 embeddings are negatives. The mean of the W per-rank losses is the loss over the
+    global batch of 2N anchors; with ``gather`` summing gradients over ranks in its backward,
+    DDP's averaging of the gradients gives exactly that loss's gradient (see
+    :func:`distributed.all_gather_with_grad`), so the loss is not rescaled by W.
+
+    ``gather`` may also be the identity (only local negatives): the anchors then sit at offset 0.
     """
     b = z1.shape[0]
     z1 = F.normalize(z1.float(), dim=1)
@@ -32,7 +36,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1,
     queries = torch.cat([z1, z2])  # (2b, D)
     logits = queries @ keys.T / temperature  # (2b, 2N)
 
-    offset = distributed.rank() * b
+    # This rank's images sit at rows rank * b of the gathered keys, or at 0 if nothing gathered.
+    offset = distributed.rank() * b if n > b else 0
     local = torch.arange(b, device=z1.device) + offset
     self_index = torch.cat([local, local + n])  # where each anchor sits among the keys
     positive = torch.cat([local + n, local])
