@@ -16,7 +16,7 @@ from simclr_kit import distributed
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1,
-            gather: Callable[[Tensor], Tensor] = distributed.all_gather_with_grad) -> Tensor:
+            gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Mean NT-Xent over this rank's 2b anchors, with all 2N embeddings of all ranks as candidates.
 
     ``z1, z2: (b, D)`` projections of the two views of the same b images on this rank.
@@ -28,6 +28,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1,
 
     ``gather`` may also be the identity (only local negatives): the anchors then sit at offset 0.
     """
+    if gather is None:  # looked up per call: ``simclr check-distributed`` can swap in a faulty one
+        gather = distributed.all_gather_with_grad
     b = z1.shape[0]
     z1 = F.normalize(z1.float(), dim=1)
     z2 = F.normalize(z2.float(), dim=1)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from simclr_kit import distributed
 from simclr_kit.augment import normalize
 
 
@@ -19,18 +20,25 @@ def extract_features(encoder: nn.Module, images: Tensor, mean: Sequence[float],
 
     The encoder runs in eval mode (BatchNorm uses its running statistics and nothing is updated);
     its previous mode is restored. The last batch may be partial: sizes come from the tensors.
+    Under torchrun each rank embeds its block of rows and every rank gets all N features, each
+    sample exactly once.
     """
     device = torch.device(device)
+    n = images.shape[0]
+    rows = distributed.shard_rows(n) if distributed.world_size() > 1 else None
     was_training = encoder.training
     encoder.eval()
     out = []
     try:
-        starts = range(0, images.shape[0], batch_size)
+        starts = range(0, n if rows is None else len(rows), batch_size)
         for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-            x = normalize(images[start:start + batch_size].to(device), mean, std)
+            part = slice(start, start + batch_size)
+            batch = images[part] if rows is None else images[rows[part]]
+            x = normalize(batch.to(device), mean, std)
             out.append(encoder(x).flatten(1).float().cpu())
     finally:
         encoder.train(was_training)
     if not out:
         return torch.empty(0, 0)
-    return torch.cat(out)
+    features = torch.cat(out)
+    return features if rows is None else distributed.gather_rows(features, n)

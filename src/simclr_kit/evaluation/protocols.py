@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from simclr_kit import __version__
+from simclr_kit import __version__, distributed
 from simclr_kit.checkpoint import atomic_write_text
 from simclr_kit.config import DataConfig, EvalConfig
 from simclr_kit.data.sources import open_splits
@@ -106,7 +106,8 @@ def evaluate(checkpoint: str | Path, data: DataConfig, cfg: EvalConfig | None = 
     Results go to ``out``, else to the run directory that holds the checkpoint.
     """
     cfg = cfg or EvalConfig()
-    dev = resolve_device(device)
+    dev = distributed.init(resolve_device(device))  # under torchrun the ranks share the embedding
+    progress = progress and distributed.is_main()
     encoder = load_encoder(checkpoint, dev)
     out_dir = _output_dir(checkpoint, out)
     train_split, val_split = open_splits(data, need_eval=True)
@@ -125,9 +126,11 @@ def evaluate(checkpoint: str | Path, data: DataConfig, cfg: EvalConfig | None = 
               "train": train.provenance, "eval": val.provenance,
               "config": dataclasses.asdict(cfg), "results": rows,
               "seconds": round(time.time() - started, 1), "package_version": __version__}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(out_dir / "eval.md", markdown_table(rows))
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out_dir / "eval.md", markdown_table(rows))
+    distributed.barrier()  # the files exist on return, whichever rank returns first
     result["table"] = markdown_table(rows)
     result["out"] = str(out_dir)
     return result
