@@ -5,7 +5,9 @@ A checkpoint is a directory ``RUN/checkpoints/epoch-NNNN[-step-MMMMMM]/`` holdin
 self-describing), ``model.json`` (the same metadata, for people) and ``state.pt`` (optimizer,
 schedule position and RNG states as tensors: it loads with ``torch.load(weights_only=True)``).
 It is written under a temporary name and renamed into place, then ``RUN/checkpoints/latest`` is
-replaced atomically, so a kill at any moment leaves the last complete checkpoint loadable.
+replaced atomically, so a kill at any moment leaves the last complete checkpoint loadable. Every
+file has a JSON sidecar (``model.json``, ``state.json``) recording its size and SHA-256, checked
+when it is loaded: a truncated, corrupt or swapped file is a clear error, never a silent load.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from simclr_kit import faults
 from simclr_kit.errors import UserError
 
 META_KEY = "simclr_kit"
@@ -67,6 +70,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _write_error(err: BaseException) -> str:
+    """One line for a failed write: ``OSError.strerror`` (ENOSPC: 'No space left on device'), or
+    the first line of what torch or safetensors raised (they wrap the OSError)."""
+    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return text.splitlines()[0][:200]
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """safetensors file with ``meta`` in its header and a JSON sidecar (size and hash added)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
@@ -77,11 +91,36 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-    sidecar = dict(meta, file=path.name, bytes=path.stat().st_size, sha256=_sha256(path))
-    atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+        raise UserError(f"cannot write {path}: {_write_error(err)}") from None
+    atomic_write_text(path.with_suffix(".json"),
+                      json.dumps(dict(meta, **_fingerprint(path)), indent=2) + "\n")
+
+
+def verify_file(path: Path, sidecar: Path | None = None) -> None:
+    """Check ``path`` against the size and SHA-256 in its JSON sidecar (``X.json`` for ``X.*``).
+
+    A file without a sidecar (a foreign one), or whose sidecar describes another file name, is
+    not checked; one that differs from what its sidecar recorded raises a one-line UserError.
+    """
+    sidecar = sidecar or path.with_suffix(".json")
+    if not sidecar.is_file() or not path.is_file():
+        return
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{sidecar} is not readable JSON (truncated or corrupt?); delete it to "
+                        f"load {path.name} unchecked") from None
+    if not isinstance(record, dict) or record.get("file") != path.name or "sha256" not in record:
+        return
+    size = path.stat().st_size
+    if size != record.get("bytes"):
+        raise UserError(f"{path} is {size} bytes but {sidecar.name} records {record.get('bytes')}:"
+                        " the file is truncated or was replaced; it is not loaded")
+    if _sha256(path) != record["sha256"]:
+        raise UserError(f"{path} does not match the SHA-256 recorded in {sidecar.name}: the file "
+                        "is corrupt or was replaced; it is not loaded")
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -92,10 +131,16 @@ def read_metadata(path: Path) -> dict[str, Any]:
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
                         f"{err}") from None
-    return json.loads(raw) if raw else {}
+    try:
+        meta = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: the metadata in its header is not valid JSON") from None
+    return meta if isinstance(meta, dict) else {}
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, after checking it against its sidecar."""
+    verify_file(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -111,64 +156,128 @@ def torch_load_safe(path: Path) -> Any:
         raise UserError(
             f"{path} holds pickled Python objects (a whole model?), which are never unpickled: "
             "from trusted code, re-save it with torch.save(model.state_dict(), 'weights.pt') "
-            f"({str(err).splitlines()[0][:120]})") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+            f"({_write_error(err)[:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} (truncated or corrupt?): {_write_error(err)}") from None
+
+
+def _write_checkpoint_dir(tmp: Path, model: nn.Module, meta: dict[str, Any],
+                          train_state: dict[str, Any] | None, keep: bool) -> None:
+    """Fill the temporary directory ``tmp``: weights, training state, sidecars, KEEP marker."""
+    save_weights(tmp / "model.safetensors", model.state_dict(), meta)
+    faults.point("save-weights")
+    if train_state is not None:
+        state = tmp / "state.pt"
+        torch.save(train_state, str(state))
+        with open(state, "rb") as f:
+            os.fsync(f.fileno())
+        atomic_write_text(tmp / "state.json", json.dumps(_fingerprint(state), indent=2) + "\n")
+    if keep:
+        (tmp / "KEEP").touch()
+    fsync_dir(tmp)  # the files' directory entries reach the disk before the rename publishes them
+
+
+def _swap_into_place(tmp: Path, final: Path) -> Path | None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` (the same position saved again) is first
+    renamed aside and returned, so a kill between the two renames leaves it findable."""
+    aside = None
+    if final.exists():
+        aside = final.with_name(f".replaced-{final.name}.tmp{os.getpid()}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return aside
+
+
+def _put_back(root: Path, name: str) -> None:
+    """After a failed save, return a checkpoint renamed aside by :func:`_swap_into_place`."""
+    for aside in root.glob(f".replaced-{name}.tmp*"):
+        if not (root / name).exists():
+            try:
+                os.replace(aside, root / name)
+            except OSError:
+                pass  # still found by latest_checkpoint under its temporary name
+
+
+def _remove_stale(root: Path) -> None:
+    """Temporary files and directories left by killed saves (``latest`` names none of them)."""
+    for stale in root.glob(".*.tmp*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: Path, name: str, model: nn.Module, meta: dict[str, Any],
                     train_state: dict[str, Any] | None, keep: bool) -> Path:
     """Write ``RUN/checkpoints/NAME/`` atomically and point ``latest`` at it.
 
-    The previous checkpoint directory is removed afterwards unless it was marked to keep.
+    The previous checkpoint directory is removed afterwards unless it was marked to keep. On a
+    failed write (a full disk) the partial directory is removed and the previous checkpoint, still
+    named by ``latest``, is untouched.
     """
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / name
     tmp = root / f".{name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    previous = latest_checkpoint(run_dir, required=False)
     try:
-        save_weights(tmp / "model.safetensors", model.state_dict(), meta)
-        if train_state is not None:
-            buf = tmp / "state.pt"
-            torch.save(train_state, str(buf))
-            with open(buf, "rb") as f:
-                os.fsync(f.fileno())
-        if keep:
-            (tmp / "KEEP").touch()
-        previous = latest_checkpoint(run_dir, required=False)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_checkpoint_dir(tmp, model, meta, train_state, keep)
+        aside = _swap_into_place(tmp, final)
+        faults.point("save-renamed")
         atomic_write_text(root / "latest", name + "\n")
-    except OSError as err:
+    except (OSError, RuntimeError, SafetensorError, UserError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot save checkpoint in {root}: {err.strerror or err}; the previous "
-                        "checkpoint is intact") from None
-    except UserError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _put_back(root, name)
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else \
+            "no earlier checkpoint exists"
+        detail = str(err) if isinstance(err, UserError) else _write_error(err)
+        raise UserError(f"cannot save checkpoint {name} in {root} ({detail}); {kept}: free some "
+                        f"space, then resume with  simclr pretrain --resume {run_dir}") from None
+    faults.point("save-latest")
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     if previous is not None and previous != final and not (previous / "KEEP").exists():
         shutil.rmtree(previous, ignore_errors=True)
+    _remove_stale(root)
     return final
 
 
+def _is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / "model.safetensors").is_file()
+
+
 def latest_checkpoint(run_dir: Path, required: bool = True) -> Path | None:
-    """The checkpoint directory ``RUN/checkpoints/latest`` points at."""
-    pointer = run_dir / "checkpoints" / "latest"
-    if pointer.is_file():
-        ckpt = run_dir / "checkpoints" / pointer.read_text().strip()
-        if (ckpt / "model.safetensors").is_file():
-            return ckpt
+    """The checkpoint directory ``RUN/checkpoints/latest`` points at.
+
+    Should a kill have left ``latest`` missing or naming a directory that is not there, the
+    newest complete checkpoint is returned instead (names sort by position).
+    """
+    root = Path(run_dir) / "checkpoints"
+    try:
+        name = (root / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if name and "/" not in name and "\\" not in name:
+        for candidate in (root / name, *sorted(root.glob(f".replaced-{name}.tmp*"))):
+            if _is_complete(candidate):
+                return candidate
+    found = sorted(p for p in root.iterdir() if not p.name.startswith(".") and _is_complete(p)) \
+        if root.is_dir() else []
+    if found:
+        return found[-1]
     if required:
         raise UserError(f"{run_dir} holds no complete checkpoint (checkpoints/latest missing)")
     return None
 
 
 def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
+    """``state.pt`` of a checkpoint, checked against ``state.json`` and loaded without pickle code."""
     path = ckpt_dir / "state.pt"
     if not path.is_file():
         raise UserError(f"{ckpt_dir} has no training state (state.pt): it cannot be resumed")
+    verify_file(path)
     return torch_load_safe(path)

@@ -102,6 +102,9 @@ def train_classifier(checkpoint: str | Path, data: DataConfig, out: str | Path,
     for store, role in ((train, "train"), (val, "validation")):
         if store.labels is None:
             raise UserError(f"the {role} split has no labels: a classifier needs a label column")
+    if int(train.labels.unique().numel()) < 2:  # type: ignore[union-attr]
+        raise UserError(f"the train split {train.provenance.get('split')!r} has a single class: "
+                        "a classifier needs at least two")
     class_names = train.class_names or [str(i) for i in range(int(train.labels.max()) + 1)]
     torch.manual_seed(cfg.seed)
     model = Classifier(encoder.backbone, encoder.feature_dim, len(class_names), cfg.head,

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import traceback
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from simclr_kit import __version__
 from simclr_kit.config import (AugmentConfig, ClassifierConfig, DataConfig, EvalConfig,
@@ -89,6 +90,12 @@ PRETRAIN_FLAGS = [
     ("--seed", "seed", int, f"seed of weights, order and augmentation (default: {P.seed})"),
     ("--checkpoint-every", "checkpoint_every", int,
      f"epochs between kept checkpoints, 0 for only the last (default: {P.checkpoint_every})"),
+    ("--checkpoint-every-steps", "checkpoint_every_steps", int,
+     "steps between rolling checkpoints, which replace each other; for long epochs on machines "
+     "that may be taken away (default: 0, a rolling one every 5 minutes only)"),
+    ("--allow-smaller-batch", "allow_smaller_batch", _bool,
+     "with fewer images than --batch-size, train on batches of all of them instead of "
+     f"stopping (default: {P.allow_smaller_batch})"),
     ("--log-every", "log_every", int, f"steps between metric lines (default: {P.log_every})"),
     ("--monitor-knn", "monitor_knn", int, "run the kNN protocol every N epochs (default: 0, off)"),
     ("--time-budget", "time_budget", float, "minutes: fit the epochs and schedule to this budget"),
@@ -189,15 +196,39 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def _resume_config(args: argparse.Namespace) -> PretrainConfig:
-    """A resumed run continues with its own saved config; flags may change only a few fields."""
-    saved = Path(args.resume) / "config.yaml"
-    if not saved.is_file():
+    """A resumed run continues with its own saved config; flags may change only a few fields,
+    and a flag that would change any other is refused rather than silently ignored."""
+    saved_file = Path(args.resume) / "config.yaml"
+    if not saved_file.is_file():
         raise UserError(f"--resume {args.resume}: no config.yaml there, so it is not a run directory")
-    allowed = {"epochs", "device", "progress", "log_every", "checkpoint_every"}
+    if args.config:
+        raise UserError("--config cannot be combined with --resume: a run continues with the "
+                        f"config it started with ({saved_file})")
+    allowed = {"epochs", "device", "progress", "log_every", "checkpoint_every",
+               "checkpoint_every_steps"}
+    saved = load_yaml(saved_file)
     given = _overrides(args, DATA_FLAGS + PRETRAIN_FLAGS)
+    flag_of = {path: flag for flag, path, _, _ in DATA_FLAGS + PRETRAIN_FLAGS}
+    before = _flatten(saved)
+    refused = [flag_of[path] for path, value in _flatten(given).items()
+               if path not in allowed and before.get(path) != value]
+    if refused:
+        raise UserError(f"{', '.join(refused)} cannot change when resuming (only "
+                        f"{', '.join(sorted(flag_of[a] for a in allowed if a in flag_of))}); "
+                        "start a new run with --out instead")
     changed = {k: v for k, v in given.items() if k in allowed}
-    return from_dict(PretrainConfig, merge(load_yaml(saved), changed))
+    return from_dict(PretrainConfig, merge(saved, changed))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -253,19 +284,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check_distributed(args: argparse.Namespace) -> int:
-    from simclr_kit.check_distributed import CheckConfig, run_check
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are user errors too: one line on stderr and exit 2, not a usage block."""
 
-    result = run_check(CheckConfig(nproc=args.nproc, batch_size=args.batch_size,
-                                   device=args.device, backbone=args.backbone,
-                                   image_size=args.image_size, seed=args.seed,
-                                   sync_bn=args.sync_bn, gather=args.gather))
-    print(result.report())
-    return 0 if result.passed else 1
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="simclr", description="SimCLR pretraining of image encoders, and evaluation.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"simclr-kit {__version__}")
@@ -275,7 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, func: Callable, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.set_defaults(func=func)
-        p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+        # SUPPRESS: without a value of its own, the sub-command keeps a `simclr --debug` given
+        # before it (a plain default would reset it to False).
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks for errors")
         return p
 
     p = command("run", cmd_run, "pretrain, then evaluate (linear probe and kNN) next to a "
@@ -320,35 +350,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
     p.add_argument("output", help="OUT.safetensors")
     p.add_argument("--backbone", help="architecture of a foreign weights file (default: resnet18)")
-
-    p = command("check-distributed", cmd_check_distributed,
-                "check on this machine that N processes x batch B/N train like 1 process x "
-                "batch B: one step each way; prints the largest differences in loss, gradients, "
-                "updated weights and views, then PASS or FAIL (exit 1)")
-    p.add_argument("--nproc", type=int, default=2, help="processes, one GPU each with cuda "
-                   "(default: 2)")
-    p.add_argument("--batch-size", type=int, help="global batch B (default: 8 per process)")
-    p.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cpu' (gloo, "
-                   "BatchNorm per process) or 'cuda' (NCCL, SyncBatchNorm) (default: auto)")
-    p.add_argument("--backbone", default="resnet18", help="torchvision model (default: resnet18)")
-    p.add_argument("--image-size", type=int, default=16, help="pixels of the generated images "
-                   "(default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of images and weights (default: 0)")
-    p.add_argument("--sync-bn", type=_bool, default=True,
-                   help="SyncBatchNorm on cuda, as pretraining uses it (default: true)")
-    p.add_argument("--gather", default="with-grad", choices=("with-grad", "no-grad"),
-                   help=argparse.SUPPRESS)  # no-grad: the known bug, shows the check can fail
     return parser
 
 
+# Errors of the machine rather than of the code: a full disk, a read-only or forbidden folder.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed
+        return done.code if isinstance(done.code, int) else 2
     try:
         return int(args.func(args) or 0)
     except UserError as err:
         if args.debug:
             traceback.print_exc()
         print(f"simclr {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"simclr {args.command}: error: {err.filename or ''}: {err.strerror}",
+              file=sys.stderr)
         return 2
     except Exception as err:
         code = getattr(err, "exit_code", None)  # a run stopped by a signal after saving

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -182,11 +184,13 @@ class PretrainConfig:
     sync_bn: bool = True
     seed: int = 0
     checkpoint_every: int = 10
+    checkpoint_every_steps: int = 0
     log_every: int = 10
     monitor_knn: int = 0
     time_budget: float | None = None
     deterministic: bool = False
     progress: bool = True
+    allow_smaller_batch: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
@@ -210,6 +214,8 @@ class PretrainConfig:
                "'auto', 'fp32', 'bf16' or 'fp16'", self.precision)
         _check(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0 (0: only at the end)",
                self.checkpoint_every)
+        _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps",
+               "an integer >= 0 (0: off)", self.checkpoint_every_steps)
         _check(self.log_every >= 1, "log_every", "an integer >= 1", self.log_every)
         _check(self.monitor_knn >= 0, "monitor_knn", "an integer >= 0 (0: off)", self.monitor_knn)
         if self.time_budget is not None:
@@ -248,20 +254,56 @@ C = TypeVar("C")
 _NESTED: dict[str, type] = {"data": DataConfig, "augment": AugmentConfig}
 
 
+def _typed(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(whether ``value`` fits the annotation ``hint``, the value converted to it)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            ok, converted = (value is None, None) if arm is type(None) else _typed(value, arm)
+            if ok:
+                return True, converted
+        return False, value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        checked = [_typed(v, typing.get_args(hint)[0]) for v in value]
+        return all(ok for ok, _ in checked), tuple(v for _, v in checked)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads 3e-4 (no dot) as text, not as a number
+            return True, float(value)
+        except ValueError:
+            return False, value
+    if hint is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number, float(value) if number else value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint in (bool, str):
+        return isinstance(value, hint), value
+    return True, value
+
+
 def from_dict(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
-    """Build a (nested) config dataclass from a plain dict; unknown keys are an error."""
+    """Build a (nested) config dataclass from a plain dict; unknown keys and values of the wrong
+    type are one-line errors naming the field."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping of field names to values")
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         if cls is PretrainConfig and name in _NESTED:
             value = from_dict(_NESTED[name], value, f"{where}.{name}")
-        elif isinstance(value, list):
-            value = tuple(value)
+        else:
+            ok, value = _typed(value, hints[name])
+            if not ok:
+                label = name if where == "config" else f"{where}.{name}"
+                hint = hints[name]
+                expected = hint.__name__ if isinstance(hint, type) else \
+                    str(hint).replace("typing.", "").replace("NoneType", "None")
+                raise ConfigError(f"{label} = {value!r} has the wrong type: expected {expected}")
         kwargs[name] = value
     try:
         return cls(**kwargs)

@@ -6,6 +6,7 @@ is the hot loop; :func:`pretrain` ties them together with checkpoints, resume an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -19,13 +20,13 @@ import yaml
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from simclr_kit import __version__, distributed
+from simclr_kit import __version__, distributed, faults
 from simclr_kit.augment import SimCLRAugment, channel_stats
 from simclr_kit.checkpoint import (atomic_write_text, latest_checkpoint, load_train_state,
                                    load_weights, save_checkpoint)
 from simclr_kit.config import PretrainConfig, to_dict
 from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import ImageStore, decode_split, skipped_summary
+from simclr_kit.data.store import ImageStore, decode_split, skipped_report, skipped_summary
 from simclr_kit.devices import autocast_dtype, resolve_device
 from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone, read_weights
 from simclr_kit.errors import UserError
@@ -62,6 +63,8 @@ class Trainer:
     global_step: int = 0
     stop_signal: int | None = None  # a signal this process received
     stopping: bool = False  # the ranks agreed to stop after the current step
+    unchecked_loss: Tensor | None = None  # sum of the losses not yet tested for NaN/inf
+    last_save: float = field(default_factory=time.monotonic)
     hooks: list[Callable[[Trainer], None]] = field(default_factory=list)
 
     @property
@@ -120,10 +123,22 @@ def _check_world(cfg: PretrainConfig) -> None:
         raise UserError(f"--batch-size {cfg.batch_size} gives fewer than 2 images per process")
 
 
-def _check_batch(cfg: PretrainConfig, n_images: int) -> None:
-    if n_images < cfg.batch_size:
+def _check_batch(cfg: PretrainConfig, n_images: int) -> PretrainConfig:
+    """The config to train with: a set smaller than one batch is an error, unless the user
+    allowed a smaller batch (then the whole set, rounded down to split over the processes)."""
+    if n_images >= cfg.batch_size:
+        return cfg
+    world = distributed.world_size()
+    smaller = n_images - n_images % world
+    if not cfg.allow_smaller_batch or smaller < 2 * world:
+        hint = (f"lower --batch-size to at most {n_images}, or pass --allow-smaller-batch true"
+                if smaller >= 2 * world else "NT-Xent needs at least 2 images per process")
         raise UserError(f"only {n_images} images, fewer than one batch of {cfg.batch_size}: "
-                        f"lower --batch-size to at most {n_images}")
+                        f"{hint}")
+    if distributed.is_main():
+        tqdm.write(f"only {n_images} images: training with a batch of {smaller} instead of "
+                   f"{cfg.batch_size} (--allow-smaller-batch); the learning rate scales with it")
+    return dataclasses.replace(cfg, batch_size=smaller)
 
 
 def _load_data(cfg: PretrainConfig) -> tuple[ImageStore, ImageStore | None]:
@@ -132,7 +147,7 @@ def _load_data(cfg: PretrainConfig) -> tuple[ImageStore, ImageStore | None]:
     with distributed.local_main_first():
         train, evaluation = open_splits(cfg.data, need_eval=cfg.monitor_knn > 0)
         store = decode_split(train, cfg.data.image_size, cfg.data.bad_images,
-                             progress=cfg.progress and distributed.is_main())
+                             progress=cfg.progress and distributed.is_main(), labels=False)
         eval_store = None
         if evaluation is not None:
             eval_store = decode_split(evaluation, store.image_size, cfg.data.bad_images,
@@ -166,7 +181,7 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
     _check_world(cfg)
     run_dir = resume if resume is not None else _new_run_dir(cfg)
     store, eval_store = _load_data(cfg)
-    _check_batch(cfg, len(store))
+    cfg = _check_batch(cfg, len(store))
     if store.skipped and distributed.is_main():
         tqdm.write(skipped_summary(store) + f"; listed in {run_dir / 'skipped.txt'}")
 
@@ -205,20 +220,36 @@ def _write_run_files(t: Trainer) -> None:
     t.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(t.run_dir / "config.yaml", yaml.safe_dump(to_dict(t.config), sort_keys=False))
     if t.store.skipped:
-        atomic_write_text(t.run_dir / "skipped.txt",
-                          "".join(f"{r}\t{m}\n" for r, m in t.store.skipped))
+        atomic_write_text(t.run_dir / "skipped.txt", skipped_report(t.store))
     t.log.write("run", device=str(t.device), world_size=distributed.world_size(),
                 images=len(t.store), image_size=t.store.image_size, effective_lr=t.base_lr,
                 steps_per_epoch=t.steps_per_epoch, dataset=t.store.provenance,
                 version=__version__)
 
 
+_STATE_KEYS = ("optimizer", "epoch", "step_in_epoch", "global_step", "rng_cpu")
+
+
 def _restore(t: Trainer) -> None:
-    ckpt = latest_checkpoint(t.run_dir)
-    assert ckpt is not None
-    t.model.load_state_dict(load_weights(ckpt / "model.safetensors"))
+    ckpt = latest_checkpoint(t.run_dir, required=False)
+    if ckpt is None:
+        # Killed before its first checkpoint: the model was just built from the run's seed, so
+        # starting again from step 0 is exactly the run it would have been.
+        if distributed.is_main():
+            tqdm.write(f"{t.run_dir} has no checkpoint yet: starting it from the beginning")
+        t.log.write("resume", epoch=0, step_in_epoch=0, checkpoint=None)
+        return
     state = load_train_state(ckpt)
-    t.optimizer.load_state_dict(state["optimizer"])
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f"{ckpt / 'state.pt'} is not a simclr-kit training state (missing "
+                        f"{missing}); it cannot be resumed")
+    try:
+        t.model.load_state_dict(load_weights(ckpt / "model.safetensors"))
+        t.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise UserError(f"checkpoint {ckpt} does not fit this run's model or optimizer "
+                        f"({str(err).strip().splitlines()[0][:200]})") from None
     t.epoch, t.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
     t.global_step = int(state["global_step"])
     if t.config.time_budget is not None:  # the budget fixed the length when the run started
@@ -229,9 +260,37 @@ def _restore(t: Trainer) -> None:
     t.log.write("resume", epoch=t.epoch, step_in_epoch=t.step_in_epoch, checkpoint=ckpt.name)
 
 
+class NonFiniteLoss(UserError):
+    """The loss or the weights became NaN or infinite; nothing after the last good checkpoint
+    was saved."""
+
+    def __init__(self, t: Trainer, what: str) -> None:
+        last = latest_checkpoint(t.run_dir, required=False)
+        kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was saved"
+        super().__init__(f"training stopped at epoch {t.epoch} step {t.step_in_epoch}: {what}; "
+                         f"{kept}. Start again with a lower --lr, a higher --temperature or "
+                         "--precision fp32")
+
+
+def check_finite(t: Trainer) -> None:
+    """Raise :class:`NonFiniteLoss` unless the losses since the last check and every weight and
+    buffer are finite: one device sync, run before anything is saved."""
+    tensors = [v for v in t.model.state_dict().values() if v.is_floating_point()]
+    flags = [~torch.isfinite(v).all() for v in tensors]
+    if t.unchecked_loss is not None:
+        flags.append(~torch.isfinite(t.unchecked_loss))
+    if float(distributed.all_reduce_sum(torch.stack(flags).any().float())) > 0:
+        raise NonFiniteLoss(t, "the loss or the weights became NaN or infinite")
+
+
 def save(t: Trainer, keep: bool = False) -> Path | None:
-    """Checkpoint the current position (rank 0 writes; every rank waits for it)."""
-    path = None
+    """Checkpoint the current position (rank 0 writes; every rank waits for it).
+
+    Refused (:class:`NonFiniteLoss`) when anything is NaN or infinite, so the last checkpoint
+    is always a good one. A failed write on rank 0 is raised on every rank.
+    """
+    check_finite(t)
+    path, error = None, None
     if distributed.is_main():
         name = f"epoch-{t.epoch:04d}" + (f"-step-{t.step_in_epoch:06d}" if t.step_in_epoch else "")
         state = {"optimizer": t.optimizer.state_dict(), "epoch": t.epoch,
@@ -241,8 +300,15 @@ def save(t: Trainer, keep: bool = False) -> Path | None:
             state["rng_cuda"] = torch.cuda.get_rng_state(t.device)
         meta = dict(t.meta, epoch=t.epoch, step_in_epoch=t.step_in_epoch,
                     global_step=t.global_step)
-        path = save_checkpoint(t.run_dir, name, t.model, meta, state, keep)
-    distributed.barrier()
+        try:
+            path = save_checkpoint(t.run_dir, name, t.model, meta, state, keep)
+        except UserError as err:  # a full disk: the other ranks must not wait for rank 0
+            error = str(err)
+    if distributed.world_size() > 1:
+        error = distributed.broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+    t.last_save = time.monotonic()
     return path
 
 
@@ -273,22 +339,38 @@ def train_epoch(t: Trainer, bar: tqdm | None) -> None:
     """Run the rest of epoch ``t.epoch`` from ``t.step_in_epoch``; stops early on a signal."""
     perm = epoch_permutation(len(t.store), t.config.seed, t.epoch)
     t.ddp_model.train()
-    loss_sum = torch.zeros((), device=t.device)
+    t.unchecked_loss = torch.zeros((), device=t.device)
     seen, started = 0, time.perf_counter()
     while t.step_in_epoch < t.steps_per_epoch and not t.stopping:
         loss = train_step(t, batch_indices(perm, t.step_in_epoch, t.config.batch_size))
-        loss_sum += loss
+        t.unchecked_loss += loss  # a NaN stays NaN in the sum: tested at the next log or save
         seen += 1
         t.step_in_epoch += 1
         t.global_step += 1
+        faults.point("step")
         if bar is not None:
             bar.update(1)
         logged = seen == t.config.log_every or t.step_in_epoch == t.steps_per_epoch
         if logged:
-            _log_interval(t, loss_sum / seen, seen, time.perf_counter() - started, bar)
-            loss_sum.zero_()
+            _log_interval(t, seen, time.perf_counter() - started, bar)
             seen, started = 0, time.perf_counter()
         _agree_stop(t, logged)
+        if t.step_in_epoch < t.steps_per_epoch and not t.stopping and _rolling_due(t, logged):
+            save(t)
+
+
+def _rolling_due(t: Trainer, sync_point: bool) -> bool:
+    """Whether a rolling checkpoint is due: every ``checkpoint_every_steps`` steps, and once
+    ROLLING_CHECKPOINT_SECONDS have passed since the last save. Every rank must give the same
+    answer (each joins :func:`save`): the step count is shared; under torchrun the clocks are
+    compared at the logging points."""
+    every = t.config.checkpoint_every_steps
+    if every and t.global_step % every == 0:
+        return True
+    late = time.monotonic() - t.last_save > ROLLING_CHECKPOINT_SECONDS
+    if distributed.world_size() == 1:
+        return late
+    return sync_point and distributed.max_over_ranks(int(late)) > 0
 
 
 def _agree_stop(t: Trainer, sync_point: bool) -> None:
@@ -303,11 +385,14 @@ def _agree_stop(t: Trainer, sync_point: bool) -> None:
             t.stop_signal, t.stopping = t.stop_signal or signum, True
 
 
-def _log_interval(t: Trainer, loss: Tensor, steps: int, seconds: float, bar: tqdm | None) -> None:
+def _log_interval(t: Trainer, steps: int, seconds: float, bar: tqdm | None) -> None:
+    """Log the mean loss of the last ``steps`` steps (and stop if it is NaN or infinite)."""
+    assert t.unchecked_loss is not None
+    loss = t.unchecked_loss / steps
     value = float(distributed.all_reduce_sum(loss.detach()) / distributed.world_size())
     if not math.isfinite(value):
-        raise UserError(f"the loss became {value} at epoch {t.epoch} step {t.step_in_epoch}: "
-                        "lower --lr or use --precision fp32; the last good checkpoint is kept")
+        raise NonFiniteLoss(t, f"the loss became {value}")
+    t.unchecked_loss.zero_()
     ips = steps * t.config.batch_size / max(seconds, 1e-9)
     lr = t.optimizer.param_groups[0]["lr"]
     t.log.write("train", epoch=t.epoch, step=t.global_step, loss=value, lr=lr,
@@ -319,6 +404,8 @@ def _log_interval(t: Trainer, loss: Tensor, steps: int, seconds: float, bar: tqd
 def _install_signal_handlers(t: Trainer) -> Callable[[], None]:
     """SIGINT/SIGTERM finish the current step, then the loop saves and stops."""
     def handler(signum: int, _frame: Any) -> None:
+        if t.stop_signal is not None:  # a second signal: stop now, the last checkpoint stays
+            raise KeyboardInterrupt
         t.stop_signal = signum
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -330,14 +417,14 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, run_dir: Path) -> None:
         super().__init__(f"stopped by signal {signal.Signals(signum).name}; checkpoint saved: "
-                         f"resume with  simclr pretrain --resume {run_dir}")
+                         f"resume with: simclr pretrain --resume {run_dir}")
         self.exit_code = 128 + signum
 
 
 def fit(t: Trainer) -> Path:
     """Train to ``t.total_epochs``, checkpointing every ``checkpoint_every`` epochs and at the end."""
     restore = _install_signal_handlers(t)
-    last_save = time.monotonic()
+    t.last_save = time.monotonic()
     bar = None
     if t.config.progress and distributed.is_main():
         bar = tqdm(total=t.total_epochs * t.steps_per_epoch, initial=t.global_step, unit="step",
@@ -356,13 +443,10 @@ def fit(t: Trainer) -> Path:
                 hook(t)
             every = t.config.checkpoint_every
             kept = bool(every) and t.epoch % every == 0
-            # Between kept checkpoints, a rolling one at most every few minutes bounds the work a
-            # crash can lose without writing a checkpoint per (possibly 2-second) epoch.
-            due = time.monotonic() - last_save > ROLLING_CHECKPOINT_SECONDS
-            due = distributed.max_over_ranks(int(due)) > 0  # every rank must join save()
-            if t.epoch < t.total_epochs and (kept or due):
+            # Between kept checkpoints, rolling ones bound the work a crash can lose without
+            # writing a checkpoint per (possibly 2-second) epoch.
+            if t.epoch < t.total_epochs and (kept or _rolling_due(t, sync_point=True)):
                 save(t, keep=kept)
-                last_save = time.monotonic()
         final = save(t, keep=True)
         t.log.write("done", epoch=t.epoch, step=t.global_step)
         return final or t.run_dir

@@ -6,6 +6,7 @@ of Parquet files, an image folder (sub-folder per class, or flat and unlabeled).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ class Split:
     class_names: list[str] | None
     source: str
     split: str
+    ignored: tuple[str, ...] = ()  # files of an image folder skipped as not images (by suffix)
 
     @property
     def provenance(self) -> dict:
@@ -59,6 +61,30 @@ def _is_image_folder(path: Path) -> bool:
     return any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file())
 
 
+def _script_error(name: str, script: str) -> UserError:
+    """Loading scripts are code from the dataset's author; recent ``datasets`` refuses to run
+    them, and so does this package."""
+    return UserError(
+        f"{name!r} needs a loading script ({script}), and dataset code is never run: convert it "
+        "to Parquet once, in a separate environment with datasets<4 and only if you trust its "
+        f"author (load_dataset({name!r}, trust_remote_code=True), then ds[split].to_parquet("
+        "'DIR/split.parquet') for each split) and pass --data DIR; or try the hub's own Parquet "
+        "export with --revision refs/convert/parquet")
+
+
+def non_image_files(folder: Path) -> tuple[str, ...]:
+    """Files of an image folder that the ``imagefolder`` loader leaves out (by suffix); hidden
+    files and the loader's metadata files are not counted."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    known = {e.lower() for e in ImageFolder.EXTENSIONS} | {".parquet"}
+    meta = set(ImageFolder.METADATA_FILENAMES)
+    return tuple(sorted(
+        str(p) for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() not in known and p.name not in meta
+        and not any(part.startswith((".", "__")) for part in p.relative_to(folder).parts)))
+
+
 def _load_local(path: Path) -> datasets.DatasetDict:
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         loaded = datasets.load_from_disk(str(path))
@@ -70,6 +96,9 @@ def _load_local(path: Path) -> datasets.DatasetDict:
         return datasets.load_dataset("parquet", data_dir=str(path))
     if _is_image_folder(path):
         return datasets.load_dataset("imagefolder", data_dir=str(path))
+    scripts = [path] if path.suffix == ".py" else sorted(path.glob("*.py"))
+    if scripts:
+        raise _script_error(str(path), scripts[0].name)
     raise UserError(f"{path} holds no Parquet files, no saved dataset and no images")
 
 
@@ -87,10 +116,10 @@ def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
     except datasets.exceptions.DatasetNotFoundError:
         raise UserError(f"{cfg.data!r} is neither an existing path nor a hub dataset") from None
     except RuntimeError as err:
+        # datasets >= 4: "Dataset scripts are no longer supported, but found NAME.py"
         if "script" in str(err).lower():
-            raise UserError(f"{cfg.data!r} needs a loading script, which is never run: convert "
-                            "it to Parquet (or find the hub's refs/convert/parquet revision, "
-                            "--revision refs/convert/parquet) and pass that") from None
+            script = str(err).rsplit(" ", 1)[-1] if "found" in str(err) else "a .py file"
+            raise _script_error(cfg.data, script) from None
         raise
     except ValueError as err:
         raise UserError(f"cannot load {cfg.data!r}: {str(err).splitlines()[0]}") from None
@@ -120,6 +149,13 @@ def find_image_column(features: datasets.Features, override: str | None) -> str:
     if override is not None:
         if override not in features:
             raise UserError(f"image column {override!r} not found; columns: {list(features)}")
+        feature = features[override]
+        # An Image feature, or file paths / encoded bytes that cast to one.
+        if not isinstance(feature, datasets.Image) and not (
+                isinstance(feature, datasets.Value) and feature.dtype in ("string", "binary",
+                                                                          "large_string")):
+            raise UserError(f"image column {override!r} has type {feature}: it must hold images "
+                            "(an Image feature, file paths or encoded bytes)")
         return override
     for name, feature in features.items():
         if isinstance(feature, datasets.Image):
@@ -150,7 +186,8 @@ def _class_names(ds: datasets.Dataset, label_column: str | None) -> list[str] | 
     feature = ds.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
-    top = int(max(ds[label_column])) if len(ds) else -1
+    values = [v for v in ds[label_column] if v is not None]
+    top = int(max(values)) if values else -1
     return [str(i) for i in range(top + 1)]
 
 
@@ -205,7 +242,7 @@ def open_splits(cfg: DataConfig, need_eval: bool) -> tuple[Split, Split | None]:
         if need_eval:
             raise UserError(f"{cfg.data} has no label column, so it cannot be evaluated: "
                             "evaluate on a labelled dataset, or name one with --label-column")
-        return _make_split(train_ds, cfg, train_name), None
+        return _with_ignored(_make_split(train_ds, cfg, train_name), cfg), None
     if eval_name is None or eval_name == train_name:
         train_ds, eval_ds = _carve_validation(train_ds, cfg)
         train = _make_split(train_ds, cfg, f"{train_name}[carved train, seed {cfg.split_seed}]")
@@ -215,4 +252,13 @@ def open_splits(cfg: DataConfig, need_eval: bool) -> tuple[Split, Split | None]:
     else:
         train = _make_split(train_ds, cfg, train_name)
         evaluation = _make_split(dd[eval_name], cfg, eval_name)
-    return train, (evaluation if need_eval else None)
+    return _with_ignored(train, cfg), (evaluation if need_eval else None)
+
+
+def _with_ignored(train: Split, cfg: DataConfig) -> Split:
+    """The training split of an image folder, with the folder's non-image files named."""
+    path = Path(os.path.expanduser(cfg.data))
+    if cfg.data == "digits" or not path.is_dir() or (path / "dataset_dict.json").is_file() \
+            or (path / "state.json").is_file() or any(path.rglob("*.parquet")):
+        return train
+    return dataclasses.replace(train, ignored=non_image_files(path))

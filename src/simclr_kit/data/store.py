@@ -3,6 +3,10 @@
 Every image, whatever its mode (L, RGBA, P, CMYK, 16-bit) or EXIF orientation, becomes RGB, is
 resized on its shorter side to S and centre-cropped to a square. Images already S x S are kept
 as they are. Augmentation then works on the device from these bytes, so nothing decodes twice.
+
+Unreadable items (corrupt, truncated or empty files, files that are not images) follow the
+``bad_images`` policy: ``skip`` counts and lists them (:func:`skipped_report`), ``error`` stops at
+the first one, naming it. A split where nothing decodes is always an error.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # allow big photos; refuse decompressi
 class ImageStore:
     """A decoded split: ``images: (N, 3, S, S) uint8``, ``labels: (N,) int64`` or None.
 
-    ``row_ids`` are the rows of the split the images came from (bad rows skipped leave gaps).
+    ``row_ids`` are the rows of the split the images came from (bad rows skipped leave gaps);
+    ``skipped`` holds ``(row, file, reason)`` for each of those rows, and ``(-1, file, reason)``
+    for files of an image folder that are not images and were ignored.
     """
 
     images: Tensor
@@ -43,7 +49,7 @@ class ImageStore:
     row_ids: Tensor
     image_size: int
     provenance: dict = field(default_factory=dict)
-    skipped: list[tuple[int, str]] = field(default_factory=list)
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -57,13 +63,25 @@ def cache_root() -> Path:
     return Path(os.environ.get("SIMCLR_KIT_CACHE", Path.home() / ".cache" / "simclr-kit"))
 
 
+def _wide_range(img: Image.Image, arr: np.ndarray) -> float:
+    """The white level of a 16-bit, 32-bit integer or float image."""
+    if img.mode.startswith("I;16"):
+        return 65535.0  # 16 bits by definition, however dark this image is
+    top = float(arr.max(initial=0))
+    if img.mode == "F" and top <= 1.0:
+        return 1.0
+    return 255.0 if top <= 255 else 65535.0
+
+
 def to_rgb_array(img: Image.Image) -> np.ndarray:
     """Any PIL image -> ``(H, W, 3) uint8`` RGB, EXIF orientation applied."""
-    img = ImageOps.exif_transpose(img)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block should not cost the picture: keep it unrotated
+        img.load()
     if img.mode in _WIDE_MODES:
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8)
+        arr = np.asarray(img, dtype=np.float32)
+        arr = np.clip(arr * (255.0 / _wide_range(img, arr)), 0, 255).round().astype(np.uint8)
         return np.repeat(arr[..., None], 3, axis=2)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -82,6 +100,13 @@ def resize_center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     img = Image.fromarray(arr).resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return np.asarray(img)[top:top + size, left:left + size]
+
+
+def _item_name(item: dict | Image.Image | None) -> str:
+    """The file an image entry came from, when it says ('' for embedded bytes without a name)."""
+    if isinstance(item, dict):
+        return str(item.get("path") or "")
+    return ""
 
 
 def _open(item: dict | Image.Image) -> Image.Image:
@@ -128,83 +153,121 @@ def _labels(split: Split, keep: list[int]) -> Tensor | None:
         return None
     values = split.dataset.select_columns([split.label_column])[split.label_column]
     picked = [values[i] for i in keep]
-    if any(v is None or v < 0 for v in picked):
-        raise UserError(f"split {split.split!r} has rows without a label in "
-                        f"{split.label_column!r}")
+    missing = sum(v is None or v < 0 for v in picked)
+    if missing:  # hub test splits often carry -1 for "no label"
+        raise UserError(f"split {split.split!r} has {missing} of {len(picked)} rows without a "
+                        f"label in {split.label_column!r}: evaluate on a labelled split "
+                        "(--eval-split) or name another --label-column")
     return torch.tensor(picked, dtype=torch.int64)
 
 
 def _cache_path(split: Split, size: int) -> Path | None:
     if not split.dataset.cache_files:  # in-memory datasets have no stable fingerprint
         return None
-    key = f"{split.dataset._fingerprint}|{split.image_column}|{size}|v1"
+    key = f"{split.dataset._fingerprint}|{split.image_column}|{size}|v2"
     return cache_root() / "decoded" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
 
 
+def _bad_image(split: Split, row: int, name: str, reason: str) -> UserError:
+    where = f"row {row} of {split.split!r}" + (f" ({name})" if name else "")
+    return UserError(f"{where} is not a readable image ({reason}); fix or remove it, or pass "
+                     "--bad-images skip to skip such images")
+
+
 def _decode_all(split: Split, size: int, bad_images: str,
-                progress: bool) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+                progress: bool) -> tuple[np.ndarray, list[int], list[tuple[int, str, str]]]:
     raw = _raw_column(split).select_columns([split.image_column])
     n = len(raw)
     out = np.empty((n, size, size, 3), dtype=np.uint8)
     keep: list[int] = []
-    skipped: list[tuple[int, str]] = []
+    skipped: list[tuple[int, str, str]] = []
     rows = tqdm(range(n), desc=f"decoding {split.split}", unit="img", disable=not progress,
                 mininterval=1.0)
     for row in rows:
+        item = None
         try:
-            with _open(raw[row][split.image_column]) as img:
+            item = raw[row][split.image_column]
+            with _open(item) as img:
                 out[len(keep)] = resize_center_crop(to_rgb_array(img), size)
             keep.append(row)
-        except Exception as err:
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        except Exception as err:  # PIL raises many types for bad bytes; each is one bad row
+            text = str(err).splitlines()[0] if str(err).strip() else ""
+            reason = f"{type(err).__name__}: {text}".strip()
             if bad_images == "error":
-                raise UserError(f"row {row} of {split.split!r} is not a readable image "
-                                f"({reason}); use --bad-images skip to skip such rows") from None
-            skipped.append((row, reason))
+                raise _bad_image(split, row, _item_name(item), reason) from None
+            skipped.append((row, _item_name(item), reason))
     if not keep:
-        raise UserError(f"none of the {n} images in {split.split!r} could be decoded "
-                        f"(first problem: {skipped[0][1] if skipped else 'empty split'})")
+        first = f"row {skipped[0][0]} {skipped[0][1]}: {skipped[0][2]}" if skipped else "empty split"
+        raise UserError(f"none of the {n} images in {split.split!r} could be decoded, so there "
+                        f"is nothing to train on (first problem: {first})")
     return out[:len(keep)], keep, skipped
 
 
+def _read_cache(path: Path) -> tuple[np.ndarray, list[int], list[tuple[int, str, str]]] | None:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            skipped = [(int(r), str(p), str(m)) for r, p, m in
+                       zip(f["skipped_rows"], f["skipped_files"], f["skipped_reasons"])]
+            return f["images"], f["rows"].tolist(), skipped
+    except Exception:  # a damaged cache file is only a lost optimisation: decode again
+        return None
+
+
 def decode_split(split: Split, image_size: int | None = None, bad_images: str = "skip",
-                 progress: bool = True) -> ImageStore:
-    """Decode every image of ``split`` once to ``(N, 3, S, S) uint8`` (cached on disk by fingerprint)."""
+                 progress: bool = True, labels: bool = True) -> ImageStore:
+    """Decode every image of ``split`` once to ``(N, 3, S, S) uint8`` (cached on disk by fingerprint).
+
+    ``labels=False`` leaves the labels out (pretraining needs none, so rows without one are fine).
+    """
     size = working_size(split, image_size)
     cache = _cache_path(split, size)
-    if cache is not None and cache.is_file():
-        with np.load(cache) as f:
-            hwc, keep = f["images"], f["rows"].tolist()
-            skipped = [(int(r), str(m)) for r, m in zip(f["skipped_rows"], f["skipped_reasons"])]
+    cached = _read_cache(cache) if cache is not None and cache.is_file() else None
+    if cached is not None:
+        hwc, keep, skipped = cached
     else:
         hwc, keep, skipped = _decode_all(split, size, bad_images, progress)
         if cache is not None:
             _write_cache(cache, hwc, keep, skipped)
     if skipped and bad_images == "error":
-        raise UserError(f"row {skipped[0][0]} of {split.split!r} is not a readable image "
-                        f"({skipped[0][1]})")
+        raise _bad_image(split, *skipped[0])
+    provenance = dict(split.provenance, image_size=size, skipped=len(skipped),
+                      ignored=len(split.ignored))
+    skipped = skipped + [(-1, name, "not an image file (by its suffix): ignored")
+                         for name in split.ignored]
     images = torch.from_numpy(np.ascontiguousarray(hwc)).permute(0, 3, 1, 2).contiguous()
-    return ImageStore(images=images, labels=_labels(split, keep), class_names=split.class_names,
-                      row_ids=torch.tensor(keep, dtype=torch.int64), image_size=size,
-                      provenance=dict(split.provenance, image_size=size, skipped=len(skipped)),
-                      skipped=skipped)
+    return ImageStore(images=images, labels=_labels(split, keep) if labels else None,
+                      class_names=split.class_names, row_ids=torch.tensor(keep, dtype=torch.int64),
+                      image_size=size, provenance=provenance, skipped=skipped)
 
 
 def _write_cache(path: Path, hwc: np.ndarray, keep: list[int],
-                 skipped: list[tuple[int, str]]) -> None:
+                 skipped: list[tuple[int, str, str]]) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
         np.savez(tmp, images=hwc, rows=np.asarray(keep, dtype=np.int64),
-                 skipped_rows=np.asarray([r for r, _ in skipped], dtype=np.int64),
-                 skipped_reasons=np.asarray([m for _, m in skipped], dtype=str))
+                 skipped_rows=np.asarray([r for r, _, _ in skipped], dtype=np.int64),
+                 skipped_files=np.asarray([p for _, p, _ in skipped], dtype=str),
+                 skipped_reasons=np.asarray([m for _, _, m in skipped], dtype=str))
         os.replace(tmp, path)
-    except OSError:
-        pass  # the cache is an optimisation: a read-only or full disk must not stop a run
+    except OSError:  # the cache is an optimisation: a read-only or full disk must not stop a run
+        tmp.unlink(missing_ok=True)
 
 
 def skipped_summary(store: ImageStore) -> str:
-    """One line: how many rows were skipped and the commonest reasons."""
-    reasons = Counter(m.split(":")[0] for _, m in store.skipped)
-    common = ", ".join(f"{k} x{v}" for k, v in reasons.most_common(3))
-    return f"skipped {len(store.skipped)} unreadable image(s) in {store.provenance.get('split')} ({common})"
+    """One line: how many rows were skipped, the commonest reasons, how many files were ignored."""
+    bad = [m for r, _, m in store.skipped if r >= 0]
+    ignored = len(store.skipped) - len(bad)
+    common = ", ".join(f"{k} x{v}" for k, v in Counter(m.split(":")[0] for m in bad).most_common(3))
+    parts = [f"skipped {len(bad)} unreadable image(s) in {store.provenance.get('split')!r} "
+             f"({common}), kept {len(store)}"] if bad else []
+    if ignored:
+        parts.append(f"ignored {ignored} file(s) that are not images")
+    return "; ".join(parts)
+
+
+def skipped_report(store: ImageStore) -> str:
+    """Tab-separated lines ``row, file, reason`` of every skipped or ignored item, with a header."""
+    lines = ["row\tfile\treason"]
+    lines += [f"{r}\t{p}\t{m}".replace("\n", " ") for r, p, m in store.skipped]
+    return "\n".join(lines) + "\n"
