@@ -30,7 +30,7 @@ from torch import Tensor
 
 from simclr_kit import distributed, training
 from simclr_kit.augment import SimCLRAugment, channel_stats
-from simclr_kit.config import AugmentConfig, PretrainConfig
+from simclr_kit.config import PretrainConfig
 from simclr_kit.data.store import ImageStore
 from simclr_kit.errors import UserError
 from simclr_kit.loss import nt_xent
