@@ -21,7 +21,8 @@ batch draw one setting for the whole batch, pytorch/vision#8484; here every samp
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -44,12 +45,11 @@ _GRAY, _BLUR, _SIGMA, _SOLAR = 2 * _TRIES + 12, 2 * _TRIES + 13, 2 * _TRIES + 14
 _SLOTS = 2 * _TRIES + 16
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3  # op ids in ``params["order"]``
-_CPU_CHUNK = 128  # samples per chunk on CPU: 0.4 MB per channel plane at 32 px stays in cache
+_CPU_CHUNK_PIXELS = 128 * 32 * 32  # output pixels per CPU chunk: 0.5 MB per float plane
 
 
 def _signed(value: int) -> int:
-    value &= _M64
-    return value - (1 << 64) if value >= 1 << 63 else value
+    return (value & _M64) - (1 << 64) if value & (1 << 63) else value & _M64
 
 
 def _mix_int(value: int) -> int:
@@ -135,8 +135,8 @@ def _resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) 
     size = length.to(torch.float32)[:, None, None]
     scale = size / out_size
     centre = scale * (torch.arange(out_size, device=dev, dtype=torch.float32)[None, :, None] + 0.5)
-    pos = (torch.arange(in_size, device=dev)[None, None, :] - start[:, None, None]).to(torch.float32)
-    pos = pos + 0.5  # pixel centres in box coordinates
+    pos = torch.arange(in_size, device=dev)[None, None, :] - start[:, None, None]
+    pos = pos.to(torch.float32) + 0.5  # pixel centres in box coordinates
     weight = (1.0 - (pos - centre).abs_() / scale.clamp(min=1.0)).clamp_(min=0.0)
     weight = weight.mul_((pos > 0) & (pos < size))
     return weight.div_(weight.sum(dim=2, keepdim=True))
@@ -154,7 +154,8 @@ def _crop_resize(images: Tensor, box: Tensor, flip: Tensor, size: int) -> Tensor
     wy = _resize_weights(box[:, 0], box[:, 2], height, size)
     wx = _resize_weights(box[:, 1], box[:, 3], width, size)
     wx = torch.where(flip[:, None, None], wx.flip(1), wx).mul_(1.0 / 255.0)
-    x = torch.bmm(images.to(torch.float32).view(n, c * height, width), wx.transpose(1, 2))
+    x = images.to(torch.float32, memory_format=torch.contiguous_format).view(n, c * height, width)
+    x = torch.bmm(x, wx.transpose(1, 2))
     # Channels folded into the batch keep both products plain bmm calls, with no transposed copies.
     x = torch.bmm(wy.repeat_interleave(c, dim=0), x.view(n * c, height, size))
     return x.view(n, c, size, size)
@@ -198,16 +199,15 @@ def _adjust_hue_(x: Tensor, shift: Tensor, on: Tensor) -> Tensor:
     hue6 = hue6.add_(is_g.mul_(-2.0).add_(4.0).mul_(is_r.neg_().add_(1.0)))
     hue6 = hue6.add_(6.0 * shift[:, None])
     hue6 = hue6.sub_(torch.floor(hue6 * (1.0 / 6.0)).mul_(6.0))  # into [0, 6)
-    on = on.to(x.dtype)[:, None]
-    for c, offset in enumerate((3.0, 1.0, -1.0)):
-        # y in [-1, 9): its distance to the nearest multiple of 6 is | 3 - | |y| - 3 | |.
-        ramp = (hue6 + offset).abs_().sub_(3.0).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
-        x[:, c].lerp_(ramp.mul_(chroma).add_(bottom), on)
-    return x
+    offset = torch.arange(3.0, -2.0, -2.0, device=x.device, dtype=x.dtype)[None, :, None]
+    # y = 6 h + n - 2 lies in [-1, 9): its distance to the nearest multiple of 6 is |3 - ||y| - 3||.
+    ramp = (hue6[:, None, :] + offset).abs_().sub_(3.0).abs_().sub_(3.0).abs_()
+    rgb = ramp.sub_(1.0).clamp_(0.0, 1.0).mul_(chroma[:, None, :]).add_(bottom[:, None, :])
+    return x.lerp_(rgb, on.to(x.dtype)[:, None, None])
 
 
 def _color_jitter_(x: Tensor, params: dict[str, Tensor], hue: bool) -> Tensor:
-    """ColorJitter with a per-sample random order and no per-sample branches, in place: ``(N, 3, P)``.
+    """ColorJitter, random order per sample, without per-sample branches; in place on ``(N, 3, P)``.
 
     Hue, the costly op, runs once for the whole batch. The blends a sample applies before its hue
     fill three slots before the hue step (right-aligned), those after it three slots after (left-
@@ -264,6 +264,24 @@ def _normalize_(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tenso
     return x
 
 
+def _on_cpu_chunks(work: Callable[[slice], None], n: int, size: int) -> None:
+    """Run ``work`` on slices of the batch of ``n`` views of side ``size``, on worker threads.
+
+    On CPU, fresh full-batch buffers cost more (page faults) than the arithmetic filling them, and
+    per-op OpenMP barriers stall whenever another process holds a core; cache-sized chunks on one
+    thread each avoid both. Samples never interact, so the results do not depend on the chunking.
+    """
+    chunk = max(1, _CPU_CHUNK_PIXELS // (size * size))
+
+    def run(start: int) -> None:
+        torch.set_num_threads(1)  # this worker thread only; the caller's setting is untouched
+        work(slice(start, start + chunk))
+
+    starts = range(0, n, chunk)
+    with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(starts)))) as pool:
+        list(pool.map(run, starts))
+
+
 class SimCLRAugment:
     """Two SimCLR views per image, computed in batches on the images' device.
 
@@ -298,11 +316,26 @@ class SimCLRAugment:
             raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} "
                              f"{tuple(images.shape)}")
         if indices.shape != images.shape[:1]:
-            raise ValueError(f"expected indices of shape ({len(images)},), got {tuple(indices.shape)}")
-        # Both views in one pass: half the kernel launches per view.
-        params = self._sample(indices.to(images.device), epoch, (0, 1), *images.shape[2:])
-        both = self.apply(torch.cat([images, images]), params)
-        return both[: len(images)], both[len(images):]
+            raise ValueError(f"expected indices of shape ({len(images)},), "
+                             f"got {tuple(indices.shape)}")
+        indices = indices.to(images.device, non_blocking=True)  # staged: no wait on the GPU
+        n, size = len(images), self.image_size
+        if images.device.type != "cpu":
+            both = self._views(images, indices, epoch)
+            return both[:n], both[n:]
+        first, second = (torch.empty((n, 3, size, size)) for _ in range(2))
+
+        def chunk(part: slice) -> None:
+            both = self._views(images[part], indices[part], epoch)
+            first[part], second[part] = both.chunk(2)
+
+        _on_cpu_chunks(chunk, n, size)
+        return first, second
+
+    def _views(self, images: Tensor, indices: Tensor, epoch: int) -> Tensor:
+        """Views 0 and 1 stacked, ``(2B, 3, S, S)``: one pass halves the launches per view."""
+        params = self._sample(indices, epoch, (0, 1), *images.shape[2:])
+        return self._apply(torch.cat([images, images]), params)
 
     def sample_params(self, indices: Tensor, epoch: int, view: int, height: int,
                       width: int) -> dict[str, Tensor]:
@@ -310,9 +343,9 @@ class SimCLRAugment:
 
         Returns ``crop (N, 4)`` int64 boxes (top, left, height, width); bool ``(N,)`` flags
         ``flip``, ``jitter``, ``grayscale``, ``blur``, ``solarize``; float32 ``(N,)`` factors
-        ``brightness``, ``contrast``, ``saturation`` (uniform in torchvision's [max(0, 1 - x), 1 + x]),
-        ``hue`` ([-x, x]) and blur ``sigma``; ``order (N, 4)`` int64, the jitter ops (0 brightness,
-        1 contrast, 2 saturation, 3 hue) in the order they are applied.
+        ``brightness``, ``contrast``, ``saturation`` (uniform in torchvision's range
+        [max(0, 1 - x), 1 + x]), ``hue`` ([-x, x]) and blur ``sigma``; ``order (N, 4)`` int64, the
+        jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in the order they are applied.
         """
         return self._sample(indices, epoch, (view,), height, width)
 
@@ -335,7 +368,7 @@ class SimCLRAugment:
         return params
 
     def apply(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """One view per image from given parameters: uint8 ``(N, 3, H, W)`` -> float32 ``(N, 3, S, S)``.
+        """One view per image from parameters: uint8 ``(N, 3, H, W)`` -> float32 ``(N, 3, S, S)``.
 
         Deterministic given ``params`` (as from :meth:`sample_params`). Operations whose configured
         probability (or jitter range) is 0 are skipped, whatever their flags say.
@@ -343,12 +376,12 @@ class SimCLRAugment:
         p = {k: v.to(images.device) for k, v in params.items()}
         if images.device.type != "cpu":
             return self._apply(images, p)
-        # On CPU fresh full-batch buffers cost more (page faults) than the arithmetic that fills
-        # them; cache-sized chunks run ~4x faster. Samples never interact, so results are the same.
         out = torch.empty((len(images), 3, self.image_size, self.image_size))
-        for start in range(0, len(images), _CPU_CHUNK):
-            part = slice(start, start + _CPU_CHUNK)
+
+        def chunk(part: slice) -> None:
             out[part] = self._apply(images[part], {k: v[part] for k, v in p.items()})
+
+        _on_cpu_chunks(chunk, len(images), self.image_size)
         return out
 
     def _apply(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:
@@ -370,7 +403,7 @@ class SimCLRAugment:
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Evaluation input, no augmentation: uint8 ``(B, 3, H, W)`` -> float32 ``(x/255 - mean)/std``."""
+    """Evaluation input: uint8 ``(B, 3, H, W)`` -> float32 ``(x/255 - mean) / std``, unaugmented."""
     return _normalize_(images.to(torch.float32).div_(255.0), mean, std)
 
 
@@ -378,25 +411,26 @@ def channel_stats(images: Tensor, batch_size: int = 4096
                   ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Per-channel mean and (population) std of uint8 ``(N, 3, H, W)`` images on the [0, 1] scale.
 
-    Sums of x and x^2 accumulate in float64 chunk by chunk, exact for 0-255 integers up to 2^53:
-    the result does not depend on ``batch_size``, and memory stays at one chunk.
+    Chunks of ``batch_size`` images are counted into per-channel 256-bin histograms (exact), from
+    which the moments follow in float64, the variance around the mean (no cancellation). Memory
+    stays at one chunk and the result does not depend on ``batch_size``.
     """
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:
         raise ValueError(f"expected a non-empty (N, 3, H, W) batch, got {tuple(images.shape)}")
-    total = torch.zeros(3, dtype=torch.float64, device=images.device)
-    squares = torch.zeros_like(total)
+    counts = torch.zeros(3, 256, dtype=torch.float64, device=images.device)
     for chunk in images.split(batch_size):
-        x = chunk.to(torch.float64).transpose(0, 1).reshape(3, -1)
-        total += x.sum(dim=1)
-        squares += x.square().sum(dim=1)
-    count = images.numel() // 3
-    mean = total / count
-    std = (squares / count - mean.square()).clamp(min=0.0).sqrt()
-    m, s = (mean / 255.0).tolist(), (std / 255.0).tolist()
+        for c in range(3):
+            counts[c] += torch.bincount(chunk[:, c].reshape(-1), minlength=256).to(torch.float64)
+    values = torch.arange(256, dtype=torch.float64, device=images.device) / 255.0
+    total = counts.sum(dim=1)
+    mean = (counts * values).sum(dim=1) / total
+    std = ((counts * (values - mean[:, None]).square()).sum(dim=1) / total).sqrt()
+    m, s = mean.tolist(), std.tolist()
     return (m[0], m[1], m[2]), (s[0], s[1], s[2])
 
 
-def save_view_grid(images: Tensor, augment: SimCLRAugment, path: str | Path, epoch: int = 0) -> None:
+def save_view_grid(images: Tensor, augment: SimCLRAugment, path: str | Path,
+                   epoch: int = 0) -> None:
     """Write a PNG with one row per image: the original, view 1 and view 2 (de-normalised).
 
     ``images``: uint8 ``(B, 3, H, W)``; their sample indices are taken as 0..B-1.
