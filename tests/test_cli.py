@@ -145,3 +145,12 @@ def test_pretrain_from_init_weights(run, data, tmp_path):
                  "--init", str(run), *TINY]) == 0
     meta = json.loads(next((out / "checkpoints").glob("epoch-*/model.json")).read_text())
     assert meta["init_from"].endswith("model.safetensors") and meta["stem"] == "cifar"
+
+
+def test_show_augment_writes_a_grid(data, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    assert main(["show-augment", "--data", str(data), "--out", str(out), "--count", "3"]) == 0
+    with Image.open(out) as img:
+        assert img.height > img.width  # 3 rows of (original, view 1, view 2)

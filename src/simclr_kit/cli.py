@@ -44,8 +44,9 @@ def _bool(text: str) -> bool:
 DATA_FLAGS = [
     ("--data", "data.data", str, "images: 'digits' (embedded), a hub id, a save_to_disk folder, "
      "a Parquet folder or glob, or an image folder"),
-    ("--data-config", "data.data_config", str, "hub dataset configuration name"),
-    ("--revision", "data.revision", str, "hub dataset revision (branch, tag or commit)"),
+    ("--data-config", "data.data_config", str, "hub dataset configuration name (default: none)"),
+    ("--revision", "data.revision", str,
+     "hub dataset revision: branch, tag or commit (default: the main branch)"),
     ("--train-split", "data.train_split", str, "split to train on (default: 'train' or the only split)"),
     ("--eval-split", "data.eval_split", str,
      "split to evaluate on (default: 'validation', else 'test', else a stratified part of train)"),
@@ -83,8 +84,9 @@ PRETRAIN_FLAGS = [
     ("--device", "device", str, "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'mps' "
      f"(default: {P.device})"),
     ("--precision", "precision", str, "'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'fp32', "
-     "'bf16', 'fp16'"),
-    ("--compile", "compile", _bool, f"torch.compile the model (default: {P.compile})"),
+     "'bf16', 'fp16' (default: auto)"),
+    ("--compile", "compile", _bool, "torch.compile the model; the first step then takes up to "
+     "a minute longer (default: on with CUDA and Triton, off elsewhere)"),
     ("--channels-last", "channels_last", _bool, f"channels_last memory format (default: {P.channels_last})"),
     ("--sync-bn", "sync_bn", _bool, f"SyncBatchNorm across GPUs under torchrun (default: {P.sync_bn})"),
     ("--seed", "seed", int, f"seed of weights, order and augmentation (default: {P.seed})"),
@@ -98,8 +100,15 @@ PRETRAIN_FLAGS = [
      f"stopping (default: {P.allow_smaller_batch})"),
     ("--log-every", "log_every", int, f"steps between metric lines (default: {P.log_every})"),
     ("--monitor-knn", "monitor_knn", int, "run the kNN protocol every N epochs (default: 0, off)"),
-    ("--time-budget", "time_budget", float, "minutes: fit the epochs and schedule to this budget"),
-    ("--deterministic", "deterministic", _bool, "deterministic algorithms (slower)"),
+    ("--time-budget", "time_budget", float,
+     "minutes of training (data decoding and evaluation not counted): the first steps are "
+     "timed, then the epochs and the schedule are set to end inside it, replacing --epochs "
+     "(default: off)"),
+    ("--deterministic", "deterministic", _bool, "deterministic algorithms, slower "
+     f"(default: {P.deterministic})"),
+    ("--logger", "loggers", _csv(str), "comma list of tensorboard, wandb, mlflow: copies of the "
+     "metrics for those tools (metrics.jsonl is always written; each needs its library, e.g. "
+     "pip install 'simclr-kit[tensorboard]') (default: none)"),
     ("--crop-scale-min", "augment.crop_scale_min", float,
      f"smallest crop area fraction (default: {A.crop_scale_min})"),
     ("--flip-p", "augment.flip_p", float, f"horizontal flip probability (default: {A.flip_p})"),
@@ -117,7 +126,8 @@ EVAL_FLAGS = [
     ("--linear-lr", "linear_lr", float, f"linear probe Adam rate (default: {E.linear_lr})"),
     ("--linear-batch-size", "linear_batch_size", int, f"(default: {E.linear_batch_size})"),
     ("--linear-weight-decay", "linear_weight_decay", float, f"(default: {E.linear_weight_decay})"),
-    ("--baseline", "baselines", _csv(str), "also evaluate 'random' and/or 'imagenet' encoders"),
+    ("--baseline", "baselines", _csv(str), "also evaluate 'random' and/or 'imagenet' encoders "
+     "under the same protocols (default: none for evaluate, random for run)"),
     ("--eval-batch-size", "batch_size", int, f"feature extraction batch (default: {E.batch_size})"),
     ("--eval-seed", "seed", int, f"seed of the probes (default: {E.seed})"),
 ]
@@ -137,7 +147,8 @@ CLASSIFIER_FLAGS = [
 def _add(parser: argparse.ArgumentParser, flags: list, title: str) -> None:
     group = parser.add_argument_group(title)
     for flag, path, kind, text in flags:
-        group.add_argument(flag, dest=path, type=kind, default=None, help=text)
+        group.add_argument(flag, dest=path, type=kind, default=None, help=text,
+                           metavar=flag.lstrip("-").replace("-", "_").upper())
 
 
 def _overrides(args: argparse.Namespace, flags: list) -> dict[str, Any]:
@@ -216,7 +227,7 @@ def _resume_config(args: argparse.Namespace) -> PretrainConfig:
         raise UserError("--config cannot be combined with --resume: a run continues with the "
                         f"config it started with ({saved_file})")
     allowed = {"epochs", "device", "progress", "log_every", "checkpoint_every",
-               "checkpoint_every_steps"}
+               "checkpoint_every_steps", "loggers"}
     saved = load_yaml(saved_file)
     given = _overrides(args, DATA_FLAGS + PRETRAIN_FLAGS)
     flag_of = {path: flag for flag, path, _, _ in DATA_FLAGS + PRETRAIN_FLAGS}
@@ -238,9 +249,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = pretrain_config(args)
     eval_cfg = from_dict(EvalConfig, merge({"baselines": ("random",)}, _overrides(args, EVAL_FLAGS)),
                          "eval")
-    run_dir = pretrain(cfg)
+    run_dir = pretrain(cfg, report=False)
     result = evaluate(run_dir, cfg.data, eval_cfg, device=cfg.device, progress=cfg.progress)
     _print_result_table(result)
+    from simclr_kit import distributed
+    from simclr_kit.report.html import write_report_safely
+
+    if distributed.is_main():
+        report = write_report_safely(run_dir, data=cfg.data, device=cfg.device,
+                                     progress=cfg.progress)
+        if report is not None:
+            print(f"report written to {report}")
     return 0
 
 
@@ -276,19 +295,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show_augment(args: argparse.Namespace) -> int:
+    from simclr_kit.report.views import show_augment
+
+    out = show_augment(pretrain_config(args), args.out, args.count, args.epoch)
+    print(f"{args.count} images and their two views saved to {out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from simclr_kit.encoder import export_backbone
 
     out = export_backbone(args.checkpoint, args.output, args.backbone)
     print(f"backbone exported to {out} (metadata in {out.with_suffix('.json')})")
     return 0
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage mistakes are user errors too: one line on stderr and exit 2, not a usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def cmd_check_distributed(args: argparse.Namespace) -> int:
@@ -300,6 +320,39 @@ def cmd_check_distributed(args: argparse.Namespace) -> int:
                                    sync_bn=args.sync_bn, gather=args.gather))
     print(result.report())
     return 0 if result.passed else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from simclr_kit.report.html import write_report
+
+    given = _overrides(args, DATA_FLAGS).get("data")  # on top of the run's own data config
+    path = write_report(args.run_dir, given,
+                        embeddings=args.embeddings, device=args.device,
+                        max_points=args.max_points, progress=True)
+    print(f"report written to {path}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from simclr_kit.embed import embed
+
+    if getattr(args, "data.data") is None:
+        raise UserError("--data is required: the dataset whose images to embed")
+    cfg = dataclasses.replace(data_config(args), train_split=args.split)
+    emb = embed(args.checkpoint, cfg, args.out, args.format, args.projections, args.device,
+                args.batch_size)
+    shapes = f"features {tuple(emb.features.shape)}" + (
+        f", projections {tuple(emb.projections.shape)}" if emb.projections is not None else "")
+    print(f"{len(emb.ids)} embeddings of split {emb.meta['split']!r} ({shapes}) written to "
+          f"{args.out}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are user errors too: one line on stderr and exit 2, not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,13 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", cmd_run, "pretrain, then evaluate (linear probe and kNN) next to a "
                 "random-init encoder; with no --data, the embedded digits demo")
-    p.add_argument("--config", help="YAML file of pretraining fields; flags override it")
+    p.add_argument("--config", help="YAML file of pretraining fields; flags override it "
+                   "(default: the digits recipe when --data is digits or absent)")
     _add(p, DATA_FLAGS, "data")
     _add(p, PRETRAIN_FLAGS, "pretraining")
     _add(p, EVAL_FLAGS, "evaluation")
 
     p = command("pretrain", cmd_pretrain, "SimCLR pretraining; writes a run directory")
-    p.add_argument("--config", help="YAML file of pretraining fields; flags override it")
+    p.add_argument("--config", help="YAML file of pretraining fields; flags override it "
+                   "(default: the digits recipe when --data is digits or absent)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     _add(p, DATA_FLAGS, "data")
     _add(p, PRETRAIN_FLAGS, "pretraining")
@@ -335,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("evaluate", cmd_evaluate, "evaluate an encoder with standard protocols")
     p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
     p.add_argument("--out", help="results folder (default: the run directory)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     _add(p, DATA_FLAGS, "data")
     _add(p, EVAL_FLAGS, "evaluation")
 
@@ -343,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "train a classifier head on the extracted backbone (frozen, or --finetune)")
     p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
     p.add_argument("--out", required=True, help="folder for the classifier")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     _add(p, DATA_FLAGS, "data")
     _add(p, CLASSIFIER_FLAGS, "classifier")
 
@@ -352,15 +407,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV file: id, predicted, probability")
     p.add_argument("--split", help="dataset split to predict (default: the only split, else "
                    "'test', else 'train')")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     _add(p, [f for f in DATA_FLAGS if f[0] in ("--data", "--data-config", "--revision",
                                                 "--image-column", "--bad-images")],
          "data (an image file, folder or glob is also accepted)")
+
+    p = command("show-augment", cmd_show_augment,
+                "save a PNG grid of images next to their two augmented views")
+    p.add_argument("--out", default="augment.png", help="PNG file (default: augment.png)")
+    p.add_argument("--count", type=int, default=8, help="images to show (default: 8)")
+    p.add_argument("--epoch", type=int, default=0, help="epoch whose views to draw (default: 0)")
+    p.add_argument("--config", help="YAML file of pretraining fields; flags override it")
+    _add(p, DATA_FLAGS, "data")
+    _add(p, [f for f in PRETRAIN_FLAGS if f[1].startswith("augment.") or f[1] == "seed"],
+         "augmentation")
 
     p = command("export", cmd_export, "write the backbone alone as torchvision-loadable safetensors")
     p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
     p.add_argument("output", help="OUT.safetensors")
     p.add_argument("--backbone", help="architecture of a foreign weights file (default: resnet18)")
+
+    p = command("embed", cmd_embed, "write backbone features (and optionally projections) of "
+                "every image of a split, with row ids and labels, to Parquet or .npy")
+    p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
+    p.add_argument("--out", required=True, help="OUT.parquet, or OUT.npy with --format npy "
+                   "(then OUT.ids.npy, OUT.labels.npy and OUT.json are written beside it)")
+    p.add_argument("--format", choices=("parquet", "npy"),
+                   help="file format (default: from the --out suffix, else parquet)")
+    p.add_argument("--projections", action="store_true",
+                   help="also the projection head's outputs (needs a pretraining checkpoint, "
+                   "not an exported backbone) (default: off)")
+    p.add_argument("--split", help="split to embed, every row (default: 'train', else the "
+                   "only split)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass "
+                   "(default: 256)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    _add(p, [f for f in DATA_FLAGS if f[0] in ("--data", "--data-config", "--revision",
+                                                "--image-column", "--label-column",
+                                                "--bad-images")], "data")
+
+    p = command("report", cmd_report, "write RUN/report.html: config, hardware and time, "
+                "curves, evaluation, confusion matrix, augmented views, embedding map, "
+                "retrieval; one self-contained file")
+    p.add_argument("run_dir", metavar="RUN", help="run directory")
+    p.add_argument("--embeddings", type=_bool, default=True,
+                   help="compute the sections that embed both splits (confusion matrix, "
+                   "embedding map, retrieval); false is quick (default: true)")
+    p.add_argument("--max-points", type=int, default=1000, help="evaluation images on the "
+                   "t-SNE map, a stratified sample (default: 1000)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    _add(p, DATA_FLAGS, "data (default: the dataset in the run's config.yaml)")
 
     p = command("check-distributed", cmd_check_distributed,
                 "check on this machine that N processes x batch B/N train like 1 process x "
