@@ -151,6 +151,6 @@ def test_show_augment_writes_a_grid(data, tmp_path):
     from PIL import Image
 
     out = tmp_path / "grid.png"
-    assert main(["show-augment", "--data", str(data), "--out", str(out), "--count", "3"]) == 0
+    assert main(["show-augment", "--data", str(data), "--out", str(out), "--count", "4"]) == 0
     with Image.open(out) as img:
-        assert img.height > img.width  # 3 rows of (original, view 1, view 2)
+        assert img.height > img.width  # 4 rows of (original, view 1, view 2)
