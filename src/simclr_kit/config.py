@@ -190,6 +190,7 @@ class PretrainConfig:
     time_budget: float | None = None
     deterministic: bool = False
     progress: bool = True
+    loggers: tuple[str, ...] = ()
     allow_smaller_batch: bool = False
 
     def __post_init__(self) -> None:
@@ -223,8 +224,10 @@ class PretrainConfig:
         _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                "device", "'auto', 'cpu', 'cuda[:N]' or 'mps'", self.device)
         from simclr_kit.models import check_backbone_name
+        from simclr_kit.report.loggers import check_loggers
 
         check_backbone_name(self.backbone)
+        check_loggers(self.loggers)  # a missing library fails now, not after data decoding
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,9 @@ from simclr_kit.errors import UserError
 from simclr_kit.loss import nt_xent
 from simclr_kit.models import SimCLR, build_simclr, feature_dim, resolve_stem
 from simclr_kit.optim import build_optimizer, effective_lr, set_lr, warmup_cosine
+from simclr_kit.report.loggers import open_loggers
 from simclr_kit.report.metrics import MetricsLog
+from simclr_kit.report.system import hardware_info, peak_memory_mb
 
 
 ROLLING_CHECKPOINT_SECONDS = 300.0
@@ -204,7 +206,9 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
         "dataset": store.provenance, "config": to_dict(cfg), "package_version": __version__,
         **{k: v for k, v in init_meta.items() if k != "stem"},
     }
-    log = MetricsLog(run_dir / "metrics.jsonl" if distributed.is_main() else None)
+    is_main = distributed.is_main()
+    log = MetricsLog(run_dir / "metrics.jsonl" if is_main else None,
+                     open_loggers(cfg.loggers, run_dir, to_dict(cfg)) if is_main else None)
     trainer = Trainer(cfg, run_dir, device, store, eval_store, _place_images(store, device),
                       model, ddp_model, SimCLRAugment(cfg.augment, store.image_size, mean, std,
                                                       cfg.seed),
@@ -224,7 +228,7 @@ def _write_run_files(t: Trainer) -> None:
     t.log.write("run", device=str(t.device), world_size=distributed.world_size(),
                 images=len(t.store), image_size=t.store.image_size, effective_lr=t.base_lr,
                 steps_per_epoch=t.steps_per_epoch, dataset=t.store.provenance,
-                version=__version__)
+                version=__version__, hardware=hardware_info(t.device))
 
 
 _STATE_KEYS = ("optimizer", "epoch", "step_in_epoch", "global_step", "rng_cpu")
@@ -257,7 +261,8 @@ def _restore(t: Trainer) -> None:
     torch.set_rng_state(state["rng_cpu"])
     if t.device.type == "cuda" and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"], t.device)
-    t.log.write("resume", epoch=t.epoch, step_in_epoch=t.step_in_epoch, checkpoint=ckpt.name)
+    t.log.write("resume", epoch=t.epoch, step_in_epoch=t.step_in_epoch, checkpoint=ckpt.name,
+                hardware=hardware_info(t.device))
 
 
 class NonFiniteLoss(UserError):
@@ -424,7 +429,8 @@ class Interrupted(Exception):
 def fit(t: Trainer) -> Path:
     """Train to ``t.total_epochs``, checkpointing every ``checkpoint_every`` epochs and at the end."""
     restore = _install_signal_handlers(t)
-    t.last_save = time.monotonic()
+    t.last_save = started = time.monotonic()
+    first_step = t.global_step
     bar = None
     if t.config.progress and distributed.is_main():
         bar = tqdm(total=t.total_epochs * t.steps_per_epoch, initial=t.global_step, unit="step",
@@ -448,7 +454,11 @@ def fit(t: Trainer) -> Path:
             if t.epoch < t.total_epochs and (kept or _rolling_due(t, sync_point=True)):
                 save(t, keep=kept)
         final = save(t, keep=True)
-        t.log.write("done", epoch=t.epoch, step=t.global_step)
+        seconds = time.monotonic() - started  # this session: a resumed run logs one per session
+        t.log.write("done", epoch=t.epoch, step=t.global_step, wall_s=round(seconds, 2),
+                    images_per_s=round((t.global_step - first_step) * t.config.batch_size
+                                       / max(seconds, 1e-9), 1),
+                    peak_memory_mb=peak_memory_mb(t.device))
         return final or t.run_dir
     finally:
         if bar is not None:
@@ -456,8 +466,20 @@ def fit(t: Trainer) -> Path:
         restore()
 
 
-def pretrain(config: PretrainConfig, resume: str | Path | None = None) -> Path:
-    """Pretrain (or resume) a SimCLR encoder; returns the run directory."""
+def pretrain(config: PretrainConfig, resume: str | Path | None = None,
+             report: bool = True) -> Path:
+    """Pretrain (or resume) a SimCLR encoder; returns the run directory.
+
+    ``report``: write ``RUN/report.html`` at the end with the sections that need no forward
+    passes over the data (``simclr report RUN`` adds the embedding sections).
+    """
     trainer = prepare(config, Path(resume) if resume is not None else None)
-    fit(trainer)
+    try:
+        fit(trainer)
+    finally:
+        trainer.log.close()
+    if report and distributed.is_main():
+        from simclr_kit.report.html import write_report_safely
+
+        write_report_safely(trainer.run_dir, embeddings=False)
     return trainer.run_dir

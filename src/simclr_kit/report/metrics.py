@@ -6,14 +6,21 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from simclr_kit.report.loggers import MetricSink
 
 
 class MetricsLog:
-    """Append-only JSONL writer; a no-op on ranks other than 0 (``path=None``)."""
+    """Append-only JSONL writer; a no-op on ranks other than 0 (``path=None``).
 
-    def __init__(self, path: Path | None) -> None:
+    Every record also goes to the ``sinks`` (TensorBoard, wandb, MLflow: see ``loggers.py``).
+    """
+
+    def __init__(self, path: Path | None, sinks: list[MetricSink] | None = None) -> None:
         self.path = path
+        self.sinks = list(sinks or [])
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -27,6 +34,14 @@ class MetricsLog:
             record[key] = value
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(kind, record)
+
+    def close(self) -> None:
+        """Flush and close the sinks (the JSONL file is closed after every record)."""
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

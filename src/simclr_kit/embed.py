@@ -1,0 +1,198 @@
+"""Embeddings of a dataset split to a file: backbone features (and optionally projections).
+
+Parquet (default): one row per image with columns ``split`` (str), ``id`` (int64: the row of the
+split the image came from; stable across runs, gaps where unreadable rows were skipped),
+``label`` (int64) and ``class_name`` (str) when the split is labelled, ``feature``
+(fixed-size list of float32, length ``feature_dim``) and, with projections, ``projection``
+(length ``projection_dim``). The checkpoint and dataset provenance sit in the schema metadata
+under the key ``simclr_kit``.
+
+NumPy (``--format npy``, ``OUT.npy``): ``OUT.npy`` holds the features ``(N, feature_dim)``
+float32, ``OUT.ids.npy`` the ids ``(N,)`` int64, ``OUT.labels.npy`` the labels ``(N,)`` int64
+when present, ``OUT.projections.npy`` ``(N, projection_dim)`` when asked for, and ``OUT.json``
+the metadata (class names, split, checkpoint, shapes).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from simclr_kit.augment import normalize
+from simclr_kit.checkpoint import atomic_write_text
+from simclr_kit.config import DataConfig
+from simclr_kit.data.sources import Split, find_image_column, find_label_column, open_source
+from simclr_kit.data.store import ImageStore, decode_split
+from simclr_kit.devices import resolve_device
+from simclr_kit.encoder import Encoder, Weights, encoder_from_weights, read_weights
+from simclr_kit.errors import UserError
+from simclr_kit.models import ProjectionHead
+
+FORMATS = ("parquet", "npy")
+
+
+@dataclass
+class Embeddings:
+    """``features: (N, D)`` float32, ``projections: (N, P)`` or None, ids/labels ``(N,)`` int64."""
+
+    features: Tensor
+    projections: Tensor | None
+    ids: Tensor
+    labels: Tensor | None
+    class_names: list[str] | None
+    meta: dict[str, Any]
+
+
+def embedding_split(cfg: DataConfig) -> Split:
+    """Every row of ``cfg.train_split`` (``--split``), else of 'train', else of the only split.
+
+    Unlike :func:`open_splits` nothing is carved off for validation: all rows are embedded.
+    """
+    dd = open_source(cfg)
+    name = cfg.train_split or ("train" if "train" in dd else next(iter(dd)) if len(dd) == 1
+                               else None)
+    if name is None or name not in dd:
+        raise UserError(f"split {name!r} not found; splits: {list(dd)} (choose with --split)")
+    ds = dd[name]
+    label_column = find_label_column(ds.features, cfg.label_column)
+    names = getattr(ds.features.get(label_column), "names", None) if label_column else None
+    return Split(ds, find_image_column(ds.features, cfg.image_column), label_column,
+                 list(names) if names else None, cfg.data, name)
+
+
+@torch.no_grad()
+def backbone_features(encoder: Encoder, images: Tensor, device: torch.device | str = "cpu",
+                      batch_size: int = 256, progress: bool = False,
+                      desc: str = "embedding") -> Tensor:
+    """``images: (N, 3, S, S) uint8`` -> ``(N, feature_dim)`` float32 on the CPU, in eval mode.
+
+    The same arithmetic as ``encoder(encoder.transform(images))``. Unlike
+    :func:`simclr_kit.evaluation.features.extract_features` it never talks to other ranks, so a
+    single process (rank 0 writing a report) may call it alone.
+    """
+    encoder = encoder.to(device).eval()
+    out = [torch.empty(0, encoder.feature_dim)]
+    for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, unit="batch",
+                      disable=not progress, leave=False):
+        x = normalize(images[start:start + batch_size].to(device), encoder.mean, encoder.std)
+        out.append(encoder(x).float().cpu())
+    return torch.cat(out)
+
+
+def projection_head(weights: Weights) -> ProjectionHead:
+    """The trained projection head of a full SimCLR checkpoint, eval mode, loaded strictly."""
+    if weights.full is None:
+        raise UserError(f"{weights.path} holds no projection head (an exported backbone or a "
+                        "foreign state dict?): projections need a pretraining checkpoint")
+    state = {k[len("projection_head."):]: v for k, v in weights.full.items()
+             if k.startswith("projection_head.")}
+    try:
+        hidden, in_dim = state["layers.0.weight"].shape
+        out_dim = state["layers.3.weight"].shape[0]
+        head = ProjectionHead(in_dim, hidden, out_dim)
+        head.load_state_dict(state, strict=True)
+    except (KeyError, RuntimeError) as err:
+        raise UserError(f"{weights.path}: the projection head has an unexpected layout "
+                        f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    return head.eval()
+
+
+@torch.no_grad()
+def _project(head: ProjectionHead, features: Tensor, batch_size: int) -> Tensor:
+    """``(N, D)`` -> ``(N, P)``; BatchNorm uses its running statistics (eval mode)."""
+    parts = [head(chunk) for chunk in features.split(batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0, head.layers[-1].out_features)
+
+
+def compute_embeddings(checkpoint: str | Path, data: DataConfig, projections: bool = False,
+                       device: str = "auto", batch_size: int = 256,
+                       progress: bool = True) -> Embeddings:
+    """Embed every row of the split :func:`embedding_split` picks with ``checkpoint``'s encoder."""
+    dev = resolve_device(device)
+    weights = read_weights(checkpoint)
+    encoder = encoder_from_weights(weights).to(dev).eval()
+    head = projection_head(weights) if projections else None  # fails before any decoding
+    store: ImageStore = decode_split(embedding_split(data), encoder.image_size, data.bad_images,
+                                     progress)
+    features = backbone_features(encoder, store.images, dev, batch_size, progress)
+    projected = _project(head, features, batch_size) if head is not None else None
+    meta = {"checkpoint": str(checkpoint), "split": store.provenance.get("split"),
+            "dataset": store.provenance, "feature_dim": int(features.shape[1]),
+            "projection_dim": None if projected is None else int(projected.shape[1]),
+            **{k: encoder.meta.get(k) for k in ("backbone", "stem", "image_size", "epoch")}}
+    return Embeddings(features, projected, store.row_ids.clone(), store.labels, store.class_names,
+                      meta)
+
+
+def _fixed_lists(values: Tensor) -> Any:
+    import pyarrow as pa
+
+    flat = pa.array(values.numpy().astype(np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, int(values.shape[1]))
+
+
+def write_parquet(emb: Embeddings, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = emb.features.shape[0]
+    columns: dict[str, Any] = {"split": pa.array([emb.meta["split"]] * n, pa.string()),
+                               "id": pa.array(emb.ids.numpy(), pa.int64())}
+    if emb.labels is not None:
+        columns["label"] = pa.array(emb.labels.numpy(), pa.int64())
+        if emb.class_names:
+            columns["class_name"] = pa.array([emb.class_names[int(i)] for i in emb.labels])
+    columns["feature"] = _fixed_lists(emb.features)
+    if emb.projections is not None:
+        columns["projection"] = _fixed_lists(emb.projections)
+    table = pa.table(columns).replace_schema_metadata(
+        {"simclr_kit": json.dumps(dict(emb.meta, class_names=emb.class_names))})
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def write_npy(emb: Embeddings, path: Path) -> list[Path]:
+    """``OUT.npy`` plus the files beside it (see module docstring); returns every path written."""
+    stem = path.with_suffix("")
+    arrays = {"": emb.features.numpy().astype(np.float32), ".ids": emb.ids.numpy()}
+    if emb.labels is not None:
+        arrays[".labels"] = emb.labels.numpy()
+    if emb.projections is not None:
+        arrays[".projections"] = emb.projections.numpy().astype(np.float32)
+    written = []
+    for suffix, array in arrays.items():
+        target = Path(f"{stem}{suffix}.npy")
+        np.save(target, array)
+        written.append(target)
+    sidecar = dict(emb.meta, class_names=emb.class_names, rows=int(emb.features.shape[0]),
+                   files={k.lstrip(".") or "features": Path(f"{stem}{k}.npy").name for k in arrays})
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+    return written + [stem.with_suffix(".json")]
+
+
+def embed(checkpoint: str | Path, data: DataConfig, out: str | Path, fmt: str | None = None,
+          projections: bool = False, device: str = "auto", batch_size: int = 256,
+          progress: bool = True) -> Embeddings:
+    """Write the embeddings of a split to ``out`` as Parquet or ``.npy`` (format from ``fmt``,
+    else from the suffix of ``out``); returns them."""
+    out = Path(out)
+    fmt = fmt or ("npy" if out.suffix == ".npy" else "parquet")
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: choose parquet or npy")
+    if fmt == "npy" and out.suffix != ".npy":
+        raise UserError(f"--format npy writes OUT.npy and files beside it: name --out {out} "
+                        "with a .npy suffix")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be >= 1")
+    emb = compute_embeddings(checkpoint, data, projections, device, batch_size, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (write_npy if fmt == "npy" else write_parquet)(emb, out)
+    return emb

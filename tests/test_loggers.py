@@ -1,0 +1,66 @@
+"""Metric sinks: MetricsLog forwards every record; a missing library is a one-line error."""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+import pytest
+
+from simclr_kit.cli import main
+from simclr_kit.errors import UserError
+from simclr_kit.report import loggers
+from simclr_kit.report.metrics import MetricsLog, read_metrics
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict]] = []
+        self.closed = False
+
+    def write(self, kind: str, values: dict) -> None:
+        self.records.append((kind, values))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_metrics_log_forwards_every_record_and_closes(tmp_path):
+    sink = RecordingSink()
+    log = MetricsLog(tmp_path / "metrics.jsonl", [sink])
+    log.write("train", epoch=0, step=3, loss=4.5, lr=0.1)
+    log.write("knn", epoch=1, top1=55.0)
+    log.close()
+    assert [r for r in read_metrics(tmp_path / "metrics.jsonl")] == [v for _, v in sink.records]
+    assert sink.closed and [k for k, _ in sink.records] == ["train", "knn"]
+    assert loggers.scalars(sink.records[0][1]) == {"loss": 4.5, "lr": 0.1}
+
+
+def test_missing_library_is_a_one_line_error_before_any_data(tmp_path, monkeypatch, capsys):
+    real = find_spec
+    monkeypatch.setattr(loggers.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(UserError, match=r"pip install 'simclr-kit\[wandb\]'"):
+        loggers.check_loggers(["wandb"])
+    # The data path does not exist: the logger error comes first, from the config check.
+    code = main(["pretrain", "--data", str(tmp_path / "absent"), "--logger", "tensorboard,wandb",
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--logger wandb needs the wandb package" in err and not (tmp_path / "run").exists()
+    assert main(["pretrain", "--logger", "neptune", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown logger 'neptune'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_tensorboard_sink_writes_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLog(tmp_path / "metrics.jsonl",
+                     loggers.open_loggers(["tensorboard"], tmp_path, {"epochs": 1}))
+    for step in (1, 2, 3):
+        log.write("train", epoch=0, step=step, loss=5.0 - step, lr=0.01 * step)
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 4.0), (2, 3.0),
+                                                                         (3, 2.0)]

@@ -1,0 +1,176 @@
+"""The run report: a self-contained HTML page with every section, built from a tiny real run."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_parquet_dataset
+from simclr_kit.cli import main
+from simclr_kit.report import analysis
+from simclr_kit.report.html import write_report
+
+TINY = ["--batch-size", "8", "--device", "cpu", "--log-every", "1", "--projection-dim", "16"]
+SECTIONS = ["config", "hardware", "curves", "knn-monitor", "evaluation", "label-efficiency",
+            "confusion", "augmentations", "embedding-map", "retrieval"]
+
+
+class Page(HTMLParser):
+    """Every tag's attributes, and per section: its images and whether it holds a note."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.sections: dict[str, dict[str, list]] = {}
+        self.current: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attr = {k: v or "" for k, v in attrs}
+        self.tags.append((tag, attr))
+        if tag == "section":
+            self.current = attr["id"]
+            self.sections[self.current] = {"images": [], "notes": []}
+        elif self.current and tag == "img":
+            self.sections[self.current]["images"].append(attr)
+        elif self.current and "note" in attr.get("class", ""):
+            self.sections[self.current]["notes"].append(tag)
+
+
+def parse(path: Path) -> Page:
+    page = Page()
+    page.feed(path.read_text())
+    page.close()
+    return page
+
+
+def decode_image(src: str) -> Image.Image:
+    prefix = "data:image/png;base64,"
+    assert src.startswith(prefix)
+    image = Image.open(io.BytesIO(base64.b64decode(src[len(prefix):], validate=True)))
+    image.load()  # decodes every pixel: a truncated PNG fails here
+    return image
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_parquet_dataset(tmp_path_factory.mktemp("data") / "pq", n_per_class=8, size=8)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """``simclr run``: pretraining, evaluation (no baseline, to stay quick), then the report."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["run", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY,
+                 "--linear-epochs", "3", "--knn-k", "5", "--baseline", ""]) == 0
+    return out
+
+
+def test_run_writes_self_contained_report_with_every_section(run):
+    page = parse(run / "report.html")
+    assert list(page.sections) == SECTIONS
+    for tag, attrs in page.tags:
+        assert tag not in ("script", "link", "iframe", "object", "embed")
+        for name in ("src", "href"):
+            value = attrs.get(name)
+            if value is not None:
+                assert not re.search(r"https?://", value), (tag, value[:80])
+                assert value.startswith(("data:image/png;base64,", "#")), (tag, value[:80])
+    images = [attrs["src"] for tag, attrs in page.tags if tag == "img"]
+    assert len(images) == 4 + 6 * 9  # curves, confusion, views, map; 6 x (1 + 8) thumbnails
+    for src in images:
+        assert min(decode_image(src).size) > 0
+    # Without monitored kNN and label-efficiency results those two say so; all others draw.
+    for sid in SECTIONS:
+        if sid in ("knn-monitor", "label-efficiency"):
+            assert page.sections[sid]["notes"] and not page.sections[sid]["images"]
+        elif sid not in ("config", "hardware", "evaluation"):
+            assert page.sections[sid]["images"] and not page.sections[sid]["notes"], sid
+    text = (run / "report.html").read_text()
+    assert "peak memory" in text and "training wall time" in text
+    assert "| linear |" not in text and "<td>linear</td>" in text  # the eval table, as HTML
+
+
+def test_confusion_matrix_agrees_with_the_evaluation(run):
+    """The report's kNN predictions reproduce eval.json's kNN top-1 (same k and T)."""
+    result = json.loads((run / "eval.json").read_text())
+    top1 = next(r["value"] for r in result["results"]
+                if r["protocol"] == "knn" and r["metric"] == "top1")
+    page = parse(run / "report.html")
+    alt = page.sections["confusion"]["images"][0]["alt"]
+    assert "k=5" in alt
+    assert float(re.search(r"top-1 ([0-9.]+)%", alt).group(1)) == pytest.approx(top1, abs=1e-6)
+
+
+def test_done_record_has_wall_time_memory_and_hardware(run):
+    from simclr_kit.report.metrics import read_metrics
+
+    records = read_metrics(run / "metrics.jsonl")
+    done = [r for r in records if r["kind"] == "done"][-1]
+    assert done["wall_s"] > 0 and done["images_per_s"] > 0 and done["peak_memory_mb"]["host"] > 0
+    assert records[0]["hardware"]["torch"] == torch.__version__
+
+
+def test_monitored_knn_and_label_efficiency_sections_draw_when_present(run, tmp_path):
+    """Records of kind 'knn' and a label-efficiency PNG beside eval.json appear in the report."""
+    from simclr_kit.evaluation.fractions import plot_label_efficiency
+
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "eval.json"):
+        (copy / name).write_bytes((run / name).read_bytes())
+    with open(copy / "metrics.jsonl", "a") as f:
+        for epoch, acc in ((1, 40.0), (2, 55.5)):
+            f.write(json.dumps({"kind": "knn", "time": 0, "epoch": epoch, "top1": acc,
+                                "top5": acc + 20}) + "\n")
+    plot_label_efficiency([{"subset": "10%", "kind": "fraction", "value": 0.1, "labels": 3,
+                            "mean": 50.0, "std": 5.0, "runs": [45.0, 55.0]}],
+                          copy / "label_efficiency.png")
+    # No checkpoint here: the encoder sections degrade to notes, the rest still draws.
+    page = parse(write_report(copy, embeddings=False))
+    for sid in ("knn-monitor", "label-efficiency", "curves"):
+        assert page.sections[sid]["images"] and not page.sections[sid]["notes"], sid
+    for sid in ("confusion", "augmentations", "embedding-map", "retrieval"):
+        assert page.sections[sid]["notes"] and not page.sections[sid]["images"], sid
+    assert "55.5" in (copy / "report.html").read_text()
+
+
+def test_report_command_regenerates_and_rejects_non_runs(run, tmp_path, capsys):
+    before = (run / "report.html").stat().st_mtime_ns
+    assert main(["report", str(run), "--embeddings", "false"]) == 0
+    assert (run / "report.html").stat().st_mtime_ns != before
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_nearest_neighbours_match_brute_force():
+    g = torch.Generator().manual_seed(0)
+    train, queries = torch.randn(40, 6, generator=g), torch.randn(5, 6, generator=g)
+    idx, sims = analysis.nearest_neighbours(train, queries, k=8)
+    t = train.numpy() / np.linalg.norm(train.numpy(), axis=1, keepdims=True)
+    q = queries.numpy() / np.linalg.norm(queries.numpy(), axis=1, keepdims=True)
+    reference = np.argsort(-(q @ t.T), axis=1)[:, :8]
+    assert idx.tolist() == reference.tolist()
+    assert np.allclose(sims.numpy(), np.take_along_axis(q @ t.T, reference, 1), atol=1e-6)
+
+
+def test_embedding_map_and_queries_on_a_few_dozen_points():
+    labels = torch.arange(36) % 3
+    features = torch.nn.functional.one_hot(labels, 3).float() * 5 + torch.randn(36, 3) * 0.1
+    idx = analysis.stratified_subsample(labels, 36, max_points=12)
+    assert len(idx) == 12 and set(labels[idx].tolist()) == {0, 1, 2}
+    coords = analysis.tsne_map(features)
+    assert coords.shape == (36, 2) and np.isfinite(coords).all()
+    # Well-separated classes stay separated: each point's nearest map neighbour shares its class.
+    d = ((coords[:, None] - coords[None]) ** 2).sum(-1) + np.eye(36) * 1e9
+    assert (labels.numpy()[d.argmin(1)] == labels.numpy()).all()
+    queries = analysis.pick_queries(labels, 36, 6)
+    assert len(set(queries.tolist())) == 6 and set(labels[queries[:3]].tolist()) == {0, 1, 2}
