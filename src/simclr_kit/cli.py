@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="augment.png", help="PNG file (default: augment.png)")
     p.add_argument("--count", type=int, default=8, help="images to show (default: 8)")
     p.add_argument("--epoch", type=int, default=0, help="epoch whose views to draw (default: 0)")
-    p.add_argument("--config", help="YAML file of pretraining fields; flags override it")
+    p.add_argument("--config", help="YAML file of pretraining fields; flags override it "
+                   "(default: the digits recipe when --data is digits or absent)")
     _add(p, DATA_FLAGS, "data")
     _add(p, [f for f in PRETRAIN_FLAGS if f[1].startswith("augment.") or f[1] == "seed"],
          "augmentation")

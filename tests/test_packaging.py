@@ -1,0 +1,44 @@
+"""What people expect of an installed package: metadata, extras, --version, helpful --help."""
+
+from __future__ import annotations
+
+import argparse
+from importlib import metadata
+
+import pytest
+
+import simclr_kit
+from simclr_kit.cli import build_parser, main
+
+# Flags whose absence has no single default to state: the dataset (required by some commands,
+# recorded in the run for others) and the run to resume.
+NO_DEFAULT = {"--data", "--resume"}
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_version_and_metadata(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"simclr-kit {simclr_kit.__version__}"
+    meta = metadata.metadata("simclr-kit")
+    assert meta["Version"] == simclr_kit.__version__
+    extras = set(meta.get_all("Provides-Extra") or [])
+    assert {"dev", "tensorboard", "wandb"} <= extras
+    requires = " ".join(meta.get_all("Requires-Dist") or [])
+    assert "matplotlib" in requires  # plots are part of every report: a core dependency
+
+
+@pytest.mark.parametrize("name", sorted(subcommands()))
+def test_every_option_states_its_default(name):
+    missing = []
+    for action in subcommands()[name]._actions:
+        if (not action.option_strings or action.required or action.nargs == 0
+                or action.help == argparse.SUPPRESS or set(action.option_strings) & NO_DEFAULT):
+            continue
+        if "default" not in (action.help or "").lower():
+            missing.append(action.option_strings[0])
+    assert not missing, f"simclr {name}: --help gives no default for {missing}"
