@@ -64,3 +64,47 @@ def test_tensorboard_sink_writes_scalars(tmp_path):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 4.0), (2, 3.0),
                                                                          (3, 2.0)]
+
+
+def fake_module(monkeypatch, name: str, **attrs):
+    """A stand-in library in sys.modules, found by find_spec like an installed one."""
+    import importlib.machinery
+    import sys
+    import types
+
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_wandb_and_mlflow_sinks_call_their_libraries(tmp_path, monkeypatch):
+    calls: list[tuple] = []
+
+    class Run:
+        def log(self, data, step=None):
+            calls.append(("wandb.log", data, step))
+
+        def finish(self):
+            calls.append(("wandb.finish",))
+
+    fake_module(monkeypatch, "wandb", init=lambda **kw: calls.append(("wandb.init", kw)) or Run())
+    fake_module(monkeypatch, "mlflow",
+                set_tracking_uri=lambda uri: calls.append(("mlflow.uri", uri)),
+                start_run=lambda run_name: calls.append(("mlflow.start", run_name)),
+                log_params=lambda params: calls.append(("mlflow.params", params)),
+                log_metrics=lambda data, step: calls.append(("mlflow.metrics", data, step)),
+                end_run=lambda: calls.append(("mlflow.end",)))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    log = MetricsLog(run_dir / "metrics.jsonl", loggers.open_loggers(
+        ["wandb", "mlflow"], run_dir, {"epochs": 2, "data": {"data": "digits"}}))
+    log.write("train", epoch=0, step=7, loss=3.5, lr=0.2)
+    log.close()
+    assert calls[0][0] == "wandb.init" and calls[0][1]["config"]["epochs"] == 2
+    assert ("mlflow.params", {"epochs": 2, "data.data": "digits"}) in calls
+    assert ("wandb.log", {"train/loss": 3.5, "train/lr": 0.2}, 7) in calls
+    assert ("mlflow.metrics", {"train/loss": 3.5, "train/lr": 0.2}, 7) in calls
+    assert calls[-2:] == [("wandb.finish",), ("mlflow.end",)]
