@@ -14,8 +14,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from simclr_kit.errors import UserError
 
 
@@ -180,7 +178,7 @@ class PretrainConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
-    compile: bool = False
+    compile: bool | None = None  # None: on with CUDA (see devices.compile_by_default)
     sync_bn: bool = True
     seed: int = 0
     checkpoint_every: int = 10
@@ -324,6 +322,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {p} does not exist")
+    import yaml  # lazily: the training step and the benchmarks need no YAML
+
     try:
         values = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:

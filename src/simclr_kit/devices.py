@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from simclr_kit.errors import UserError
@@ -31,3 +33,25 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp16":
         return torch.float16
     return torch.bfloat16
+
+
+def compile_by_default(device: torch.device) -> bool:
+    """Whether ``torch.compile`` is on when the config leaves it unset: on CUDA with Triton.
+
+    On CUDA, Inductor fuses the BatchNorm/ReLU/add chains that make small-channel convolutions
+    at 32 px memory-bound. On CPU the one-off compile costs minutes on a few cores and the
+    convolutions dominate the step either way, so it stays off there.
+    """
+    if device.type != "cuda" or not hasattr(torch, "compile"):
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+def tune_backends(device: torch.device, deterministic: bool = False) -> None:
+    """Let cuDNN time its convolution algorithms once per shape and keep the fastest.
+
+    Pretraining runs one shape at every step (the last partial batch is dropped), so the
+    search pays for itself within a few steps; deterministic runs keep cuDNN's fixed choices.
+    """
+    if device.type == "cuda" and not deterministic:
+        torch.backends.cudnn.benchmark = True

@@ -22,20 +22,22 @@ from tqdm.auto import tqdm
 
 from simclr_kit import __version__, distributed, faults
 from simclr_kit.augment import SimCLRAugment, channel_stats
+from simclr_kit.budget import TimeBudget, describe, warmup_epochs_within
 from simclr_kit.checkpoint import (atomic_write_text, latest_checkpoint, load_train_state,
                                    load_weights, save_checkpoint)
 from simclr_kit.config import PretrainConfig, to_dict
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import ImageStore, decode_split, skipped_report, skipped_summary
-from simclr_kit.devices import autocast_dtype, resolve_device
+from simclr_kit.devices import (autocast_dtype, compile_by_default, resolve_device,
+                                tune_backends)
 from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone, read_weights
 from simclr_kit.errors import UserError
-from simclr_kit.loss import nt_xent
 from simclr_kit.models import SimCLR, build_simclr, feature_dim, resolve_stem
 from simclr_kit.optim import build_optimizer, effective_lr, set_lr, warmup_cosine
 from simclr_kit.report.loggers import open_loggers
 from simclr_kit.report.metrics import MetricsLog
 from simclr_kit.report.system import hardware_info, peak_memory_mb
+from simclr_kit.step import simclr_step
 
 
 ROLLING_CHECKPOINT_SECONDS = 300.0
@@ -68,6 +70,9 @@ class Trainer:
     unchecked_loss: Tensor | None = None  # sum of the losses not yet tested for NaN/inf
     last_save: float = field(default_factory=time.monotonic)
     hooks: list[Callable[[Trainer], None]] = field(default_factory=list)
+    # With --time-budget: times the first steps, chooses the length, then guards the end.
+    # None on a resumed run whose length the budget already chose.
+    budget: TimeBudget | None = None
 
     @property
     def batch_per_rank(self) -> int:
@@ -180,6 +185,7 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
     device = distributed.init(resolve_device(cfg.device))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    tune_backends(device, cfg.deterministic)
     _check_world(cfg)
     run_dir = resume if resume is not None else _new_run_dir(cfg)
     store, eval_store = _load_data(cfg)
@@ -193,7 +199,9 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = distributed.wrap_model(model, device, cfg.sync_bn)
-    if cfg.compile:
+    if cfg.compile if cfg.compile is not None else compile_by_default(device):
+        # The wrapper's state_dict keys gain an ``_orig_mod.`` prefix: checkpoints save
+        # ``Trainer.model``, the plain module, so their keys stay clean.
         ddp_model = torch.compile(ddp_model)  # type: ignore[assignment]
 
     base_lr = effective_lr(cfg.lr, cfg.batch_size)
@@ -213,6 +221,9 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
                       model, ddp_model, SimCLRAugment(cfg.augment, store.image_size, mean, std,
                                                       cfg.seed),
                       optimizer, meta, log, base_lr, len(store) // cfg.batch_size, cfg.epochs)
+    if cfg.time_budget is not None:
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        trainer.budget = TimeBudget(cfg.time_budget, trainer.steps_per_epoch, sync)
     if resume is not None:
         _restore(trainer)
     elif distributed.is_main():
@@ -256,8 +267,9 @@ def _restore(t: Trainer) -> None:
                         f"({str(err).strip().splitlines()[0][:200]})") from None
     t.epoch, t.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
     t.global_step = int(state["global_step"])
-    if t.config.time_budget is not None:  # the budget fixed the length when the run started
-        t.total_epochs = int(state.get("total_epochs", t.total_epochs))
+    if t.config.time_budget is not None and state.get("budget_fitted"):
+        t.total_epochs = int(state["total_epochs"])  # the budget fixed the length: keep it
+        t.budget = None
     torch.set_rng_state(state["rng_cpu"])
     if t.device.type == "cuda" and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"], t.device)
@@ -300,7 +312,9 @@ def save(t: Trainer, keep: bool = False) -> Path | None:
         name = f"epoch-{t.epoch:04d}" + (f"-step-{t.step_in_epoch:06d}" if t.step_in_epoch else "")
         state = {"optimizer": t.optimizer.state_dict(), "epoch": t.epoch,
                  "step_in_epoch": t.step_in_epoch, "global_step": t.global_step,
-                 "total_epochs": t.total_epochs, "rng_cpu": torch.get_rng_state()}
+                 "total_epochs": t.total_epochs, "rng_cpu": torch.get_rng_state(),
+                 "budget_fitted": t.config.time_budget is not None
+                 and (t.budget is None or t.budget.fit is not None)}
         if t.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(t.device)
         meta = dict(t.meta, epoch=t.epoch, step_in_epoch=t.step_in_epoch,
@@ -320,29 +334,27 @@ def save(t: Trainer, keep: bool = False) -> Path | None:
 def train_step(t: Trainer, idx: Tensor) -> Tensor:
     """One optimisation step on this rank's images ``idx: (b,)``; returns the loss (device)."""
     total_steps = t.total_epochs * t.steps_per_epoch
-    warmup = round(t.config.warmup_epochs * t.steps_per_epoch)
+    warmup_epochs = t.config.warmup_epochs
+    if t.config.time_budget is not None:
+        warmup_epochs = warmup_epochs_within(warmup_epochs, t.total_epochs)
+    warmup = round(warmup_epochs * t.steps_per_epoch)
     set_lr(t.optimizer, warmup_cosine(t.global_step, total_steps, min(warmup, total_steps),
                                       t.base_lr))
     images = t.images[idx.to(t.images.device)].to(t.device, non_blocking=True)
     v1, v2 = t.augment(images, idx.to(t.device), t.epoch)  # each (b, 3, S, S)
-    x = torch.cat([v1, v2])
-    if t.config.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    dtype = autocast_dtype(t.config.precision, t.device)
-    ctx = torch.autocast(t.device.type, dtype=dtype) if dtype is not None else nullcontext()
-    with ctx:
-        z = t.ddp_model(x)
-    z1, z2 = z.float().chunk(2)
-    loss = nt_xent(z1, z2, t.config.temperature)
-    t.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    t.optimizer.step()
-    return loss.detach()
+    return simclr_step(t.ddp_model, t.optimizer, v1, v2, t.config.temperature,
+                       autocast_dtype(t.config.precision, t.device), t.config.channels_last)
 
 
 def train_epoch(t: Trainer, bar: tqdm | None) -> None:
-    """Run the rest of epoch ``t.epoch`` from ``t.step_in_epoch``; stops early on a signal."""
-    perm = epoch_permutation(len(t.store), t.config.seed, t.epoch)
+    """Run the rest of epoch ``t.epoch`` from ``t.step_in_epoch``; stops early on a signal.
+
+    Rolling checkpoints are written mid-epoch too (:func:`_rolling_due`): an epoch of a large
+    set can take hours, and a resumed run continues the same permutation from the saved step.
+    """
+    # Indices live where the images do: a blocking host-to-GPU copy of them each step would
+    # make the host wait for the GPU to drain its queue.
+    perm = epoch_permutation(len(t.store), t.config.seed, t.epoch).to(t.images.device)
     t.ddp_model.train()
     t.unchecked_loss = torch.zeros((), device=t.device)
     seen, started = 0, time.perf_counter()
@@ -360,8 +372,44 @@ def train_epoch(t: Trainer, bar: tqdm | None) -> None:
             _log_interval(t, seen, time.perf_counter() - started, bar)
             seen, started = 0, time.perf_counter()
         _agree_stop(t, logged)
+        if t.budget is not None and t.budget.fit is None:
+            _observe_budget(t, bar)
         if t.step_in_epoch < t.steps_per_epoch and not t.stopping and _rolling_due(t, logged):
             save(t)
+
+
+def _observe_budget(t: Trainer, bar: tqdm | None) -> None:
+    """Once the first steps are timed, set the run's length to fit ``--time-budget``.
+
+    Rank 0's measurement decides, so every rank takes the same length at the same step.
+    """
+    assert t.budget is not None
+    ready = t.budget.step_done()
+    if distributed.world_size() > 1:
+        ready = distributed.broadcast_object(ready)
+    if not ready:
+        return
+    fit = distributed.broadcast_object(t.budget.choose(t.global_step))
+    t.budget.fit, replaced, t.total_epochs = fit, t.total_epochs, fit.epochs
+    warmup = warmup_epochs_within(t.config.warmup_epochs, fit.epochs)
+    t.log.write("budget", minutes=t.config.time_budget, replaced_epochs=replaced,
+                warmup_epochs=round(warmup, 4), step=t.global_step, **fit.as_record())
+    if distributed.is_main():
+        tqdm.write(describe(fit, t.config.time_budget or 0.0, replaced, warmup))
+    if bar is not None:
+        bar.total = t.total_epochs * t.steps_per_epoch
+        bar.set_description(f"epoch {t.epoch + 1}/{t.total_epochs}")
+
+
+def _budget_allows_next_epoch(t: Trainer, epoch_seconds: float) -> bool:
+    """False when another epoch as long as the last would overrun the budget (a safety net:
+    the chosen length already ends inside it, unless the steps became slower). Every rank must
+    agree: they all join the final save."""
+    budget = t.budget
+    if budget is None or budget.fit is None:
+        return True
+    over = not budget.fits_another(epoch_seconds)
+    return distributed.max_over_ranks(int(over)) == 0
 
 
 def _rolling_due(t: Trainer, sync_point: bool) -> bool:
@@ -435,18 +483,28 @@ def fit(t: Trainer) -> Path:
     if t.config.progress and distributed.is_main():
         bar = tqdm(total=t.total_epochs * t.steps_per_epoch, initial=t.global_step, unit="step",
                    desc="pretraining", dynamic_ncols=True)
+    if t.budget is not None:
+        t.budget.start()
     try:
         while t.epoch < t.total_epochs:
             if bar is not None:
                 bar.set_description(f"epoch {t.epoch + 1}/{t.total_epochs}")
+            epoch_started = t.budget.elapsed() if t.budget is not None else 0.0
             train_epoch(t, bar)
             if t.stopping:
                 save(t)
                 raise Interrupted(t.stop_signal or signal.SIGTERM, t.run_dir)
             t.epoch += 1
             t.step_in_epoch = 0
-            for hook in t.hooks:
-                hook(t)
+            epoch_seconds = t.budget.elapsed() - epoch_started if t.budget is not None else 0.0
+            # Evaluation hooks do not count against a time budget.
+            with t.budget.paused() if t.budget is not None else nullcontext():
+                for hook in t.hooks:
+                    hook(t)
+            if t.epoch < t.total_epochs and not _budget_allows_next_epoch(t, epoch_seconds):
+                t.log.write("budget_stop", epoch=t.epoch, planned_epochs=t.total_epochs,
+                            training_s=round(t.budget.elapsed(), 2) if t.budget else None)
+                t.total_epochs = t.epoch
             every = t.config.checkpoint_every
             kept = bool(every) and t.epoch % every == 0
             # Between kept checkpoints, rolling ones bound the work a crash can lose without
