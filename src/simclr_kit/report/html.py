@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from simclr_kit import __version__
 from simclr_kit.checkpoint import atomic_write_text
@@ -133,7 +133,7 @@ def write_report(run_dir: str | Path, data: DataConfig | str | dict[str, Any] | 
             sample; t-SNE time grows faster than linearly).
         progress: progress bars while decoding and embedding.
     """
-    from simclr_kit.report import sections
+    from simclr_kit.report.sections import ReportContext
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -142,13 +142,35 @@ def write_report(run_dir: str | Path, data: DataConfig | str | dict[str, Any] | 
         raise UserError(f"{run} has neither config.yaml nor metrics.jsonl: not a run directory")
     if max_points < 4:
         raise UserError(f"max_points = {max_points}: t-SNE needs at least 4 points")
-    ctx = sections.ReportContext.load(run, data, device, progress)
-    parts = sections.build_all(ctx, embeddings, max_points)
+    ctx = ReportContext.load(run, data, device, progress)
+    parts = build_sections(ctx, embeddings, max_points)
     subtitle = (f"{run.resolve()} · generated {time.strftime('%Y-%m-%d %H:%M:%S')} by "
                 f"simclr-kit {__version__}")
     path = run / REPORT_NAME
     atomic_write_text(path, render(f"SimCLR run report: {run.resolve().name}", subtitle, parts))
     return path
+
+
+def build_sections(ctx: Any, embeddings: bool, max_points: int) -> list[Section]:
+    """Every section in page order; ``ctx`` is a :class:`sections.ReportContext`."""
+    from simclr_kit.report import embedding_sections as emb
+    from simclr_kit.report import sections as run
+
+    builders: list[tuple[str, str, Callable[[], Section]]] = [
+        ("config", "Configuration and data", lambda: run.config_section(ctx)),
+        ("hardware", "Hardware, time and memory", lambda: run.hardware_section(ctx)),
+        ("curves", "Loss and learning rate", lambda: run.curves_section(ctx)),
+        ("knn-monitor", "Monitored kNN accuracy", lambda: run.knn_monitor_section(ctx)),
+        ("evaluation", "Evaluation", lambda: run.evaluation_section(ctx)),
+        ("label-efficiency", "Label efficiency", lambda: run.label_efficiency_section(ctx)),
+        ("confusion", "Confusion matrix", lambda: emb.confusion_section(ctx, embeddings)),
+        ("augmentations", "Augmented views", lambda: run.augment_section(ctx)),
+        ("embedding-map", "Embedding map",
+         lambda: emb.map_section(ctx, embeddings, max_points)),
+        ("retrieval", "Nearest-neighbour retrieval",
+         lambda: emb.retrieval_section(ctx, embeddings)),
+    ]
+    return [run.guard(build, sid, title) for sid, title, build in builders]
 
 
 def write_report_safely(run_dir: str | Path, **kwargs: Any) -> Path | None:

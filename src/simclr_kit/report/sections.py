@@ -1,4 +1,6 @@
-"""The sections of the run report, each built from the run directory (and the data when needed).
+"""The sections of the run report built from the run directory's files (and a few images).
+
+The sections that embed whole splits live in ``embedding_sections.py``.
 
 Every builder returns a :class:`~simclr_kit.report.html.Section`; an input that is missing
 (no evaluation yet, no monitored kNN, no labels, the dataset not reachable) gives a note that
@@ -15,33 +17,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from torch import Tensor
 
-from simclr_kit.config import AugmentConfig, DataConfig, EvalConfig, from_dict, merge
-from simclr_kit.data.store import ImageStore
+from simclr_kit.config import AugmentConfig, DataConfig, from_dict, merge
 from simclr_kit.encoder import Encoder
 from simclr_kit.errors import UserError
-from simclr_kit.report import analysis, plots
+from simclr_kit.report import plots
 from simclr_kit.report.html import (Section, caption, esc, image, key_values, note, preformatted,
                                     table)
+from simclr_kit.report.loggers import scalars
 from simclr_kit.report.metrics import read_metrics
 
-QUERIES, NEIGHBOURS, VIEW_IMAGES = 6, 8, 6
+VIEW_IMAGES = 6
 _KNOWN_KINDS = {"run", "resume", "train", "done", "knn"}
 
 
 class Missing(Exception):
     """An input a section needs is not there; the message says what to do."""
-
-
-@dataclass
-class Embedded:
-    """Both splits decoded at the encoder's size and their backbone features ``(N, D)``."""
-
-    train: ImageStore
-    evaluation: ImageStore
-    train_features: Tensor
-    eval_features: Tensor
 
 
 @dataclass
@@ -101,7 +92,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def _guard(build: Callable[[], Section], sid: str, title: str) -> Section:
+def guard(build: Callable[[], Section], sid: str, title: str) -> Section:
     """Run a builder; a missing input or a failure becomes a note in that section only."""
     try:
         return build()
@@ -110,22 +101,6 @@ def _guard(build: Callable[[], Section], sid: str, title: str) -> Section:
     except Exception as err:  # noqa: BLE001 - one broken picture must not hide the others
         return Section(sid, title, note(f"this section could not be drawn: "
                                         f"{type(err).__name__}: {err}"))
-
-
-def build_all(ctx: ReportContext, embeddings: bool, max_points: int) -> list[Section]:
-    builders: list[tuple[str, str, Callable[[], Section]]] = [
-        ("config", "Configuration and data", lambda: config_section(ctx)),
-        ("hardware", "Hardware, time and memory", lambda: hardware_section(ctx)),
-        ("curves", "Loss and learning rate", lambda: curves_section(ctx)),
-        ("knn-monitor", "Monitored kNN accuracy", lambda: knn_monitor_section(ctx)),
-        ("evaluation", "Evaluation", lambda: evaluation_section(ctx)),
-        ("label-efficiency", "Label efficiency", lambda: label_efficiency_section(ctx)),
-        ("confusion", "Confusion matrix", lambda: confusion_section(ctx, embeddings)),
-        ("augmentations", "Augmented views", lambda: augment_section(ctx)),
-        ("embedding-map", "Embedding map", lambda: map_section(ctx, embeddings, max_points)),
-        ("retrieval", "Nearest-neighbour retrieval", lambda: retrieval_section(ctx, embeddings)),
-    ]
-    return [_guard(build, sid, title) for sid, title, build in builders]
 
 
 def config_section(ctx: ReportContext) -> Section:
@@ -210,8 +185,6 @@ def curves_section(ctx: ReportContext) -> Section:
 
 
 def _accuracy_keys(records: list[dict[str, Any]]) -> list[str]:
-    from simclr_kit.report.loggers import scalars
-
     keys = list(dict.fromkeys(k for r in records for k in scalars(r)))
     return [k for k in keys if "top" in k or "acc" in k] or \
         [k for k in keys if k not in ("seconds", "k", "temperature")]
@@ -279,8 +252,11 @@ def augment_section(ctx: ReportContext) -> Section:
     from simclr_kit.augment import SimCLRAugment, save_view_grid
     from simclr_kit.report.views import sample_store
 
-    enc = ctx.encoder()
-    store = sample_store(ctx.data_config(), VIEW_IMAGES, enc.image_size)
+    enc, data = ctx.encoder(), ctx.data_config()
+    try:
+        store = sample_store(data, VIEW_IMAGES, enc.image_size)
+    except UserError as err:
+        raise Missing(f"the images of {data.data} could not be read: {err}") from None
     augment_cfg = from_dict(AugmentConfig, ctx.config.get("augment") or {}, "augment")
     augment = SimCLRAugment(augment_cfg, enc.image_size, enc.mean, enc.std,
                             int(ctx.config.get("seed", 0)))
@@ -291,98 +267,3 @@ def augment_section(ctx: ReportContext) -> Section:
                    image(png, "original images and two augmented views each")
                    + caption(f"{len(store)} training images at {enc.image_size} px and the two "
                              "views the run's augmentation makes of each (epoch 0)."))
-
-
-def _embedded(ctx: ReportContext, embeddings: bool) -> Embedded:
-    """Decode both splits and embed them once; shared by the three sections below."""
-    if not embeddings:
-        raise Missing("not computed at the end of pretraining (it embeds both splits): run  "
-                      "simclr report RUN  to add it")
-    if "embedded" not in ctx._cache:
-        from simclr_kit.data.sources import open_splits
-        from simclr_kit.data.store import decode_split
-        from simclr_kit.devices import resolve_device
-        from simclr_kit.embed import backbone_features
-
-        enc, data = ctx.encoder(), ctx.data_config()
-        try:
-            train_split, eval_split = open_splits(data, need_eval=True)
-        except UserError as err:
-            raise Missing(f"needs a labelled evaluation split: {err}") from None
-        stores = [decode_split(s, enc.image_size, data.bad_images, ctx.progress)
-                  for s in (train_split, eval_split)]
-        dev = resolve_device(ctx.device)
-        feats = [backbone_features(enc, s.images, dev, progress=ctx.progress,
-                                   desc=f"report: {name} features")
-                 for s, name in zip(stores, ("train", "eval"))]
-        ctx._cache["embedded"] = Embedded(stores[0], stores[1], feats[0], feats[1])
-    return ctx._cache["embedded"]
-
-
-def _split_name(store: ImageStore) -> str:
-    return str(store.provenance.get("split"))
-
-
-def confusion_section(ctx: ReportContext, embeddings: bool) -> Section:
-    emb = _embedded(ctx, embeddings)
-    if emb.train.labels is None or emb.evaluation.labels is None:
-        raise Missing("the splits have no labels, so there is no confusion matrix")
-    defaults = EvalConfig()
-    cfg = (ctx.eval_result or {}).get("config") or {}
-    k = int((cfg.get("knn_k") or defaults.knn_k)[0])
-    temperature = float(cfg.get("knn_temperature", defaults.knn_temperature))
-    names = emb.train.class_names or []
-    c = max(len(names), int(emb.train.labels.max()) + 1, int(emb.evaluation.labels.max()) + 1)
-    names = names + [str(i) for i in range(len(names), c)]
-    result = analysis.knn_confusion(emb.train_features, emb.train.labels, emb.eval_features,
-                                    emb.evaluation.labels, c, k, temperature)
-    title = (f"kNN (k={result.k}, T={temperature:g}) on {_split_name(emb.evaluation)}: "
-             f"top-1 {result.accuracy:.2f}%")
-    return Section("confusion", "Confusion matrix",
-                   image(plots.confusion_matrix(result.matrix, names, title), title)
-                   + caption(f"Predictions of the weighted kNN protocol (cosine, train split as "
-                             f"keys) for the {len(emb.evaluation)} evaluation images; cells count "
-                             "images, colour is the percent of the true class."))
-
-
-def map_section(ctx: ReportContext, embeddings: bool, max_points: int) -> Section:
-    emb = _embedded(ctx, embeddings)
-    labels = emb.evaluation.labels
-    idx = analysis.stratified_subsample(labels, len(emb.evaluation), max_points)
-    coords = analysis.tsne_map(emb.eval_features[idx])
-    title = (f"t-SNE of backbone features: {len(idx)} of {len(emb.evaluation)} images of "
-             f"{_split_name(emb.evaluation)}")
-    png = plots.embedding_map(coords, None if labels is None else labels[idx].numpy(),
-                              emb.evaluation.class_names, title)
-    return Section("embedding-map", "Embedding map", image(png, title) + caption(
-        "Features L2-normalised, reduced to 50 dimensions by PCA, then t-SNE (seed 0); "
-        "coloured by the true class. Distances between far-apart clusters mean little."))
-
-
-def _thumb_cell(img: Tensor, label: str, detail: str, css: str) -> str:
-    return (f'<td class="{css}">{image(plots.thumbnail(img), label)}'
-            f"<div>{esc(label)}</div><div>{esc(detail)}</div></td>")
-
-
-def retrieval_section(ctx: ReportContext, embeddings: bool) -> Section:
-    emb = _embedded(ctx, embeddings)
-    queries = analysis.pick_queries(emb.evaluation.labels, len(emb.evaluation), QUERIES)
-    idx, sims = analysis.nearest_neighbours(emb.train_features, emb.eval_features[queries],
-                                            NEIGHBOURS)
-    query_names = analysis.label_names(emb.evaluation, queries)
-    rows = []
-    for q, name in enumerate(query_names):
-        cells = [_thumb_cell(emb.evaluation.images[queries[q]], name,
-                             f"query #{int(emb.evaluation.row_ids[queries[q]])}", "query")]
-        for j, neighbour in enumerate(idx[q].tolist()):
-            other = analysis.label_names(emb.train, idx[q, j:j + 1])[0]
-            same = "same" if emb.evaluation.labels is not None and other == name else "other"
-            cells.append(_thumb_cell(emb.train.images[neighbour], other,
-                                     f"cos {float(sims[q, j]):.2f}", same))
-        rows.append(f"<tr>{''.join(cells)}</tr>")
-    head = "<tr><th>query</th>" + "".join(f"<th>{i + 1}</th>" for i in range(idx.shape[1]))
-    body = f'<table class="retrieval"><thead>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
-    return Section("retrieval", "Nearest-neighbour retrieval", body + caption(
-        f"{len(queries)} images of {_split_name(emb.evaluation)} (first column) and their "
-        f"{idx.shape[1]} most similar train images by cosine similarity of backbone features; "
-        "green: same class as the query, red: another class."))
