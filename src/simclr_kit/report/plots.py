@@ -38,26 +38,22 @@ def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float],
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def training_curves(train: list[dict[str, Any]]) -> bytes:
-    """Loss, learning rate and throughput against the optimisation step, from 'train' records."""
+def training_curves(train: list[dict[str, Any]], steps_per_epoch: int | None = None) -> bytes:
+    """Loss, learning rate and throughput against the optimisation step, from 'train' records;
+    with ``steps_per_epoch``, thin grey lines mark where each epoch ends."""
     fig = _figure(11, 3.2)
     axes = fig.subplots(1, 3)
-    panels = (("loss", "NT-Xent loss", "linear"), ("lr", "learning rate", "linear"),
-              ("images_per_s", "images / s", "linear"))
-    for ax, (key, title, scale) in zip(axes, panels):
+    panels = (("loss", "NT-Xent loss"), ("lr", "learning rate"), ("images_per_s", "images / s"))
+    last_step = max((r["step"] for r in train), default=0)
+    for ax, (key, title) in zip(axes, panels):
         xs, ys = _series(train, "step", key)
         ax.plot(xs, ys, marker="." if len(xs) < 50 else None, linewidth=1.2)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.set_yscale(scale)
         ax.grid(True, alpha=0.3)
-    epochs = sorted({r["epoch"] for r in train if isinstance(r.get("epoch"), int)})
-    if len(epochs) > 1:
-        # Epoch boundaries: the first step logged in each epoch after the first.
-        starts = [min(r["step"] for r in train if r.get("epoch") == e) for e in epochs[1:]]
-        for ax in axes[:2]:
-            for s in starts[:50]:
-                ax.axvline(s, color="0.85", linewidth=0.6, zorder=0)
+        if steps_per_epoch and last_step // steps_per_epoch <= 50:
+            for boundary in range(steps_per_epoch, last_step, steps_per_epoch):
+                ax.axvline(boundary, color="0.6", linewidth=0.8, linestyle=":", zorder=0)
     fig.tight_layout()
     return to_png(fig)
 

@@ -178,9 +178,11 @@ def curves_section(ctx: ReportContext) -> Section:
     train = [by_step[s] for s in sorted(by_step)]  # a resumed stretch overrides the old one
     if not train:
         raise Missing("no 'train' records in metrics.jsonl yet")
-    body = image(plots.training_curves(train), "loss, learning rate and images/s per step")
+    steps_per_epoch = (ctx.kind("run") or [{}])[0].get("steps_per_epoch")
+    body = image(plots.training_curves(train, steps_per_epoch),
+                 "loss, learning rate and images/s per step")
     body += caption(f"{len(train)} logged intervals (every log_every steps, loss averaged over "
-                    "the interval); grey lines mark epoch starts.")
+                    "the interval); dotted lines mark epoch ends.")
     return Section("curves", "Loss and learning rate", body)
 
 
