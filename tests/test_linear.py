@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from simclr_kit.evaluation.linear import LinearProbeResult, train_linear_probe
+from simclr_kit.evaluation.linear import LinearProbeResult, _forward, train_linear_probe
 
 
 def _separable(n: int, d: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,7 +20,7 @@ def _separable(n: int, d: int, c: int, seed: int) -> tuple[torch.Tensor, torch.T
 
 
 def test_separable_features_reach_99_percent_with_defaults() -> None:
-    x_train, y_train = _separable(2000, 32, 10, seed=0)
+    x_train, y_train = _separable(1000, 32, 10, seed=0)
     x_val, y_val = _separable(500, 32, 10, seed=1)
     result = train_linear_probe(x_train, y_train, x_val, y_val, num_classes=10)
     assert isinstance(result, LinearProbeResult)
@@ -33,13 +33,11 @@ def test_separable_features_reach_99_percent_with_defaults() -> None:
 
 
 def test_digits_matches_sklearn_logistic_regression() -> None:
-    sklearn = pytest.importorskip("sklearn")
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from threadpoolctl import threadpool_limits
 
-    del sklearn
     x, y = load_digits(return_X_y=True)  # raw pixels in 0..16, not 0..255
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
     # One BLAS thread: multithreaded BLAS on a busy 2-core machine takes 20x longer here.
@@ -111,3 +109,17 @@ def test_thread_count_restored_and_bad_inputs() -> None:
         train_linear_probe(x_train, y_train, x_train[:, :2], y_train, 2)
     empty = train_linear_probe(x_train, y_train, x_train[:0], y_train[:0], 2, epochs=1)
     assert math.isnan(empty.val_accuracy) and empty.val_predictions.shape == (0,)
+
+
+def test_training_forward_is_the_linear_layer() -> None:
+    # The loop computes head(x) in a transposed layout for speed; it must be the same function,
+    # gradients included.
+    head = torch.nn.Linear(12, 5)
+    x = torch.randn(9, 12)
+    torch.testing.assert_close(_forward(head, x), head(x))
+    grads = []
+    for fn in (_forward, lambda h, v: h(v)):
+        head.zero_grad()
+        (fn(head, x) ** 2).sum().backward()
+        grads.append((head.weight.grad.clone(), head.bias.grad.clone()))
+    torch.testing.assert_close(grads[0], grads[1])

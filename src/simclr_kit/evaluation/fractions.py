@@ -1,6 +1,6 @@
 """Label efficiency: linear probes trained on stratified label fractions and k-shot subsets.
 
-The semi-supervised protocol of SimCLR (Chen et al. 2020, section 4 / table 7: 1% and 10% of
+The semi-supervised protocol of SimCLR (Chen et al. 2020, table 7: 1% and 10% of
 ImageNet labels, class-balanced) and the few-shot k = 1, 5, 10 examples per class, each repeated
 over several seeds and reported as mean and standard deviation.
 
@@ -93,8 +93,9 @@ def k_shot(labels: Tensor, k: int, seed: int) -> Tensor:
     return _take(perms, [min(k, p.numel()) for p in perms], labels.device)
 
 
-def _subset_specs(fractions: Sequence[float], shots: Sequence[int]) -> list[tuple[str, str, float]]:
-    """``(name, kind, value)`` per subset: ``("1%", "fraction", 0.01)``, ``("5-shot", "shots", 5)``."""
+def _subset_specs(fractions: Sequence[float],
+                  shots: Sequence[int]) -> list[tuple[str, str, float]]:
+    """``(name, kind, value)`` per subset: ("1%", "fraction", 0.01), ("5-shot", "shots", 5)."""
     specs = [(f"{100 * f:g}%", "fraction", float(f)) for f in fractions]
     return specs + [(f"{k}-shot", "shots", int(k)) for k in shots]
 

@@ -65,7 +65,7 @@ def _knn_scores_chunks(train_features: Tensor, train_labels: Tensor, query_featu
 
     The top ``max(k)`` neighbours are found once per chunk (sorted by similarity) and each k
     reads the first k of them, so several k cost one similarity matrix and one ``topk``.
-    Memory per chunk is ``chunk_size * N`` floats for the similarities.
+    Memory: one normalised float32 copy of the keys, plus ``chunk_size * N`` similarities.
     """
     device = query_features.device
     # float32 because exp(sim / T) reaches e^10 at T = 0.1 and fp16 sums of 200 such votes are
@@ -144,7 +144,7 @@ def knn_accuracy(train_features: Tensor, train_labels: Tensor, query_features: T
     Returns:
         ``{k: {"top1": percent, "top5": percent}}``.
     """
-    ks = tuple(ks)
+    ks = tuple(dict.fromkeys(ks))  # duplicates would only be computed twice
     _check_inputs(train_features, train_labels, query_features, num_classes, ks, temperature,
                   chunk_size)
     if query_labels.shape != (query_features.shape[0],):
