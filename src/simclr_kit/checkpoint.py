@@ -98,11 +98,12 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str
                       json.dumps(dict(meta, **_fingerprint(path)), indent=2) + "\n")
 
 
-def verify_file(path: Path, sidecar: Path | None = None) -> None:
+def verify_file(path: Path, sidecar: Path | None = None, hash_too: bool = True) -> None:
     """Check ``path`` against the size and SHA-256 in its JSON sidecar (``X.json`` for ``X.*``).
 
     A file without a sidecar (a foreign one), or whose sidecar describes another file name, is
     not checked; one that differs from what its sidecar recorded raises a one-line UserError.
+    ``hash_too=False`` checks the size only (cheap: for reading a header).
     """
     sidecar = sidecar or path.with_suffix(".json")
     if not sidecar.is_file() or not path.is_file():
@@ -118,13 +119,14 @@ def verify_file(path: Path, sidecar: Path | None = None) -> None:
     if size != record.get("bytes"):
         raise UserError(f"{path} is {size} bytes but {sidecar.name} records {record.get('bytes')}:"
                         " the file is truncated or was replaced; it is not loaded")
-    if _sha256(path) != record["sha256"]:
+    if hash_too and _sha256(path) != record["sha256"]:
         raise UserError(f"{path} does not match the SHA-256 recorded in {sidecar.name}: the file "
                         "is corrupt or was replaced; it is not loaded")
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The metadata in a safetensors header ({} for a file that has none)."""
+    verify_file(path, hash_too=False)
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
@@ -221,22 +223,26 @@ def save_checkpoint(run_dir: Path, name: str, model: nn.Module, meta: dict[str, 
     final = root / name
     tmp = root / f".{name}.tmp{os.getpid()}"
     previous = latest_checkpoint(run_dir, required=False)
+    published = False
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         _write_checkpoint_dir(tmp, model, meta, train_state, keep)
         aside = _swap_into_place(tmp, final)
+        published = True
         faults.point("save-renamed")
         atomic_write_text(root / "latest", name + "\n")
     except (OSError, RuntimeError, SafetensorError, UserError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if published:  # the pointer could not follow: withdraw the new directory too
+            shutil.rmtree(final, ignore_errors=True)
         _put_back(root, name)
         kept = f"the previous checkpoint {previous.name} is intact" if previous else \
             "no earlier checkpoint exists"
         detail = str(err) if isinstance(err, UserError) else _write_error(err)
         raise UserError(f"cannot save checkpoint {name} in {root} ({detail}); {kept}: free some "
-                        f"space, then resume with  simclr pretrain --resume {run_dir}") from None
+                        f"space, then resume with: simclr pretrain --resume {run_dir}") from None
     faults.point("save-latest")
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +193,7 @@ def _decode_all(split: Split, size: int, bad_images: str,
             keep.append(row)
         except Exception as err:  # PIL raises many types for bad bytes; each is one bad row
             text = str(err).splitlines()[0] if str(err).strip() else ""
+            text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "embedded bytes", text)
             reason = f"{type(err).__name__}: {text}".strip()
             if bad_images == "error":
                 raise _bad_image(split, row, _item_name(item), reason) from None

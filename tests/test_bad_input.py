@@ -1,0 +1,291 @@
+"""Bad input answers with one line and exit 2, or is skipped, counted and listed; never a traceback.
+
+Everything runs the command line in-process on a few 8 px images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from simclr_kit.cli import main
+from simclr_kit.config import DataConfig
+from simclr_kit.data.sources import open_splits
+from simclr_kit.data.store import decode_split
+
+TINY = ["--device", "cpu", "--batch-size", "4", "--image-size", "8", "--epochs", "1",
+        "--projection-dim", "8", "--log-every", "1", "--checkpoint-every", "0"]
+RED, GREEN, BLUE = (220, 20, 20), (10, 200, 30), (20, 20, 220)
+
+
+def _one_error_line(capsys: pytest.CaptureFixture) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.strip() and "%|" not in line]  # progress bars are not error lines
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def _exif_rotated_jpeg(path: Path) -> None:
+    """Stored 8 wide x 16 tall, top red and bottom blue, with EXIF orientation 6 ("rotate 90
+    degrees clockwise to display"): shown upright it is 16 x 8 with blue left, red right."""
+    raw = np.zeros((16, 8, 3), np.uint8)
+    raw[:8], raw[8:] = RED, BLUE
+    img = Image.fromarray(raw)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(path, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def _write_mixed_folder(root: Path) -> dict[str, object]:
+    """A flat folder of every kind of image, three broken files and two that are not images.
+
+    Returns the expected 8 px decoding of each special image (a colour, or a check function).
+    """
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    (root / "a_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(200))
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"b_good{i}.png")
+    Image.new("L", (8, 8), 77).save(root / "c_gray.png")
+    Image.new("RGBA", (8, 8), GREEN + (128,)).save(root / "d_rgba.png")
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, *BLUE] + [0] * 762)
+    pal.save(root / "e_palette.png", transparency=0)
+    Image.new("RGB", (8, 8), RED).convert("CMYK").save(root / "f_cmyk.jpg", quality=95)
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(root / "g_16bit.png")
+    wide = np.zeros((12, 20, 3), np.uint8)  # 20 wide: the centre 12 columns survive the crop
+    wide[:, :10], wide[:, 10:] = RED, BLUE
+    Image.fromarray(wide).save(root / "h_wide.png")
+    Image.new("RGB", (1, 1), GREEN).save(root / "i_1x1.png")
+    huge = Image.new("P", (8000, 8000), 0)  # one byte a pixel: cheap to write, 64 Mpx to read
+    huge.putpalette([*GREEN] + [0] * 765)
+    huge.save(root / "j_huge.png", compress_level=1)
+    _exif_rotated_jpeg(root / "k_exif.jpg")
+    good = (root / "b_good0.png").read_bytes()
+    (root / "l_trunc.png").write_bytes(good[: len(good) // 2])
+    (root / "m_empty.jpg").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image\n")
+    (root / "README.md").write_text("# photos\n")
+    return {"c_gray.png": (77, 77, 77), "d_rgba.png": GREEN, "e_palette.png": BLUE,
+            "f_cmyk.jpg": RED, "g_16bit.png": (128, 128, 128), "i_1x1.png": GREEN,
+            "j_huge.png": GREEN}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    root = tmp_path_factory.mktemp("mixed") / "photos"
+    return root, _write_mixed_folder(root)
+
+
+@pytest.fixture(scope="module")
+def skip_run(mixed, tmp_path_factory) -> tuple[Path, str]:
+    """One pretraining run over the mixed folder with the default policy (skip)."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    capture = io.StringIO()
+    from contextlib import redirect_stdout
+
+    with redirect_stdout(capture):
+        rc = main(["pretrain", "--data", str(mixed[0]), "--out", str(out), *TINY])
+    assert rc == 0
+    return out, capture.getvalue()
+
+
+def test_skip_policy_counts_names_and_summarises(skip_run):
+    out, stdout = skip_run
+    rows = [line.split("\t") for line in (out / "skipped.txt").read_text().splitlines()]
+    assert rows[0] == ["row", "file", "reason"]
+    bad = {Path(f).name for r, f, _ in rows[1:] if int(r) >= 0}
+    ignored = {Path(f).name for r, f, _ in rows[1:] if int(r) < 0}
+    assert bad == {"a_corrupt.png", "l_trunc.png", "m_empty.jpg"}
+    assert ignored == {"notes.txt", "README.md"}
+    summary = [line for line in stdout.splitlines() if "unreadable" in line]
+    assert len(summary) == 1
+    assert "skipped 3 unreadable image(s)" in summary[0] and "kept 15" in summary[0]
+    assert "ignored 2 file(s)" in summary[0] and "skipped.txt" in summary[0]
+    run = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert run["images"] == 15 and run["dataset"]["skipped"] == 3
+
+
+def test_every_mode_size_and_orientation_decodes_right(mixed, skip_run):
+    root, expected = mixed
+    train, _ = open_splits(DataConfig(data=str(root)), need_eval=False)
+    store = decode_split(train, 8, progress=False)
+    raw = train.dataset.cast_column(train.image_column, datasets.Image(decode=False))
+    names = [Path(raw[int(r)][train.image_column]["path"]).name for r in store.row_ids]
+    images = {n: store.images[i].permute(1, 2, 0).numpy().astype(int) for i, n in enumerate(names)}
+    assert len(images) == 15
+    for name, colour in expected.items():
+        # JPEG and CMYK round trips move colours a little; the rest is exact up to rounding.
+        tol = 12 if name.endswith(".jpg") else 1
+        assert np.abs(images[name] - np.array(colour)).max() <= tol, name
+    wide = images["h_wide.png"]  # shorter side kept, the centre square cut: red | blue
+    assert np.abs(wide[:, :3] - RED).max() <= 1 and np.abs(wide[:, -3:] - BLUE).max() <= 1
+    exif = images["k_exif.jpg"]  # orientation applied: blue left, red right (raw: red on top)
+    assert exif[:, :3, 2].mean() > 150 and exif[:, :3, 0].mean() < 60
+    assert exif[:, -3:, 0].mean() > 150 and exif[:, -3:, 2].mean() < 60
+
+
+def test_error_policy_stops_at_the_first_and_names_it(mixed, skip_run, tmp_path, capsys):
+    rc = main(["pretrain", "--data", str(mixed[0]), "--out", str(tmp_path / "r"),
+               "--bad-images", "error", *TINY])
+    assert rc == 2
+    line = _one_error_line(capsys)
+    assert "a_corrupt.png" in line and "--bad-images skip" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_error_policy_on_embedded_bytes_names_the_row(tmp_path, capsys):
+    good = io.BytesIO()
+    Image.new("RGB", (8, 8), RED).save(good, "PNG")
+    rows = [{"bytes": good.getvalue(), "path": None}] * 5
+    rows[3] = {"bytes": good.getvalue()[:30], "path": "x3.png"}
+    ds = datasets.Dataset.from_dict({"image": rows}, features=datasets.Features(
+        {"image": datasets.Image()}))
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    assert main(["pretrain", "--data", str(tmp_path / "train.parquet"), "--out",
+                 str(tmp_path / "r"), "--bad-images", "error", *TINY]) == 2
+    line = _one_error_line(capsys)
+    assert "row 3 of 'train' (x3.png)" in line
+
+
+def test_all_bad_is_an_error_not_an_empty_run(tmp_path, capsys):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(os.urandom(64))
+    (folder / "notes.txt").write_text("x")
+    assert main(["pretrain", "--data", str(folder), "--out", str(tmp_path / "r"), *TINY]) == 2
+    line = _one_error_line(capsys)
+    assert "none of the 3 images" in line and "nothing to train on" in line
+    assert not (tmp_path / "r").exists()
+
+
+# ---- dataset shape -------------------------------------------------------------------------
+
+def _parquet(root: Path, splits: dict[str, list[int | None]], labels: str = "classlabel") -> Path:
+    """One Parquet file per split of 8 px images; ``labels`` per row (None/-1: missing)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for split, ys in splits.items():
+        feats = {"image": datasets.Image()}
+        if labels == "classlabel":
+            feats["label"] = datasets.ClassLabel(names=["a", "b", "c"])
+        elif labels == "string":
+            feats["label"] = datasets.Value("string")
+        data = {"image": [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+                          for _ in ys]}
+        if labels != "none":
+            data["label"] = [str(y) for y in ys] if labels == "string" else ys
+        datasets.Dataset.from_dict(data, features=datasets.Features(feats)).to_parquet(
+            str(root / f"{split}.parquet"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run pretrained on a train split where some rows have no label (pretraining needs none)."""
+    data = _parquet(tmp_path_factory.mktemp("d") / "pq",
+                    {"train": [0, 1, -1, 2, 0, -1, 1, 2], "test": [0, 1, 2, 0, 1, 2]})
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_fewer_images_than_a_batch(tmp_path, capsys):
+    data = _parquet(tmp_path / "few", {"train": [None] * 6}, labels="none")
+    args = ["pretrain", "--data", str(data), *TINY, "--batch-size", "8"]
+    assert main([*args, "--out", str(tmp_path / "r1")]) == 2
+    line = _one_error_line(capsys)
+    assert "only 6 images, fewer than one batch of 8" in line and "--allow-smaller-batch" in line
+    assert main([*args, "--out", str(tmp_path / "r2"), "--allow-smaller-batch", "true"]) == 0
+    assert "a batch of 6 instead of 8" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "r2" / "config.yaml").read_text())["batch_size"] == 6
+
+
+@pytest.mark.parametrize("case,message", [
+    ("single class", "single class"),
+    ("labels missing", "2 of 6 rows without a label"),
+    ("no label column", "6 of 6 rows without a label"),
+    ("string labels", "must be a ClassLabel or an integer column"),
+    ("missing image column", "image column 'photo' not found"),
+    ("image column of numbers", "must hold images"),
+])
+def test_evaluation_data_shape_errors(tiny_run, tmp_path, capsys, case, message):
+    train = [0, 1, 2, 0, 1, 2]
+    flags: list[str] = []
+    if case == "single class":
+        data = _parquet(tmp_path / "d", {"train": train, "test": [1] * 6})
+    elif case == "labels missing":
+        data = _parquet(tmp_path / "d", {"train": train, "test": [0, -1, 2, 0, -1, 2]})
+    elif case == "no label column":
+        data = _parquet(tmp_path / "d", {"train": train})
+        _parquet(tmp_path / "d", {"test": train}, labels="none")
+    elif case == "string labels":
+        data = _parquet(tmp_path / "d", {"train": train, "test": train}, labels="string")
+        flags = ["--label-column", "label"]
+    else:
+        data = _parquet(tmp_path / "d", {"train": train, "test": train})
+        flags = ["--image-column", "photo" if case == "missing image column" else "label"]
+    rc = main(["evaluate", str(tiny_run), "--data", str(data), "--device", "cpu",
+               "--protocols", "knn", "--knn-k", "3", *flags])
+    assert rc == 2
+    assert message in _one_error_line(capsys)
+
+
+# ---- configuration -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags,yaml_text,message", [
+    (["--temperature", "0"], None, "temperature = 0.0 is out of range: must be a finite number > 0"),
+    (["--temperature", "-0.5"], None, "temperature"),
+    (["--batch-size", "1"], None, "batch_size = 1 is out of range: must be an integer >= 2"),
+    (["--lr", "0"], None, "lr = 0.0 is out of range: must be a finite number > 0"),
+    (["--lr", "-0.001"], None, "lr = -0.001"),
+    (["--epochs", "0"], None, "epochs = 0 is out of range: must be an integer >= 1"),
+    (["--backbone", "resnet1000"], None, "unknown backbone 'resnet1000'"),
+    (["--image-size", "4"], None, "image_size = 4 is out of range: must be an integer in [8, 1024]"),
+    ([], "epochs: 1\nlearning_rate: 0.1\n", "unknown key(s) ['learning_rate']"),
+    ([], "data:\n  imagesize: 8\n", "config.data: unknown key(s) ['imagesize']"),
+    ([], "epochs: ten\n", "epochs = 'ten' has the wrong type: expected int"),
+])
+def test_config_errors_win_before_any_data_is_read(flags, yaml_text, message, tmp_path, capsys):
+    args = ["pretrain", "--data", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "r")]
+    if yaml_text is not None:
+        (tmp_path / "c.yaml").write_text(yaml_text)
+        args += ["--config", str(tmp_path / "c.yaml")]
+    assert main(args + flags) == 2
+    line = _one_error_line(capsys)
+    assert message in line and "does not exist" not in line  # the data was never looked at
+    assert not (tmp_path / "r").exists()
+
+
+def test_yaml_float_without_a_dot_is_a_number(tmp_path):
+    from simclr_kit.config import PretrainConfig, from_dict, load_yaml
+
+    (tmp_path / "c.yaml").write_text("lr: 3e-4\n")  # PyYAML reads this as the string '3e-4'
+    assert from_dict(PretrainConfig, load_yaml(tmp_path / "c.yaml")).lr == pytest.approx(3e-4)
+
+
+def test_debug_shows_the_traceback_otherwise_one_line(capsys):
+    for argv in (["--debug", "pretrain", "--temperature", "0"],
+                 ["pretrain", "--debug", "--temperature", "0"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and err.strip().splitlines()[-1].startswith("simclr pretrain: error")
+    assert main(["pretrain", "--epochs", "ten"]) == 2  # a usage error: one line too
+    line = _one_error_line(capsys)
+    assert "invalid int value: 'ten'" in line and "--help" in line
+
+
+def test_resume_refuses_flags_it_would_ignore(tiny_run, capsys):
+    assert main(["pretrain", "--resume", str(tiny_run), "--lr", "0.01"]) == 2
+    line = _one_error_line(capsys)
+    assert "--lr cannot change when resuming" in line

@@ -1,0 +1,265 @@
+"""Checkpoints survive what really happens: torn or altered files, kills mid-save, a full disk, a
+NaN, and files crafted to run code. Training runs are in-process, a few steps on 8 px images."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simclr_kit import checkpoint, training
+from simclr_kit.checkpoint import latest_checkpoint, load_train_state, load_weights
+from simclr_kit.cli import main
+from simclr_kit.encoder import load_encoder
+from simclr_kit.errors import UserError
+
+TINY = ["--device", "cpu", "--batch-size", "4", "--image-size", "8", "--projection-dim", "8",
+        "--log-every", "100", "--checkpoint-every", "0"]
+
+
+def _one_error_line(capsys: pytest.CaptureFixture) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.strip() and "%|" not in line]  # progress bars are not error lines
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 unlabeled 8 px images: 4 steps an epoch at batch 4."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(16)]
+    datasets.Dataset.from_dict({"image": images}, features=datasets.Features(
+        {"image": datasets.Image()})).to_parquet(str(root / "train.parquet"))
+    return root / "train.parquet"
+
+
+@pytest.fixture(scope="module")
+def base_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "base"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    return out
+
+
+@pytest.fixture
+def run(base_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the finished run, to damage."""
+    return Path(shutil.copytree(base_run, tmp_path / "run"))
+
+
+def _all_finite(path: Path) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in load_weights(path).values()
+               if v.is_floating_point())
+
+
+# ---- torn, altered and left-over files -----------------------------------------------------
+
+def test_truncated_weights_are_detected_by_their_recorded_size(run, tmp_path, capsys):
+    weights = latest_checkpoint(run) / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 1000])  # a torn tail: the header still parses
+    with pytest.raises(UserError, match="bytes but model.json records .* truncated"):
+        load_encoder(run)
+    assert main(["export", str(run), str(tmp_path / "bb.safetensors")]) == 2
+    assert "truncated or was replaced" in _one_error_line(capsys)
+
+
+def test_altered_weights_are_detected_by_their_hash(run):
+    weights = latest_checkpoint(run) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # same size, one tensor value changed
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="does not match the SHA-256"):
+        load_encoder(run)
+
+
+def test_truncated_training_state_stops_resume_with_one_line(run, capsys):
+    state = latest_checkpoint(run) / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    assert main(["pretrain", "--resume", str(run), "--epochs", "2"]) == 2
+    line = _one_error_line(capsys)
+    assert "state.pt is 100 bytes but state.json records" in line
+
+
+def test_what_a_kill_leaves_behind_is_ignored_then_cleaned(run, capsys):
+    """The states a SIGKILL can leave at each point of a save, each still resumable."""
+    root = run / "checkpoints"
+    good = latest_checkpoint(run)
+    assert good.name == "epoch-0001" and (good / "KEEP").exists()
+    # Killed while writing: a half-filled temporary directory and a temporary pointer file.
+    torn = root / ".epoch-0001-step-000002.tmp4242"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:500])
+    (root / ".latest.tmp4242").write_text("epoch-0001-step-000002")
+    assert latest_checkpoint(run) == good
+    # Killed between renaming the same position aside and renaming the new one in.
+    aside = root / ".replaced-epoch-0001.tmp4242"
+    good.rename(aside)
+    assert latest_checkpoint(run) == aside
+    aside.rename(good)
+    # Killed before the first pointer was written: the newest complete directory.
+    (root / "latest").unlink()
+    assert latest_checkpoint(run) == good
+    assert load_train_state(good)["global_step"] == 4
+    # Resuming works from there, and the next save sweeps the leftovers away.
+    assert main(["pretrain", "--resume", str(run), "--epochs", "2"]) == 0
+    assert latest_checkpoint(run).name == "epoch-0002"
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]
+    capsys.readouterr()
+
+
+# ---- non-finite loss, full disk ------------------------------------------------------------
+
+@pytest.mark.parametrize("poison", ["loss", "weights"])
+def test_nan_is_never_saved_and_the_last_good_checkpoint_stays(data, tmp_path, monkeypatch,
+                                                               capsys, poison):
+    original = training.train_step
+
+    def poisoned(t, idx):
+        loss = original(t, idx)
+        if t.global_step == 2:  # the third step
+            if poison == "loss":
+                return loss * float("nan")
+            with torch.no_grad():  # a weight blows up while the loss still looks fine
+                weight = next(t.model.parameters())
+                weight[(0,) * weight.ndim] = float("inf")
+        return loss
+
+    monkeypatch.setattr(training, "train_step", poisoned)
+    out = tmp_path / "r"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY,
+                 "--checkpoint-every-steps", "1"]) == 2
+    line = _one_error_line(capsys)
+    assert "stopped at epoch 0 step 3" in line and "NaN or infinite" in line
+    assert "last good checkpoint" in line and "epoch-0000-step-000002" in line
+    last = latest_checkpoint(out)
+    assert last.name == "epoch-0000-step-000002" and _all_finite(last / "model.safetensors")
+
+
+def _enospc(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_while_saving_stops_the_run_and_keeps_the_previous_checkpoint(
+        data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    real = checkpoint.save_file
+    monkeypatch.setattr(checkpoint, "save_file", lambda *a, **k: _enospc()
+                        if (out / "checkpoints" / "latest").exists() else real(*a, **k))
+    assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY,
+                 "--checkpoint-every-steps", "2"]) == 2
+    line = _one_error_line(capsys)
+    assert "cannot save checkpoint epoch-0001" in line and "No space left on device" in line
+    assert "the previous checkpoint epoch-0000-step-000002 is intact" in line
+    assert f"--resume {out}" in line
+    last = latest_checkpoint(out)
+    assert last.name == "epoch-0000-step-000002" and load_train_state(last)["global_step"] == 2
+    load_encoder(out)  # loads, sidecars verified
+    assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("where", ["weights", "state", "rename", "pointer", "same name"])
+def test_every_failing_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch, where):
+    run = tmp_path / "run"
+    old, new = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    first = "epoch-0001" if where == "same name" else "epoch-0000-step-000002"
+    checkpoint.save_checkpoint(run, first, old, {"epoch": 0}, {"step": torch.tensor(2)}, False)
+    if where == "weights":
+        monkeypatch.setattr(checkpoint, "save_file", _enospc)
+    elif where == "state":
+        def torn(*_a, **_k):  # torch wraps the OSError of a full disk in a RuntimeError
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 "
+                               "vs 0\nPytorchStreamWriter failed writing file data/0")
+        monkeypatch.setattr(torch, "save", torn)
+    else:
+        real, failed = os.replace, []
+        target = "latest" if where == "pointer" else "epoch-0001"
+
+        def replace(src, dst):  # the first rename onto the target fails, later ones work
+            if Path(dst).name == target and not failed:
+                failed.append(dst)
+                _enospc()
+            return real(src, dst)
+        monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(UserError, match=f"previous checkpoint {first} is intact"):
+        checkpoint.save_checkpoint(run, "epoch-0001", new, {"epoch": 1}, {"step": torch.tensor(4)},
+                                   True)
+    last = latest_checkpoint(run)
+    assert last.name == first and load_train_state(last)["step"] == 2
+    assert torch.equal(load_weights(last / "model.safetensors")["weight"], old.weight)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [first, "latest"]
+
+
+def test_saving_the_same_position_again_replaces_it(tmp_path):
+    run = tmp_path / "run"
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        checkpoint.save_checkpoint(run, "epoch-0001", model, {}, {"seed": seed}, True)
+    last = latest_checkpoint(run)
+    assert load_train_state(last)["seed"] == 1
+    assert torch.equal(load_weights(last / "model.safetensors")["weight"], model.weight)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001", "latest"]
+
+
+# ---- files that would run code -------------------------------------------------------------
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['EXPLOIT_MARKER']}",))
+
+
+@pytest.fixture
+def marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "pwned"
+    monkeypatch.setenv("EXPLOIT_MARKER", str(path))
+    return path
+
+
+def test_crafted_init_weights_never_run(data, tmp_path, marker, capsys):
+    evil = tmp_path / "weights.pt"
+    evil.write_bytes(pickle.dumps({"conv1.weight": _Exploit()}))
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "r"), "--epochs", "1",
+                 *TINY, "--init", str(evil)]) == 2
+    assert "never unpickled" in _one_error_line(capsys)
+    assert not marker.exists()
+
+
+def test_crafted_training_state_never_runs_even_with_a_matching_sidecar(run, marker, capsys):
+    ckpt = latest_checkpoint(run)
+    state = ckpt / "state.pt"
+    state.write_bytes(pickle.dumps({"optimizer": _Exploit(), "epoch": 1}))
+    # The attacker controls the whole directory, so the sidecar matches: weights_only still refuses.
+    record = {"file": "state.pt", "bytes": state.stat().st_size,
+              "sha256": hashlib.sha256(state.read_bytes()).hexdigest()}
+    (ckpt / "state.json").write_text(json.dumps(record))
+    assert main(["pretrain", "--resume", str(run), "--epochs", "2"]) == 2
+    assert "never unpickled" in _one_error_line(capsys)
+    assert not marker.exists()
+
+
+def test_dataset_loading_scripts_are_refused_with_a_way_out(tmp_path, monkeypatch, capsys):
+    def scripted(path, *args, **kwargs):  # what datasets >= 4 raises for a script dataset
+        raise RuntimeError(f"Dataset scripts are no longer supported, but found {path.split('/')[-1]}.py")
+
+    monkeypatch.setattr(datasets, "load_dataset", scripted)
+    assert main(["pretrain", "--data", "someone/scripted", "--out", str(tmp_path / "r")]) == 2
+    line = _one_error_line(capsys)
+    assert "needs a loading script (scripted.py)" in line and "never run" in line
+    assert "to_parquet" in line and "refs/convert/parquet" in line
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "local.py").write_text("raise SystemExit('ran')\n")
+    assert main(["pretrain", "--data", str(local), "--out", str(tmp_path / "r")]) == 2
+    assert "needs a loading script (local.py)" in _one_error_line(capsys)
