@@ -169,6 +169,17 @@ def test_all_bad_is_an_error_not_an_empty_run(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_truncated_parquet_file_is_one_line(tmp_path, capsys):
+    ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 4},
+                                    features=datasets.Features({"image": datasets.Image()}))
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    data = (tmp_path / "train.parquet").read_bytes()
+    (tmp_path / "train.parquet").write_bytes(data[: len(data) // 2])
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r"), *TINY]) == 2
+    line = _one_error_line(capsys)
+    assert f"cannot read {tmp_path}" in line and "Parquet" in line
+
+
 # ---- dataset shape -------------------------------------------------------------------------
 
 def _parquet(root: Path, splits: dict[str, list[int | None]], labels: str = "classlabel") -> Path:

@@ -85,7 +85,35 @@ def non_image_files(folder: Path) -> tuple[str, ...]:
         and not any(part.startswith((".", "__")) for part in p.relative_to(folder).parts)))
 
 
+def _read_files(where: str, load, *args, **kwargs) -> datasets.DatasetDict:
+    """``load(*args, **kwargs)`` on the user's files; a file that is truncated, corrupt or not
+    what its name says is one line naming the problem, not an Arrow traceback."""
+    import pyarrow
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()  # it would log the same problem on its own line
+    try:
+        return load(*args, **kwargs)
+    except (pyarrow.ArrowException, datasets.exceptions.DatasetGenerationError, OSError,
+            ValueError) as err:
+        cause = err.__cause__ or err  # DatasetGenerationError wraps the reader's error
+        text = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        raise UserError(f"cannot read {where}: {text}") from None
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
 def _load_local(path: Path) -> datasets.DatasetDict:
+    loaded = _read_files(str(path), _load_local_files, path)
+    if loaded is None:
+        scripts = [path] if path.suffix == ".py" else sorted(path.glob("*.py"))
+        if scripts:
+            raise _script_error(str(path), scripts[0].name)
+        raise UserError(f"{path} holds no Parquet files, no saved dataset and no images")
+    return loaded
+
+
+def _load_local_files(path: Path) -> datasets.DatasetDict | None:
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         loaded = datasets.load_from_disk(str(path))
         return loaded if isinstance(loaded, datasets.DatasetDict) else \
@@ -96,10 +124,7 @@ def _load_local(path: Path) -> datasets.DatasetDict:
         return datasets.load_dataset("parquet", data_dir=str(path))
     if _is_image_folder(path):
         return datasets.load_dataset("imagefolder", data_dir=str(path))
-    scripts = [path] if path.suffix == ".py" else sorted(path.glob("*.py"))
-    if scripts:
-        raise _script_error(str(path), scripts[0].name)
-    raise UserError(f"{path} holds no Parquet files, no saved dataset and no images")
+    return None
 
 
 def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
@@ -136,7 +161,7 @@ def open_source(cfg: DataConfig) -> datasets.DatasetDict:
         files = sorted(glob.glob(cfg.data, recursive=True))
         if not files:
             raise UserError(f"no files match {cfg.data!r}")
-        return datasets.load_dataset("parquet", data_files={"train": files})
+        return _read_files(cfg.data, datasets.load_dataset, "parquet", data_files={"train": files})
     path = Path(os.path.expanduser(cfg.data))
     if path.exists():
         return _load_local(path)
