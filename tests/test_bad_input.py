@@ -300,3 +300,22 @@ def test_resume_refuses_flags_it_would_ignore(tiny_run, capsys):
     assert main(["pretrain", "--resume", str(tiny_run), "--lr", "0.01"]) == 2
     line = _one_error_line(capsys)
     assert "--lr cannot change when resuming" in line
+
+
+def test_predict_on_image_files_follows_the_bad_image_policy(tiny_run, tmp_path, capsys):
+    data = _parquet(tmp_path / "d", {"train": [0, 1, 2, 0, 1, 2], "test": [0, 1, 2, 0, 1, 2]})
+    cls = tmp_path / "cls"
+    assert main(["train-classifier", str(tiny_run), "--data", str(data), "--out", str(cls),
+                 "--epochs", "1", "--device", "cpu"]) == 0
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (12, 9), RED).save(photos / "a.png")
+    (photos / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(40))
+    capsys.readouterr()
+    assert main(["predict", str(cls), "--data", str(photos), "--out", str(tmp_path / "p.csv")]) == 0
+    assert "skipped 1 unreadable image file(s)" in capsys.readouterr().out
+    assert (tmp_path / "p.csv").read_text().count("a.png") == 1
+    assert "b.png" not in (tmp_path / "p.csv").read_text()
+    assert main(["predict", str(cls), "--data", str(photos), "--out", str(tmp_path / "q.csv"),
+                 "--bad-images", "error"]) == 2
+    assert "b.png is not a readable image" in _one_error_line(capsys)

@@ -26,7 +26,7 @@ from simclr_kit.checkpoint import atomic_write_text, load_weights, save_weights
 from simclr_kit.config import AugmentConfig, ClassifierConfig, DataConfig
 from simclr_kit.data.sources import (IMAGE_SUFFIXES, Split, find_image_column, open_source,
                                      open_splits)
-from simclr_kit.data.store import ImageStore, decode_split
+from simclr_kit.data.store import ImageStore, decode_split, skipped_summary
 from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, load_encoder
 from simclr_kit.errors import UserError
@@ -100,6 +100,8 @@ def train_classifier(checkpoint: str | Path, data: DataConfig, out: str | Path,
     train = decode_split(train_split, encoder.image_size, data.bad_images, progress)
     val = decode_split(val_split, encoder.image_size, data.bad_images, progress)  # type: ignore[arg-type]
     for store, role in ((train, "train"), (val, "validation")):
+        if store.skipped:
+            tqdm.write(skipped_summary(store))
         if store.labels is None:
             raise UserError(f"the {role} split has no labels: a classifier needs a label column")
     if int(train.labels.unique().numel()) < 2:  # type: ignore[union-attr]
@@ -167,6 +169,31 @@ def prediction_split(cfg: DataConfig) -> Split:
     return Split(ds, find_image_column(ds.features, cfg.image_column), None, None, cfg.data, name)
 
 
+def _read_image_files(paths: list[Path], encoder: Encoder, bad_images: str) -> tuple[list[str],
+                                                                                      Tensor]:
+    """(ids, ``(N, 3, S, S) uint8``) of the readable files; unreadable ones follow ``bad_images``."""
+    from PIL import Image
+
+    ids, arrays, skipped = [], [], []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                arrays.append(encoder.to_uint8(img))
+            ids.append(str(path))
+        except Exception as err:  # PIL raises many types for bad bytes
+            reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+            if bad_images == "error":
+                raise UserError(f"{path} is not a readable image ({reason}); fix or remove it, "
+                                "or pass --bad-images skip to skip such images") from None
+            skipped.append(path)
+    if not arrays:
+        raise UserError(f"none of the {len(paths)} image files could be read (first: {skipped[0]})")
+    if skipped:
+        tqdm.write(f"skipped {len(skipped)} unreadable image file(s), which get no prediction: "
+                   + ", ".join(str(p) for p in skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
+    return ids, torch.cat(arrays)
+
+
 def predict(cls_dir: str | Path, data: str, out: str | Path, device: str = "auto",
             data_config: DataConfig | None = None, batch_size: int = 256) -> int:
     """Write ``out`` (CSV: id, predicted class, probability), one row per image; returns rows."""
@@ -177,14 +204,14 @@ def predict(cls_dir: str | Path, data: str, out: str | Path, device: str = "auto
     if paths is not None:
         if not paths:
             raise UserError(f"no images found at {data}")
-        from PIL import Image
-
-        ids = [str(p) for p in paths]
-        images = torch.cat([encoder.to_uint8(Image.open(p)) for p in paths])
+        policy = (data_config or DataConfig()).bad_images
+        ids, images = _read_image_files(paths, encoder, policy)
     else:
         cfg = data_config or DataConfig(data=data)
         store = decode_split(prediction_split(cfg), meta["image_size"], cfg.bad_images,
                              progress=False)
+        if store.skipped:
+            tqdm.write(skipped_summary(store) + ": they get no prediction")
         ids = [str(int(r)) for r in store.row_ids]
         images = store.images
     rows = []

@@ -18,7 +18,7 @@ from simclr_kit import __version__, distributed
 from simclr_kit.checkpoint import atomic_write_text
 from simclr_kit.config import DataConfig, EvalConfig
 from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import ImageStore, decode_split
+from simclr_kit.data.store import ImageStore, decode_split, skipped_summary
 from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, load_encoder
 from simclr_kit.errors import UserError
@@ -113,6 +113,9 @@ def evaluate(checkpoint: str | Path, data: DataConfig, cfg: EvalConfig | None = 
     train_split, val_split = open_splits(data, need_eval=True)
     train = decode_split(train_split, encoder.image_size, data.bad_images, progress)
     val = decode_split(val_split, encoder.image_size, data.bad_images, progress)  # type: ignore[arg-type]
+    for store in (train, val):
+        if store.skipped:  # the counts are also in eval.json; the accuracy is over the rest
+            print(skipped_summary(store))
     _check_labels(train, "train")
     _check_labels(val, "evaluation")
     started = time.time()
