@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from simclr_kit import __version__
 from simclr_kit.augment import SimCLRAugment, normalize
-from simclr_kit.checkpoint import atomic_write_text, load_weights, save_weights
+from simclr_kit.checkpoint import atomic_write_text, load_weights, read_metadata, save_weights
 from simclr_kit.config import AugmentConfig, ClassifierConfig, DataConfig
 from simclr_kit.data.sources import (IMAGE_SUFFIXES, Split, find_image_column, open_source,
                                      open_splits)
@@ -135,7 +134,9 @@ def load_classifier(cls_dir: str | Path, device: torch.device) -> tuple[Classifi
     file = path / "classifier.safetensors" if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"{cls_dir} holds no classifier.safetensors (made by train-classifier)")
-    meta = json.loads(file.with_suffix(".json").read_text())
+    meta = read_metadata(file)  # the header's copy: the sidecar may be lost or edited
+    if meta.get("kind") != "classifier":
+        raise UserError(f"{file} is not a classifier saved by train-classifier")
     backbone = build_backbone(meta["backbone"], meta["stem"])
     model = Classifier(backbone, meta["feature_dim"], len(meta["class_names"]), meta["head"],
                        meta["hidden_dim"], frozen=True)
