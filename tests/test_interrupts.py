@@ -139,3 +139,21 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_weights(data, tmp_p
     resumes = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
                if '"resume"' in line]
     assert len(resumes) == 3
+
+
+def test_a_second_signal_stops_at_once():
+    from types import SimpleNamespace
+
+    from simclr_kit.training import _install_signal_handlers
+
+    trainer = SimpleNamespace(stop_signal=None)
+    before = signal.getsignal(signal.SIGTERM)
+    restore = _install_signal_handlers(trainer)  # type: ignore[arg-type]
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # the first asks the loop to save and stop
+        assert trainer.stop_signal == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # the second does not wait for it
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers are put back
