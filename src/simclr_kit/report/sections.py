@@ -223,6 +223,8 @@ def evaluation_section(ctx: ReportContext) -> Section:
     for r in result.get("results", []):
         hp = r.get("hyperparameters") or {}
         settings = ", ".join(f"{k}={v}" for k, v in hp.items()) if isinstance(hp, dict) else hp
+        if r.get("subset") is not None:  # label-efficiency rows: which subset of the labels
+            settings = f"subset={r['subset']} ({r.get('labels', '?')} labels), {settings}"
         rows.append([r.get("protocol"), r.get("encoder"), r.get("metric"), _value(r),
                      r.get("split"), "" if r.get("seed") is None else r.get("seed"), settings])
     enc = result.get("encoder") or {}
