@@ -94,7 +94,7 @@ def test_label_efficiency_rows_and_plot(tmp_path: Path) -> None:
     x_train, y_train = _blobs(400, seed=0)
     x_val, y_val = _blobs(200, seed=1)
     rows = label_efficiency(x_train, y_train, x_val, y_val, 4, fractions=(0.05, 1.0),
-                            shots=(1, 5), seeds=3, epochs=30, lr=5e-2)
+                            shots=(1, 5), seeds=3, epochs=30, lr=5e-2, min_steps=0)
     assert [r["subset"] for r in rows] == ["5%", "100%", "1-shot", "5-shot"]
     per_class = torch.bincount(y_train, minlength=4)
     expected_labels = [int(sum(max(1, math.floor(0.05 * n + 0.5)) for n in per_class.tolist())),
@@ -118,7 +118,7 @@ def test_label_efficiency_rows_and_plot(tmp_path: Path) -> None:
 
 def test_label_efficiency_seed_offsets_probe_and_subset() -> None:
     x_train, y_train = _blobs(200, seed=2)
-    kwargs = dict(fractions=(0.1,), shots=(), seeds=2, epochs=2)
+    kwargs = dict(fractions=(0.1,), shots=(), seeds=2, epochs=2, min_steps=0)
     a = label_efficiency(x_train, y_train, x_train, y_train, 4, **kwargs)
     b = label_efficiency(x_train, y_train, x_train, y_train, 4, **kwargs, seed=0)
     c = label_efficiency(x_train, y_train, x_train, y_train, 4, **kwargs, seed=1)

@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from simclr_kit.evaluation.linear import LinearProbeResult, _forward, train_linear_probe
+from simclr_kit.evaluation.linear import (LinearProbeResult, _forward, probe_epochs,
+                                          train_linear_probe)
 
 
 def _separable(n: int, d: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +74,8 @@ def test_standardisation_stored_and_applied() -> None:
 def test_history_and_cosine_schedule() -> None:
     x_train, y_train = _separable(1000, 8, 4, seed=3)
     result = train_linear_probe(x_train, y_train, x_train[:50], y_train[:50], 4, epochs=4,
-                                lr=0.01, batch_size=300)  # 4 steps per epoch, last one partial
+                                lr=0.01, batch_size=300,  # 4 steps per epoch, last one partial
+                                min_steps=0)
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
     total = 16
     for h in result.history:  # lr logged at each epoch's last step, a cosine over all steps
@@ -90,24 +92,25 @@ def test_seeded_and_independent_of_global_rng() -> None:
     for global_seed, probe_seed in ((1, 0), (2, 0), (1, 1)):
         torch.manual_seed(global_seed)
         runs.append(train_linear_probe(x_train, y_train, x_val, y_val, 3, epochs=3,
-                                       seed=probe_seed))
+                                       seed=probe_seed, min_steps=0))
     torch.testing.assert_close(runs[0].head.weight, runs[1].head.weight, rtol=0, atol=0)
     assert not torch.allclose(runs[0].head.weight, runs[2].head.weight)
     state = torch.get_rng_state()
-    train_linear_probe(x_train, y_train, x_val, y_val, 3, epochs=1)
+    train_linear_probe(x_train, y_train, x_val, y_val, 3, epochs=1, min_steps=0)
     assert torch.equal(state, torch.get_rng_state())
 
 
 def test_thread_count_restored_and_bad_inputs() -> None:
     x_train, y_train = _separable(100, 4, 2, seed=6)
     threads = torch.get_num_threads()
-    train_linear_probe(x_train, y_train, x_train, y_train, 2, epochs=1)
+    train_linear_probe(x_train, y_train, x_train, y_train, 2, epochs=1, min_steps=0)
     assert torch.get_num_threads() == threads
     with pytest.raises(ValueError, match="labels span"):
         train_linear_probe(x_train, y_train + 2, x_train, y_train, 2)
     with pytest.raises(ValueError, match="feature dims differ"):
         train_linear_probe(x_train, y_train, x_train[:, :2], y_train, 2)
-    empty = train_linear_probe(x_train, y_train, x_train[:0], y_train[:0], 2, epochs=1)
+    empty = train_linear_probe(x_train, y_train, x_train[:0], y_train[:0], 2, epochs=1,
+                               min_steps=0)
     assert math.isnan(empty.val_accuracy) and empty.val_predictions.shape == (0,)
 
 
@@ -123,3 +126,38 @@ def test_training_forward_is_the_linear_layer() -> None:
         (fn(head, x) ** 2).sum().backward()
         grads.append((head.weight.grad.clone(), head.bias.grad.clone()))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_min_steps_adds_epochs_and_history_stays_bounded() -> None:
+    x_train, y_train = _separable(40, 4, 2, seed=7)
+    result = train_linear_probe(x_train, y_train, x_train, y_train, 2, epochs=3, batch_size=16,
+                                min_steps=100)  # 3 steps per epoch: 34 epochs, 102 steps
+    assert (result.epochs, result.steps) == (34, 102)
+    assert probe_epochs(40, 3, 16, 100) == 34 and probe_epochs(40, 50, 16, 100) == 50
+    assert result.history[-1]["epoch"] == 34 and len(result.history) <= 50
+    long = train_linear_probe(x_train, y_train, x_train, y_train, 2, epochs=1, batch_size=64,
+                              min_steps=130)  # 130 one-step epochs: every 3rd + the last
+    assert [h["epoch"] for h in long.history] == [*range(3, 130, 3), 130]
+    with pytest.raises(ValueError, match="min_steps"):
+        train_linear_probe(x_train, y_train, x_train, y_train, 2, min_steps=-1)
+
+
+def test_min_steps_default_trains_small_label_subsets_to_convergence() -> None:
+    """10% of digits' labels is 135 rows: one step per epoch. 100 epochs (the plain recipe)
+    are 100 Adam steps and leave the probe far from converged; EvalConfig's 2000-step floor
+    does not, which is why it is the default."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from simclr_kit.evaluation.fractions import stratified_fraction
+
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    x_tr, y_tr = torch.tensor(x_tr, dtype=torch.float32), torch.tensor(y_tr)
+    idx = stratified_fraction(y_tr, 0.1, seed=0)
+    args = (x_tr[idx], y_tr[idx], torch.tensor(x_te, dtype=torch.float32), torch.tensor(y_te), 10)
+    starved = train_linear_probe(*args, min_steps=0)
+    floor = train_linear_probe(*args)
+    assert starved.steps == 100 and floor.steps == 2000
+    assert starved.val_accuracy < 80.0 < 85.0 < floor.val_accuracy, (starved.val_accuracy,
+                                                                     floor.val_accuracy)

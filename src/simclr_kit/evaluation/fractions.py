@@ -123,7 +123,9 @@ def label_efficiency(train_features: Tensor, train_labels: Tensor, val_features:
         One dict per subset, fractions first: ``subset`` ("1%", "5-shot"), ``kind``
         ("fraction" | "shots"), ``value`` (0.01 | 5), ``labels`` (number of labelled train
         rows), ``mean`` and ``std`` (percent val accuracy over the runs; sample std, 0 for one
-        run), ``runs`` (the per-seed accuracies).
+        run), ``runs`` (the per-seed accuracies), ``seeds`` (the seed of each run), ``epochs``
+        and ``steps`` (what each probe trained: a subset's size is the same for every seed, so
+        ``min_steps`` raises the epochs alike).
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -131,6 +133,7 @@ def label_efficiency(train_features: Tensor, train_labels: Tensor, val_features:
     rows = []
     for name, kind, value in _subset_specs(fractions, shots):
         runs: list[float] = []
+        result = None
         for i in range(seeds):
             if kind == "fraction":
                 idx = stratified_fraction(train_labels, value, base_seed + i)
@@ -141,9 +144,12 @@ def label_efficiency(train_features: Tensor, train_labels: Tensor, val_features:
                                         val_features, val_labels, num_classes,
                                         seed=base_seed + i, **probe_kwargs)
             runs.append(result.val_accuracy)
+        assert result is not None
         rows.append({"subset": name, "kind": kind, "value": value, "labels": int(idx.numel()),
                      "mean": statistics.fmean(runs),
-                     "std": statistics.stdev(runs) if len(runs) > 1 else 0.0, "runs": runs})
+                     "std": statistics.stdev(runs) if len(runs) > 1 else 0.0, "runs": runs,
+                     "seeds": [base_seed + i for i in range(seeds)], "epochs": result.epochs,
+                     "steps": result.steps})
     return rows
 
 
@@ -151,7 +157,9 @@ def plot_label_efficiency(rows: list[dict[str, Any]], path: str | Path) -> None:
     """Write a PNG of val accuracy vs number of labels (log x), error bars = std over seeds.
 
     ``rows`` is the output of :func:`label_efficiency`; fractions and k-shot subsets are drawn
-    as two series. Uses the Agg canvas directly, so the global pyplot backend is left alone.
+    as two series, per encoder when the rows carry an ``encoder`` key (``simclr evaluate`` with
+    baselines), so encoders compare on one figure. Uses the Agg canvas directly, so the global
+    pyplot backend is left alone.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -159,16 +167,23 @@ def plot_label_efficiency(rows: list[dict[str, Any]], path: str | Path) -> None:
     fig = Figure(figsize=(6, 4), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for kind, label, marker in (("fraction", "label fraction", "o"), ("shots", "k-shot", "s")):
-        series = sorted((r for r in rows if r.get("kind", _kind_of(r)) == kind),
-                        key=lambda r: r["labels"])
-        if not series:
-            continue
-        ax.errorbar([r["labels"] for r in series], [r["mean"] for r in series],
-                    yerr=[r["std"] for r in series], marker=marker, capsize=3, label=label)
-        for r in series:
-            ax.annotate(r["subset"], (r["labels"], r["mean"]), textcoords="offset points",
-                        xytext=(4, -12), fontsize=8)
+    encoders = list(dict.fromkeys(r.get("encoder") for r in rows))
+    for number, encoder in enumerate(encoders):
+        colour = f"C{number % 10}"
+        # Fractions labelled above their points, k-shot below: 1% and 1-shot often coincide.
+        for kind, label, marker, line, offset in (("fraction", "label fraction", "o", "-", 6),
+                                                  ("shots", "k-shot", "s", "--", -12)):
+            series = sorted((r for r in rows if r.get("encoder") == encoder
+                             and r.get("kind", _kind_of(r)) == kind), key=lambda r: r["labels"])
+            if not series:
+                continue
+            ax.errorbar([r["labels"] for r in series], [r["mean"] for r in series],
+                        yerr=[r["std"] for r in series], marker=marker, linestyle=line,
+                        color=colour, capsize=3,
+                        label=label if encoder is None else f"{encoder}: {label}")
+            for r in series:
+                ax.annotate(r["subset"], (r["labels"], r["mean"]), textcoords="offset points",
+                            xytext=(4, offset), fontsize=7, color=colour)
     ax.set_xscale("log")
     ax.set_xlabel("labelled training examples (log scale)")
     ax.set_ylabel("val accuracy (%), linear probe")
