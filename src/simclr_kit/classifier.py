@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from simclr_kit import __version__
-from simclr_kit.augment import SimCLRAugment, normalize
+from simclr_kit.augment import normalize
 from simclr_kit.checkpoint import atomic_write_text, load_weights, read_metadata, save_weights
-from simclr_kit.config import AugmentConfig, ClassifierConfig, DataConfig
+from simclr_kit.config import ClassifierConfig, DataConfig
 from simclr_kit.data.sources import (IMAGE_SUFFIXES, Split, find_image_column, open_source,
                                      open_splits)
 from simclr_kit.data.store import ImageStore, decode_split, skipped_summary
@@ -30,23 +30,10 @@ from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, load_encoder
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.features import extract_features
+from simclr_kit.evaluation.finetune import FINETUNE_AUGMENT, accuracy, finetune
 from simclr_kit.models import Classifier, build_backbone
 
-# Fine-tuning augmentation: crops and flips only, no colour distortion.
-FINETUNE_AUGMENT = AugmentConfig(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, mean, std, device,
-             batch_size: int = 512) -> float:
-    """Top-1 accuracy in percent of ``model`` on ``images: (N, 3, S, S) uint8``."""
-    model.eval()
-    correct = 0
-    for start in range(0, images.shape[0], batch_size):
-        x = normalize(images[start:start + batch_size].to(device), mean, std)
-        pred = model(x).argmax(1).cpu()
-        correct += int((pred == labels[start:start + batch_size]).sum())
-    return 100.0 * correct / max(1, images.shape[0])
+__all__ = ["FINETUNE_AUGMENT", "accuracy", "load_classifier", "predict", "train_classifier"]
 
 
 def _train_head_on_features(model: Classifier, f_train: Tensor, y_train: Tensor,
@@ -66,23 +53,10 @@ def _train_head_on_features(model: Classifier, f_train: Tensor, y_train: Tensor,
 
 def _finetune(model: Classifier, train: ImageStore, mean, std, cfg: ClassifierConfig,
               device: torch.device, progress: bool) -> None:
-    params = [{"params": model.head.parameters(), "lr": cfg.lr},
-              {"params": model.backbone.parameters(), "lr": cfg.lr * cfg.backbone_lr_mult}]
-    optimizer = torch.optim.Adam(params, weight_decay=cfg.weight_decay)
-    augment = SimCLRAugment(FINETUNE_AUGMENT, train.image_size, mean, std, cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    labels = train.labels.to(device)  # type: ignore[union-attr]
-    for epoch in tqdm(range(cfg.epochs), desc="fine-tune", unit="epoch", disable=not progress,
-                      leave=False):
-        model.train()
-        perm = torch.randperm(len(train), generator=g)
-        for start in range(0, len(train), cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
-            x, _ = augment(train.images[idx].to(device), idx.to(device), epoch)
-            loss = F.cross_entropy(model(x), labels[idx.to(device)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    assert train.labels is not None
+    finetune(model, train.images, train.labels, mean, std, epochs=cfg.epochs, lr=cfg.lr,
+             backbone_lr_mult=cfg.backbone_lr_mult, batch_size=cfg.batch_size,
+             weight_decay=cfg.weight_decay, seed=cfg.seed, device=device, progress=progress)
 
 
 def train_classifier(checkpoint: str | Path, data: DataConfig, out: str | Path,
