@@ -99,7 +99,10 @@ PRETRAIN_FLAGS = [
      "with fewer images than --batch-size, train on batches of all of them instead of "
      f"stopping (default: {P.allow_smaller_batch})"),
     ("--log-every", "log_every", int, f"steps between metric lines (default: {P.log_every})"),
-    ("--monitor-knn", "monitor_knn", int, "run the kNN protocol every N epochs (default: 0, off)"),
+    ("--monitor-knn", "monitor_knn", int, "run the kNN protocol every N epochs and after the "
+     "last (k=200, T=0.1; keys: the labelled pretraining split, clean; queries: the evaluation "
+     "split), logged as 'knn' records in metrics.jsonl and drawn in the report; costs about a "
+     "sixth of an epoch each time (default: 0, off)"),
     ("--time-budget", "time_budget", float,
      "minutes of training (data decoding and evaluation not counted): the first steps are "
      "timed, then the epochs and the schedule are set to end inside it, replacing --epochs "
@@ -126,6 +129,29 @@ EVAL_FLAGS = [
     ("--linear-lr", "linear_lr", float, f"linear probe Adam rate (default: {E.linear_lr})"),
     ("--linear-batch-size", "linear_batch_size", int, f"(default: {E.linear_batch_size})"),
     ("--linear-weight-decay", "linear_weight_decay", float, f"(default: {E.linear_weight_decay})"),
+    ("--linear-min-steps", "linear_min_steps", int, "train every linear probe (label fractions "
+     "too) for at least this many steps, adding epochs: 100 epochs of a 500-image subset are "
+     f"only 200 steps, too few to converge; 0 keeps the epochs (default: {E.linear_min_steps})"),
+    ("--probe-augment", "probe_augment", _bool, "train the linear probe on augmented views "
+     "(crop + flip) through the frozen backbone instead of cached features: a backbone forward "
+     f"per batch, much slower (default: {E.probe_augment})"),
+    ("--seeds", "seeds", int, f"runs per label-fraction subset, reported as mean and std "
+     f"(default: {E.seeds})"),
+    ("--fractions", "fractions", _csv(float), "comma list of label fractions for the fractions "
+     f"protocol, class-stratified (default: {','.join(f'{f:g}' for f in E.fractions)})"),
+    ("--shots", "shots", _csv(int), "comma list of examples per class for the fractions "
+     f"protocol's k-shot subsets (default: {','.join(str(k) for k in E.shots)})"),
+    ("--finetune-epochs", "finetune_epochs", int,
+     f"fine-tune protocol: epochs over the train split (default: {E.finetune_epochs})"),
+    ("--finetune-lr", "finetune_lr", float, "fine-tune: Adam rate of the new head, cosine to 0 "
+     f"(default: {E.finetune_lr})"),
+    ("--finetune-backbone-lr-mult", "finetune_backbone_lr_mult", float, "fine-tune: backbone "
+     "rate = head rate x this; lower it if accuracy falls during the first epochs "
+     f"(default: {E.finetune_backbone_lr_mult})"),
+    ("--finetune-batch-size", "finetune_batch_size", int,
+     f"fine-tune: images per step (default: {E.finetune_batch_size})"),
+    ("--finetune-weight-decay", "finetune_weight_decay", float,
+     f"fine-tune: Adam weight decay (default: {E.finetune_weight_decay})"),
     ("--baseline", "baselines", _csv(str), "also evaluate 'random' and/or 'imagenet' encoders "
      "under the same protocols (default: none for evaluate, random for run)"),
     ("--eval-batch-size", "batch_size", int, f"feature extraction batch (default: {E.batch_size})"),

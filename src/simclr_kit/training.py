@@ -153,8 +153,10 @@ def _load_data(cfg: PretrainConfig) -> tuple[ImageStore, ImageStore | None]:
     (into the disk cache), the node's other ranks then read that cache."""
     with distributed.local_main_first():
         train, evaluation = open_splits(cfg.data, need_eval=cfg.monitor_knn > 0)
+        # Labels only for --monitor-knn (the kNN keys): pretraining itself needs none.
         store = decode_split(train, cfg.data.image_size, cfg.data.bad_images,
-                             progress=cfg.progress and distributed.is_main(), labels=False)
+                             progress=cfg.progress and distributed.is_main(),
+                             labels=cfg.monitor_knn > 0)
         eval_store = None
         if evaluation is not None:
             eval_store = decode_split(evaluation, store.image_size, cfg.data.bad_images,
@@ -224,6 +226,10 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
     if cfg.time_budget is not None:
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         trainer.budget = TimeBudget(cfg.time_budget, trainer.steps_per_epoch, sync)
+    if cfg.monitor_knn:
+        from simclr_kit.evaluation.monitor import knn_monitor
+
+        trainer.hooks.append(knn_monitor(trainer, cfg.monitor_knn))
     if resume is not None:
         _restore(trainer)
     elif distributed.is_main():

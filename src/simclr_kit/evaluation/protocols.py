@@ -1,7 +1,20 @@
 """``evaluate``: run the requested protocols on an encoder and write ``eval.json`` + ``eval.md``.
 
-Each number is labelled with its protocol, split, seed, hyperparameters and the encoder it came
-from, so numbers from different protocols never get mixed up.
+Each number is labelled with its protocol, split, seed(s), hyperparameters and the encoder it
+came from, so numbers from different protocols never get mixed up:
+
+- ``knn``: weighted kNN on clean features of the full train split (``knn.py``);
+- ``linear``: a linear layer on the cached frozen features (``linear.py``), or on augmented
+  views with ``probe_augment`` (``augmented.py``);
+- ``fractions``: the cached-feature probe on stratified label fractions and k-shot subsets,
+  ``seeds`` runs each, mean and std, plus ``label_efficiency.png`` (``fractions.py``);
+- ``finetune``: the whole network on augmented images, on a copy of the encoder
+  (``finetune.py``).
+
+The frozen protocols share one set of features per encoder, cached in ``OUT/features/``
+(``cache.py``). Under torchrun the feature extraction is sharded over the ranks; the protocols
+themselves then run on every rank alike (they are cheap, or, for fine-tuning, not sharded), and
+only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -13,28 +26,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from simclr_kit import __version__, distributed
 from simclr_kit.checkpoint import atomic_write_text
 from simclr_kit.config import DataConfig, EvalConfig
 from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import ImageStore, decode_split, skipped_summary
+from simclr_kit.data.store import ImageStore, decode_split
 from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, load_encoder
 from simclr_kit.errors import UserError
-from simclr_kit.evaluation.features import extract_features
+from simclr_kit.evaluation.cache import cached_features, weights_hash
+from simclr_kit.evaluation.fractions import label_efficiency, plot_label_efficiency
 from simclr_kit.evaluation.knn import knn_accuracy
 from simclr_kit.evaluation.linear import train_linear_probe
+from simclr_kit.evaluation.tables import markdown_report, markdown_table
 from simclr_kit.models import build_backbone
+
+LABEL_EFFICIENCY_PNG = "label_efficiency.png"
+FEATURES_DIR = "features"
+
+__all__ = ["baseline_encoder", "evaluate", "markdown_table", "run_protocols"]
 
 
 def baseline_encoder(kind: str, like: Encoder, seed: int) -> Encoder:
-    """A random-init (seeded) or ImageNet-weights encoder of the same architecture as ``like``."""
+    """A random-init (seeded) or ImageNet-weights encoder of the same architecture as ``like``.
+
+    ImageNet weights come from torchvision's cache; without them (offline) the error names the
+    file and the folder to put it in.
+    """
     name, stem = like.meta.get("backbone", "resnet18"), like.meta.get("stem", "imagenet")
     if kind == "random":
-        torch.manual_seed(seed)
-        return Encoder(build_backbone(name, stem), like.image_size, like.mean, like.std,
-                       dict(like.meta, init="random"))
+        with torch.random.fork_rng(devices=[]):  # seeded init, global RNG left as it was
+            torch.manual_seed(seed)
+            backbone = build_backbone(name, stem)
+        return Encoder(backbone, like.image_size, like.mean, like.std, dict(like.meta, init="random"))
     imagenet_mean, imagenet_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     return Encoder(build_backbone(name, "imagenet", weights="imagenet"), like.image_size,
                    imagenet_mean, imagenet_std, dict(like.meta, init="imagenet", stem="imagenet"))
@@ -48,54 +74,144 @@ def _check_labels(store: ImageStore, role: str) -> None:
         raise UserError(f"the {role} split has a single class: accuracy would be meaningless")
 
 
-def run_protocols(encoder: Encoder, train: ImageStore, val: ImageStore, cfg: EvalConfig,
-                  device: torch.device, name: str, progress: bool = True) -> list[dict[str, Any]]:
-    """Rows ``{encoder, protocol, metric, value, split, seed, hyperparameters}`` for one encoder."""
-    encoder = encoder.to(device)
-    f_train = extract_features(encoder, train.images, encoder.mean, encoder.std, device,
-                               cfg.batch_size, progress, f"{name}: train features")
-    f_val = extract_features(encoder, val.images, encoder.mean, encoder.std, device,
-                             cfg.batch_size, progress, f"{name}: val features")
-    num_classes = max(train.num_classes, int(train.labels.max()) + 1)  # type: ignore[union-attr]
-    split = val.provenance.get("split")
-    rows: list[dict[str, Any]] = []
-    if "knn" in cfg.protocols:
-        result = knn_accuracy(f_train, train.labels, f_val, val.labels, num_classes,
-                              ks=cfg.knn_k, temperature=cfg.knn_temperature)
-        for k, acc in result.items():
-            for metric, value in acc.items():
-                rows.append(dict(encoder=name, protocol="knn", metric=metric, value=value,
-                                 split=split, seed=None,
-                                 hyperparameters={"k": k, "temperature": cfg.knn_temperature,
-                                                  "similarity": "cosine", "vote": "weighted"}))
-    if "linear" in cfg.protocols:
-        probe = train_linear_probe(f_train, train.labels, f_val, val.labels, num_classes,
-                                   epochs=cfg.linear_epochs, lr=cfg.linear_lr,
-                                   batch_size=cfg.linear_batch_size,
-                                   weight_decay=cfg.linear_weight_decay, seed=cfg.seed)
-        rows.append(dict(encoder=name, protocol="linear", metric="top1", value=probe.val_accuracy,
-                         split=split, seed=cfg.seed,
-                         hyperparameters={"epochs": cfg.linear_epochs, "lr": cfg.linear_lr,
-                                          "batch_size": cfg.linear_batch_size,
-                                          "weight_decay": cfg.linear_weight_decay,
-                                          "optimizer": "adam", "features": "cached, frozen"}))
+def _linear_hyperparameters(cfg: EvalConfig, epochs: int, steps: int) -> dict[str, Any]:
+    return {"epochs": cfg.linear_epochs, "min_steps": cfg.linear_min_steps,
+            "epochs_run": epochs, "steps": steps, "lr": cfg.linear_lr,
+            "batch_size": cfg.linear_batch_size, "weight_decay": cfg.linear_weight_decay,
+            "optimizer": "adam", "schedule": "cosine per step to 0",
+            "features": "frozen encoder in eval mode, standardised; " + (
+                "augmented views (crop 0.5-1 + flip), backbone forward per batch"
+                if cfg.probe_augment else "clean, cached")}
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """What every protocol of one encoder reads."""
+
+    encoder: Encoder
+    name: str
+    train: ImageStore
+    val: ImageStore
+    f_train: Tensor  # (N, D) on the device
+    f_val: Tensor  # (M, D) on the device
+    y_train: Tensor  # (N,) on the device
+    y_val: Tensor  # (M,) on the device
+    num_classes: int
+    cfg: EvalConfig
+    device: torch.device
+    progress: bool
+
+    def row(self, protocol: str, metric: str, value: float, seed: Any,
+            hyperparameters: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        hp = dict(hyperparameters, train_split=self.train.provenance.get("split"),
+                  train_rows=len(self.train))
+        return dict(encoder=self.name, protocol=protocol, metric=metric, value=value,
+                    split=self.val.provenance.get("split"), seed=seed, hyperparameters=hp, **extra)
+
+
+def _knn_rows(x: _Inputs) -> list[dict[str, Any]]:
+    result = knn_accuracy(x.f_train, x.y_train, x.f_val, x.y_val, x.num_classes, ks=x.cfg.knn_k,
+                          temperature=x.cfg.knn_temperature)
+    return [x.row("knn", metric, value, None,
+                  {"k": k, "temperature": x.cfg.knn_temperature, "similarity": "cosine",
+                   "vote": "weighted exp(sim/T)", "features": "frozen encoder in eval mode, clean"})
+            for k, acc in result.items() for metric, value in acc.items()]
+
+
+def _linear_rows(x: _Inputs) -> list[dict[str, Any]]:
+    cfg = x.cfg
+    recipe = dict(epochs=cfg.linear_epochs, lr=cfg.linear_lr, batch_size=cfg.linear_batch_size,
+                  weight_decay=cfg.linear_weight_decay, min_steps=cfg.linear_min_steps,
+                  seed=cfg.seed)
+    if cfg.probe_augment:
+        from simclr_kit.evaluation.augmented import train_augmented_probe
+
+        probe = train_augmented_probe(x.encoder, x.train.images, x.y_train, x.f_train, x.f_val,
+                                      x.y_val, x.num_classes, device=x.device,
+                                      progress=x.progress, **recipe)
+    else:
+        probe = train_linear_probe(x.f_train, x.y_train, x.f_val, x.y_val, x.num_classes,
+                                   progress=x.progress, **recipe)
+    return [x.row("linear", "top1", probe.val_accuracy, cfg.seed,
+                  _linear_hyperparameters(cfg, probe.epochs, probe.steps),
+                  train_accuracy=probe.train_accuracy)]
+
+
+def _fraction_rows(x: _Inputs) -> list[dict[str, Any]]:
+    cfg = x.cfg
+    subsets = label_efficiency(x.f_train, x.y_train, x.f_val, x.y_val, x.num_classes,
+                               fractions=cfg.fractions, shots=cfg.shots, seeds=cfg.seeds,
+                               epochs=cfg.linear_epochs, lr=cfg.linear_lr,
+                               batch_size=cfg.linear_batch_size,
+                               weight_decay=cfg.linear_weight_decay,
+                               min_steps=cfg.linear_min_steps, seed=cfg.seed)
+    rows = []
+    for s in subsets:
+        hp = dict(_linear_hyperparameters(dataclasses.replace(cfg, probe_augment=False),
+                                          s["epochs"], s["steps"]),
+                  sampling="class-stratified" if s["kind"] == "fraction" else "k per class")
+        # subset/kind/labels/mean/std: the fields plot_label_efficiency reads
+        rows.append(x.row("fractions", "top1", s["mean"], s["seeds"], hp, std=s["std"],
+                          runs=s["runs"], subset=s["subset"], kind=s["kind"], labels=s["labels"],
+                          mean=s["mean"]))
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """One line per (protocol, metric, hyperparameters), one column per encoder."""
-    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
-    keys: dict[tuple, dict[str, float]] = {}
-    for r in rows:
-        hp = r["hyperparameters"]
-        detail = f"k={hp['k']}" if r["protocol"] == "knn" else f"{hp.get('epochs', '')} ep"
-        keys.setdefault((r["protocol"], r["metric"], detail), {})[r["encoder"]] = r["value"]
-    lines = ["| protocol | metric | setting | " + " | ".join(encoders) + " |",
-             "| --- | --- | --- |" + " ---: |" * len(encoders)]
-    for (protocol, metric, detail), values in keys.items():
-        cells = [f"{values[e]:.2f}%" if e in values else "" for e in encoders]
-        lines.append(f"| {protocol} | {metric} | {detail} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def _finetune_rows(x: _Inputs) -> list[dict[str, Any]]:
+    from simclr_kit.evaluation.finetune import finetune_protocol
+
+    acc, hp = finetune_protocol(x.encoder, x.train, x.val, x.num_classes, x.cfg, x.device,
+                                x.progress)
+    return [x.row("finetune", "top1", acc, x.cfg.seed, hp)]
+
+
+_PROTOCOLS = {"knn": _knn_rows, "linear": _linear_rows, "fractions": _fraction_rows,
+              "finetune": _finetune_rows}
+_ORDER = ("knn", "linear", "fractions", "finetune")  # fine-tuning last: it is the slow one
+
+
+def run_protocols(encoder: Encoder, train: ImageStore, val: ImageStore, cfg: EvalConfig,
+                  device: torch.device, name: str, progress: bool = True,
+                  cache_dir: Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows ``{encoder, protocol, metric, value, split, seed, hyperparameters}`` for one encoder,
+    and where its features came from (``{split role: {file, cached}}``).
+
+    ``encoder`` is left exactly as it was (weights, buffers, mode): the frozen protocols run it
+    in eval mode without gradients, and fine-tuning works on a copy.
+    """
+    assert train.labels is not None and val.labels is not None
+    encoder = encoder.to(device)
+    frozen = [p for p in ("knn", "linear", "fractions") if p in cfg.protocols]
+    features: dict[str, Any] = {}
+    f_train = f_val = torch.empty(0)
+    if frozen:
+        weights = weights_hash(encoder)
+        got = {role: cached_features(encoder, store, str(store.provenance.get("split")),
+                                     cache_dir, device, cfg.batch_size, progress,
+                                     f"{name}: {role} features", weights)
+               for role, store in (("train", train), ("eval", val))}
+        features = {role: {"file": str(c.path) if c.path else None, "cached": c.hit}
+                    for role, c in got.items()}
+        f_train, f_val = got["train"].features.to(device), got["eval"].features.to(device)
+    num_classes = max(train.num_classes, int(train.labels.max()) + 1, int(val.labels.max()) + 1)
+    inputs = _Inputs(encoder, name, train, val, f_train, f_val, train.labels.to(device),
+                     val.labels.to(device), num_classes, cfg, device, progress)
+    rows: list[dict[str, Any]] = []
+    for protocol in _ORDER:
+        if protocol in cfg.protocols:
+            rows += _PROTOCOLS[protocol](inputs)
+    return rows, features
+
+
+def _load_data(data: DataConfig, image_size: int,
+               progress: bool) -> tuple[ImageStore, ImageStore]:
+    train_split, val_split = open_splits(data, need_eval=True)
+    assert val_split is not None
+    train = decode_split(train_split, image_size, data.bad_images, progress)
+    val = decode_split(val_split, image_size, data.bad_images, progress)
+    _check_labels(train, "train")
+    _check_labels(val, "evaluation")
+    return train, val
 
 
 def evaluate(checkpoint: str | Path, data: DataConfig, cfg: EvalConfig | None = None,
@@ -103,36 +219,43 @@ def evaluate(checkpoint: str | Path, data: DataConfig, cfg: EvalConfig | None = 
              progress: bool = True) -> dict[str, Any]:
     """Evaluate ``checkpoint`` (and any baselines) on ``data``; returns what ``eval.json`` holds.
 
-    Results go to ``out``, else to the run directory that holds the checkpoint.
+    Results go to ``out``, else to the run directory that holds the checkpoint: ``eval.json``,
+    ``eval.md``, ``label_efficiency.png`` (with ``fractions``) and the feature cache
+    ``features/``.
     """
     cfg = cfg or EvalConfig()
     dev = distributed.init(resolve_device(device))  # under torchrun the ranks share the embedding
     progress = progress and distributed.is_main()
     encoder = load_encoder(checkpoint, dev)
     out_dir = _output_dir(checkpoint, out)
-    train_split, val_split = open_splits(data, need_eval=True)
-    train = decode_split(train_split, encoder.image_size, data.bad_images, progress)
-    val = decode_split(val_split, encoder.image_size, data.bad_images, progress)  # type: ignore[arg-type]
-    for store in (train, val):
-        if store.skipped:  # the counts are also in eval.json; the accuracy is over the rest
-            print(skipped_summary(store))
-    _check_labels(train, "train")
-    _check_labels(val, "evaluation")
+    # Built before any data is read: an unavailable ImageNet download fails in seconds.
+    encoders = [("simclr", encoder)] + [(f"{kind}-init", baseline_encoder(kind, encoder, cfg.seed))
+                                        for kind in cfg.baselines]
+    train, val = _load_data(data, encoder.image_size, progress)
     started = time.time()
-    rows = run_protocols(encoder, train, val, cfg, dev, "simclr", progress)
-    for kind in cfg.baselines:
-        rows += run_protocols(baseline_encoder(kind, encoder, cfg.seed), train, val, cfg, dev,
-                              f"{kind}-init", progress)
-    result = {"checkpoint": str(checkpoint), "encoder": {k: encoder.meta.get(k) for k in
-                                                         ("backbone", "stem", "image_size",
-                                                          "feature_dim", "epoch")},
+    rows: list[dict[str, Any]] = []
+    features: dict[str, Any] = {}
+    for name, enc in encoders:
+        got, features[name] = run_protocols(enc, train, val, cfg, dev, name, progress,
+                                            out_dir / FEATURES_DIR)
+        rows += got
+    result = {"checkpoint": str(checkpoint),
+              "encoder": {k: encoder.meta.get(k) for k in ("backbone", "stem", "image_size",
+                                                           "feature_dim", "epoch")},
               "train": train.provenance, "eval": val.provenance,
-              "config": dataclasses.asdict(cfg), "results": rows,
+              "config": dataclasses.asdict(cfg), "results": rows, "features": features,
               "seconds": round(time.time() - started, 1), "package_version": __version__}
+    fraction_rows = [r for r in rows if r["protocol"] == "fractions"]
+    if fraction_rows:
+        result["label_efficiency_plot"] = LABEL_EFFICIENCY_PNG
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
+        if fraction_rows:
+            plot_label_efficiency(fraction_rows, out_dir / LABEL_EFFICIENCY_PNG)
+        else:  # the report shows this file: it must not outlive the eval.json it came from
+            (out_dir / LABEL_EFFICIENCY_PNG).unlink(missing_ok=True)
         atomic_write_text(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
-        atomic_write_text(out_dir / "eval.md", markdown_table(rows))
+        atomic_write_text(out_dir / "eval.md", markdown_report(result))
     distributed.barrier()  # the files exist on return, whichever rank returns first
     result["table"] = markdown_table(rows)
     result["out"] = str(out_dir)

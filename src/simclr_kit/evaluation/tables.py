@@ -1,0 +1,86 @@
+"""Markdown views of evaluation results: the table printed and written to ``eval.md``.
+
+One line per (protocol, metric, split, seeds, setting), one column per encoder, so the
+pretrained encoder and its baselines compare under exactly the same protocol. The complete
+hyperparameters of every number are in ``eval.json``; the table keeps the ones that tell two
+lines apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _setting(row: dict[str, Any]) -> str:
+    """A short description of the hyperparameters that produced ``row``'s number."""
+    hp = row.get("hyperparameters") or {}
+    protocol = row.get("protocol")
+    if protocol == "knn":
+        return f"k={hp.get('k')}, T={hp.get('temperature')}"
+    if protocol in ("linear", "fractions"):
+        text = (f"{hp.get('epochs_run', hp.get('epochs'))} ep / {hp.get('steps')} steps, "
+                f"lr {hp.get('lr')}, batch {hp.get('batch_size')}")
+        if "augmented" in str(hp.get("features", "")):
+            text += ", augmented views"
+        if protocol == "fractions":
+            text = f"{row.get('subset')} ({row.get('labels')} labels), {text}"
+        return text
+    if protocol == "finetune":
+        return (f"{hp.get('epochs')} ep, lr {hp.get('lr')} (backbone x"
+                f"{hp.get('backbone_lr_mult')}), batch {hp.get('batch_size')}")
+    return ", ".join(f"{k}={v}" for k, v in hp.items())
+
+
+def _seeds(seed: Any) -> str:
+    if seed is None:
+        return "-"  # deterministic: kNN has no seed
+    if isinstance(seed, (list, tuple)):
+        return ",".join(str(s) for s in seed)
+    return str(seed)
+
+
+def _value(row: dict[str, Any]) -> str:
+    text = f"{row['value']:.2f}%"
+    if isinstance(row.get("std"), (int, float)):
+        text += f" ± {row['std']:.2f}"
+    return text
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rows of ``eval.json``'s ``results`` -> a Markdown table, one column per encoder."""
+    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
+    lines_by_key: dict[tuple, dict[str, str]] = {}
+    for r in rows:
+        key = (r["protocol"], r["metric"], str(r.get("split")), _seeds(r.get("seed")),
+               _setting(r))
+        lines_by_key.setdefault(key, {})[r["encoder"]] = _value(r)
+    lines = ["| protocol | metric | split | seeds | setting | " + " | ".join(encoders) + " |",
+             "| --- | --- | --- | --- | --- |" + " ---: |" * len(encoders)]
+    for (protocol, metric, split, seeds, setting), values in lines_by_key.items():
+        cells = [values.get(e, "") for e in encoders]
+        lines.append(f"| {protocol} | {metric} | {split} | {seeds} | {setting} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    """``eval.md``: what was evaluated on what, the table, and how to read it."""
+    enc = result.get("encoder") or {}
+    train, val = result.get("train") or {}, result.get("eval") or {}
+    head = [f"# Evaluation of `{result.get('checkpoint')}`", "",
+            f"Encoder: {enc.get('backbone')} ({enc.get('stem')} stem), {enc.get('image_size')} px,"
+            f" {enc.get('feature_dim')}-d features, pretrained for {enc.get('epoch')} epoch(s).",
+            f"Train split: `{train.get('split')}` ({train.get('rows')} images); evaluated split: "
+            f"`{val.get('split')}` ({val.get('rows')} images).", ""]
+    notes = ["", "- knn: cosine similarity, votes weighted by exp(sim / T), clean features of "
+             "the whole train split (Wu et al. 2018).",
+             "- linear: a linear layer on the frozen encoder's features (eval mode, cached), "
+             "Adam with a per-step cosine; at least `min_steps` steps.",
+             "- fractions: the same probe on class-stratified label fractions and k-shot "
+             "subsets, mean ± std over the seeds.",
+             "- finetune: the whole network on augmented images, backbone lr = lr x multiplier.",
+             "", "Every hyperparameter of every number: `eval.json`."]
+    if result.get("label_efficiency_plot"):
+        notes.append(f"Label-efficiency plot: `{result['label_efficiency_plot']}`.")
+    return ("\n".join(head) + "\n" + markdown_table(result.get("results") or [])
+            + "\n".join(notes) + "\n")
