@@ -70,6 +70,7 @@ class Row:
     peak_mib: float
     syncs_per_step: int | None = None  # host synchronisations in one step (CUDA only)
     ratio: float | None = None  # images/s over the per-image pipeline's
+    repeats: list[float] | None = None  # images/s of each repeat, with --repeats > 1
 
     def markdown(self) -> str:
         syncs = "-" if self.syncs_per_step is None else str(self.syncs_per_step)
@@ -123,10 +124,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "(at least 2 batches); ignored with --data")
     p.add_argument("--data", default=None, help="a dataset instead of random images "
                    "(as simclr pretrain --data; needs the datasets package)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every configuration this many times, interleaved, and report "
+                   "the median (for machines shared with other work)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.batch_size < 2 or args.steps < 1 or args.warmup < 0 or args.image_size < 8:
-        p.error("need --batch-size >= 2, --steps >= 1, --warmup >= 0, --image-size >= 8")
+    if (args.batch_size < 2 or args.steps < 1 or args.warmup < 0 or args.image_size < 8
+            or args.repeats < 1):
+        p.error("need --batch-size >= 2, --steps >= 1, --warmup >= 0, --image-size >= 8, "
+                "--repeats >= 1")
     return args
 
 
@@ -316,24 +322,41 @@ def _device_name(device: torch.device) -> str:
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    """Measure every configuration; the per-image row (if any) comes last."""
+    """Measure every configuration; the per-image row (if any) comes last.
+
+    With ``--repeats R`` the configurations are measured R times in turn (A B C A B C ...), so
+    that load from other processes falls on all of them alike; each row is then the run with the
+    median images/s, and its ratio is the median of the per-repeat ratios.
+    """
     device = resolve_device(args.device)
     tune_backends(device)
     images = load_images(args)
     if len(images) < 2 * args.batch_size:
         raise SystemExit(f"{len(images)} images: need at least 2 batches of {args.batch_size}")
-    rows = []
-    for compiled in args.compile:
-        use = compile_by_default(device) if compiled is None else compiled
-        for channels_last in args.channels_last:
-            rows.append(measure_batched(args, images, device, use, channels_last))
-    if not args.no_baseline:
-        base = measure_per_image(args, images, device, args.channels_last[0])
-        for row in rows:
-            row.ratio = row.images_per_s / base.images_per_s
-        base.ratio = 1.0
-        rows.append(base)
-    return rows
+    configs = [(compile_by_default(device) if c is None else c, cl)
+               for c in args.compile for cl in args.channels_last]
+    runs: list[list[Row]] = []
+    for _ in range(args.repeats):
+        rows = [measure_batched(args, images, device, c, cl) for c, cl in configs]
+        if not args.no_baseline:
+            base = measure_per_image(args, images, device, args.channels_last[0])
+            for row in rows:
+                row.ratio = row.images_per_s / base.images_per_s
+            base.ratio = 1.0
+            rows.append(base)
+        runs.append(rows)
+    return [_median_row([r[i] for r in runs]) for i in range(len(runs[0]))]
+
+
+def _median_row(repeats: list[Row]) -> Row:
+    ordered = sorted(repeats, key=lambda r: r.images_per_s)
+    row = ordered[(len(ordered) - 1) // 2]
+    ratios = sorted(r.ratio for r in repeats if r.ratio is not None)
+    if ratios:
+        row.ratio = ratios[(len(ratios) - 1) // 2]
+    if len(repeats) > 1:
+        row.repeats = [round(r.images_per_s, 1) for r in repeats]
+    return row
 
 
 def describe_machine(device: torch.device) -> str:
@@ -354,6 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(HEADER)
     for row in rows:
         print(row.markdown())
+    if args.repeats > 1:
+        print(f"\nmedian of {args.repeats} interleaved repeats; images/s of each:")
+        for row in rows:
+            print(f"  {row.pipeline}, compile {'on' if row.compile else 'off'}, channels_last "
+                  f"{'on' if row.channels_last else 'off'}: {row.repeats}")
     return 0
 
 
