@@ -131,10 +131,14 @@ class TimeBudget:
 
 def describe(fit: BudgetFit, minutes: float, replaced_epochs: int, warmup_epochs: float) -> str:
     """The one line the run prints when it has chosen its length."""
-    return (f"time budget {minutes:g} min: {fit.seconds_per_step * 1000:.1f} ms/step over "
+    line = (f"time budget {minutes:g} min: {fit.seconds_per_step * 1000:.1f} ms/step over "
             f"{fit.timed_steps} timed steps -> {fit.epochs} epochs (replaces --epochs "
             f"{replaced_epochs}), about {fit.expected_seconds / 60:.2f} min of training, "
             f"warm-up {warmup_epochs:g} epochs")
+    if fit.expected_seconds > minutes * 60:
+        line += ("; over the budget: finishing the epoch in progress is the shortest run "
+                 "(lower the batch size or image size, or raise the budget)")
+    return line
 
 
 __all__ = ["TimeBudget", "BudgetFit", "warmup_epochs_within", "describe", "SAFETY_MARGIN"]
