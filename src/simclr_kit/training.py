@@ -258,7 +258,8 @@ def _restore(t: Trainer) -> None:
         # starting again from step 0 is exactly the run it would have been.
         if distributed.is_main():
             tqdm.write(f"{t.run_dir} has no checkpoint yet: starting it from the beginning")
-        t.log.write("resume", epoch=0, step_in_epoch=0, checkpoint=None)
+        t.log.write("resume", epoch=0, step_in_epoch=0, checkpoint=None,
+                    hardware=hardware_info(t.device))
         return
     state = load_train_state(ckpt)
     missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
