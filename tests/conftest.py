@@ -64,6 +64,30 @@ def write_parquet_dataset(root: Path, n_per_class: int = 12, classes: int = 3,
     return root
 
 
+# Flags for a pretraining run that takes seconds: 8 px images in batches of 8, a small head.
+TINY = ["--batch-size", "8", "--device", "cpu", "--log-every", "1", "--projection-dim", "16"]
+
+
+def write_unlabeled_parquet(root: Path, count: int = 16, size: int = 8) -> Path:
+    """``count`` random RGB images in one Parquet file with a single ``image`` column."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+              for _ in range(count)]
+    root.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict({"image": images}, features=datasets.Features(
+        {"image": datasets.Image()})).to_parquet(str(root / "train.parquet"))
+    return root / "train.parquet"
+
+
+@pytest.fixture(scope="module")
+def labelled_parquet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three classes of 8 px images, 8 per class in each of train and test."""
+    return write_parquet_dataset(tmp_path_factory.mktemp("data") / "pq", n_per_class=8, size=8)
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "folder")

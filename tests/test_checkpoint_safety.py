@@ -12,12 +12,11 @@ import shutil
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from simclr_kit import checkpoint, training
+from conftest import write_unlabeled_parquet
 from simclr_kit.checkpoint import latest_checkpoint, load_train_state, load_weights
 from simclr_kit.cli import main
 from simclr_kit.encoder import load_encoder
@@ -37,12 +36,7 @@ def _one_error_line(capsys: pytest.CaptureFixture) -> str:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 unlabeled 8 px images: 4 steps an epoch at batch 4."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(16)]
-    datasets.Dataset.from_dict({"image": images}, features=datasets.Features(
-        {"image": datasets.Image()})).to_parquet(str(root / "train.parquet"))
-    return root / "train.parquet"
+    return write_unlabeled_parquet(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

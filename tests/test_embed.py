@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import write_parquet_dataset
+from conftest import TINY
 from simclr_kit.checkpoint import latest_checkpoint
 from simclr_kit.cli import main
 from simclr_kit.encoder import load_encoder
@@ -21,12 +21,11 @@ from simclr_kit.models import SimCLR
 from simclr_kit.report.metrics import read_metrics
 
 HAS_TENSORBOARD = find_spec("tensorboard") is not None
-TINY = ["--batch-size", "8", "--device", "cpu", "--log-every", "1", "--projection-dim", "16"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_parquet_dataset(tmp_path_factory.mktemp("data") / "pq", n_per_class=8, size=8)
+def data(labelled_parquet):
+    return labelled_parquet
 
 
 @pytest.fixture(scope="module")

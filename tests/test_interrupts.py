@@ -16,12 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import datasets
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import write_unlabeled_parquet
+from simclr_kit.report.metrics import read_metrics
 from simclr_kit.checkpoint import latest_checkpoint, load_train_state, load_weights
 
 ARGS = ["--batch-size", "4", "--image-size", "8", "--device", "cpu", "--projection-dim", "8",
@@ -31,12 +30,7 @@ ARGS = ["--batch-size", "4", "--image-size", "8", "--device", "cpu", "--projecti
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 unlabeled 8 px images: 4 steps an epoch at batch 4."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(16)]
-    datasets.Dataset.from_dict({"image": images}, features=datasets.Features(
-        {"image": datasets.Image()})).to_parquet(str(root / "train.parquet"))
-    return root / "train.parquet"
+    return write_unlabeled_parquet(tmp_path_factory.mktemp("data"))
 
 
 def _start(argv: list[str], fault: str | None = None) -> subprocess.Popen:
@@ -51,16 +45,8 @@ def _start(argv: list[str], fault: str | None = None) -> subprocess.Popen:
 
 
 def _train_records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written
-    return [r for r in records if r.get("kind") == "train"]
+    # read_metrics skips a line still being written by the child process.
+    return [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "train"]
 
 
 def _wait_for_training(proc: subprocess.Popen, run: Path, timeout: float = 300) -> None:

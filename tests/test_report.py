@@ -14,12 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_parquet_dataset
+from conftest import TINY
 from simclr_kit.cli import main
 from simclr_kit.report import analysis
 from simclr_kit.report.html import write_report
 
-TINY = ["--batch-size", "8", "--device", "cpu", "--log-every", "1", "--projection-dim", "16"]
 SECTIONS = ["config", "hardware", "curves", "knn-monitor", "evaluation", "label-efficiency",
             "confusion", "augmentations", "embedding-map", "retrieval"]
 
@@ -61,8 +60,8 @@ def decode_image(src: str) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_parquet_dataset(tmp_path_factory.mktemp("data") / "pq", n_per_class=8, size=8)
+def data(labelled_parquet):
+    return labelled_parquet
 
 
 @pytest.fixture(scope="module")
