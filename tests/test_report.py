@@ -173,3 +173,17 @@ def test_embedding_map_and_queries_on_a_few_dozen_points():
     assert (labels.numpy()[d.argmin(1)] == labels.numpy()).all()
     queries = analysis.pick_queries(labels, 36, 6)
     assert len(set(queries.tolist())) == 6 and set(labels[queries[:3]].tolist()) == {0, 1, 2}
+
+
+def test_report_reuses_the_features_evaluation_cached(run, monkeypatch):
+    # `simclr run` evaluated this run, so both splits' features sit in RUN/features: the report
+    # must read them instead of embedding the splits again.
+    import simclr_kit.embed
+
+    calls = []
+    real = simclr_kit.embed.backbone_features
+    monkeypatch.setattr(simclr_kit.embed, "backbone_features",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(["report", str(run), "--device", "cpu"]) == 0
+    assert calls == []
+    assert "t-SNE" in (run / "report.html").read_text()

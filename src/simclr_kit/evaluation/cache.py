@@ -124,6 +124,16 @@ def _write(path: Path, features: Tensor, key: str, split: str) -> bool:
         return False
 
 
+def read_cached_features(encoder: Encoder, store: ImageStore, split: str,
+                         cache_dir: Path) -> Tensor | None:
+    """The cached features of ``store`` if an earlier evaluation left them, else None.
+
+    Reads only: no collective, so a single process (rank 0 writing a report) may call it.
+    """
+    key = cache_key(encoder, store, split)
+    return _read(cache_file(cache_dir, split, key), key, len(store))
+
+
 def cached_features(encoder: Encoder, store: ImageStore, split: str, cache_dir: Path | None,
                     device: torch.device, batch_size: int, progress: bool = False,
                     desc: str = "features", weights: str | None = None) -> CachedFeatures:

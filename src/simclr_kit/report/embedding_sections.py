@@ -51,6 +51,8 @@ def _embed_splits(ctx: ReportContext) -> Embedded:
     from simclr_kit.data.store import decode_split
     from simclr_kit.devices import resolve_device
     from simclr_kit.embed import backbone_features
+    from simclr_kit.evaluation.cache import read_cached_features
+    from simclr_kit.evaluation.protocols import FEATURES_DIR
 
     enc, data = ctx.encoder(), ctx.data_config()
     try:
@@ -60,9 +62,12 @@ def _embed_splits(ctx: ReportContext) -> Embedded:
     stores = [decode_split(s, enc.image_size, data.bad_images, ctx.progress)
               for s in (train_split, eval_split)]
     dev = resolve_device(ctx.device)
-    feats = [backbone_features(enc, s.images, dev, progress=ctx.progress,
-                               desc=f"report: {name} features")
-             for s, name in zip(stores, ("train", "eval"))]
+    feats = []
+    for store, name in zip(stores, ("train", "eval")):
+        # `simclr evaluate` (and so `simclr run`) has usually just cached these very features.
+        cached = read_cached_features(enc, store, _split_name(store), ctx.run / FEATURES_DIR)
+        feats.append(cached if cached is not None else backbone_features(
+            enc, store.images, dev, progress=ctx.progress, desc=f"report: {name} features"))
     return Embedded(stores[0], stores[1], feats[0], feats[1])
 
 
