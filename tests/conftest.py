@@ -83,8 +83,9 @@ def write_unlabeled_parquet(root: Path, count: int = 16, size: int = 8) -> Path:
 
 
 @pytest.fixture(scope="module")
-def labelled_parquet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three classes of 8 px images, 8 per class in each of train and test."""
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three classes of 8 px images, 8 per class in each of train and test (a module may
+    define its own ``data`` instead)."""
     return write_parquet_dataset(tmp_path_factory.mktemp("data") / "pq", n_per_class=8, size=8)
 
 

@@ -20,11 +20,6 @@ from simclr_kit.report.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
-def data(labelled_parquet):
-    return labelled_parquet
-
-
-@pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
     assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0

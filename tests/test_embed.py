@@ -24,11 +24,6 @@ HAS_TENSORBOARD = find_spec("tensorboard") is not None
 
 
 @pytest.fixture(scope="module")
-def data(labelled_parquet):
-    return labelled_parquet
-
-
-@pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
     loggers = ["--logger", "tensorboard"] if HAS_TENSORBOARD else []

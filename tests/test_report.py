@@ -60,11 +60,6 @@ def decode_image(src: str) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def data(labelled_parquet):
-    return labelled_parquet
-
-
-@pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
     """``simclr run``: pretraining, evaluation (no baseline, to stay quick), then the report."""
     out = tmp_path_factory.mktemp("runs") / "run"
