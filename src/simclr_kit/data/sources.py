@@ -170,18 +170,25 @@ def open_source(cfg: DataConfig) -> datasets.DatasetDict:
     return _load_hub(cfg)
 
 
+def _checked_override(features: datasets.Features, name: str, role: str, fits: bool,
+                      requirement: str) -> str:
+    """``name`` when the user-named column exists and ``fits``; else a one-line error."""
+    if name not in features:
+        raise UserError(f"{role} column {name!r} not found; columns: {list(features)}")
+    if not fits:
+        raise UserError(f"{role} column {name!r} has type {features[name]}: it {requirement}")
+    return name
+
+
 def find_image_column(features: datasets.Features, override: str | None) -> str:
     if override is not None:
-        if override not in features:
-            raise UserError(f"image column {override!r} not found; columns: {list(features)}")
-        feature = features[override]
+        feature = features.get(override)
         # An Image feature, or file paths / encoded bytes that cast to one.
-        if not isinstance(feature, datasets.Image) and not (
-                isinstance(feature, datasets.Value) and feature.dtype in ("string", "binary",
-                                                                          "large_string")):
-            raise UserError(f"image column {override!r} has type {feature}: it must hold images "
-                            "(an Image feature, file paths or encoded bytes)")
-        return override
+        fits = isinstance(feature, datasets.Image) or (
+            isinstance(feature, datasets.Value)
+            and feature.dtype in ("string", "binary", "large_string"))
+        return _checked_override(features, override, "image", fits,
+                                 "must hold images (an Image feature, file paths or encoded bytes)")
     for name, feature in features.items():
         if isinstance(feature, datasets.Image):
             return name
@@ -191,14 +198,11 @@ def find_image_column(features: datasets.Features, override: str | None) -> str:
 
 def find_label_column(features: datasets.Features, override: str | None) -> str | None:
     if override is not None:
-        if override not in features:
-            raise UserError(f"label column {override!r} not found; columns: {list(features)}")
-        feature = features[override]
-        if not isinstance(feature, datasets.ClassLabel) and not (
-                isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
-            raise UserError(f"label column {override!r} has type {feature}: it must be a "
-                            "ClassLabel or an integer column")
-        return override
+        feature = features.get(override)
+        fits = isinstance(feature, datasets.ClassLabel) or (
+            isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")))
+        return _checked_override(features, override, "label", fits,
+                                 "must be a ClassLabel or an integer column")
     for name, feature in features.items():
         if isinstance(feature, datasets.ClassLabel):
             return name
