@@ -35,10 +35,24 @@ def test_metrics_log_forwards_every_record_and_closes(tmp_path):
     assert loggers.scalars(sink.records[0][1]) == {"loss": 4.5, "lr": 0.1}
 
 
+def test_a_torn_last_line_does_not_swallow_the_next_record(tmp_path):
+    """A kill mid-write leaves half a line; the record written after a resume stays readable."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "st')
+    log = MetricsLog(path)
+    log.write("resume", epoch=0)
+    log.write("train", step=2)
+    assert [(r["kind"], r.get("step")) for r in read_metrics(path)] == [
+        ("train", 1), ("resume", None), ("train", 2)]
+
+
 def test_missing_library_is_a_one_line_error_before_any_data(tmp_path, monkeypatch, capsys):
+    # Whatever is installed here: tensorboard present, wandb missing.
     real = find_spec
+    present = real("json")
     monkeypatch.setattr(loggers.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "wandb" else real(name, *a))
+                        lambda name, *a: None if name == "wandb" else
+                        present if name == "tensorboard" else real(name, *a))
     with pytest.raises(UserError, match=r"pip install 'simclr-kit\[wandb\]'"):
         loggers.check_loggers(["wandb"])
     # The data path does not exist: the logger error comes first, from the config check.

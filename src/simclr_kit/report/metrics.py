@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ class MetricsLog:
         self.sinks = list(sinks or [])
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _end_torn_line(path)
 
     def write(self, kind: str, **values: Any) -> None:
         if self.path is None:
@@ -42,6 +44,20 @@ class MetricsLog:
         for sink in self.sinks:
             sink.close()
         self.sinks = []
+
+
+def _end_torn_line(path: Path) -> None:
+    """A process killed mid-write leaves a last line without its newline: end it, or the next
+    record would be appended to it and be lost with it (:func:`read_metrics` skips the torn one)."""
+    try:
+        with open(path, "rb+") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    except FileNotFoundError:
+        pass
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
