@@ -69,6 +69,34 @@ def test_export_strict_loads_into_plain_torchvision(run_dir, tmp_path):
     assert (tmp_path / "bb.json").is_file()
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_weights_follow_the_umask_like_their_json(run_dir, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        out = export_backbone(run_dir[0], tmp_path / "bb.safetensors")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (out, tmp_path / "bb.json")}
+    assert modes == {"bb.safetensors": 0o666 & ~umask, "bb.json": 0o666 & ~umask}
+
+
+def test_newest_checkpoint_by_position_when_the_pointer_is_lost(tmp_path):
+    """Names count epochs from 1 (step 3 of the second epoch is epoch-0002-step-000003), so text
+    order is not position order: without ``latest`` the recorded step decides."""
+    from simclr_kit.training import checkpoint_name
+
+    run = tmp_path / "run"
+    positions = [(0, 3, 3), (1, 0, 4), (1, 3, 7)]  # (0-based epoch, step in epoch, global step)
+    names = [checkpoint_name(e, s) for e, s, _ in positions]
+    assert names == ["epoch-0001-step-000003", "epoch-0001", "epoch-0002-step-000003"]
+    for (_, _, step), name in zip(positions, names):
+        save_checkpoint(run, name, nn.Linear(2, 2), {"global_step": step}, None, keep=True)
+    (run / "checkpoints" / "latest").unlink()
+    assert latest_checkpoint(run).name == "epoch-0002-step-000003"
+    (run / "checkpoints" / "epoch-0002-step-000003" / "model.safetensors").unlink()
+    assert latest_checkpoint(run).name == "epoch-0001"
+
+
 @pytest.mark.parametrize("prefix", ["", "module."])
 def test_seed_layout_state_dict_loads_and_head_is_not_backbone(tmp_path, prefix):
     torch.manual_seed(1)

@@ -131,10 +131,10 @@ def test_nan_is_never_saved_and_the_last_good_checkpoint_stays(data, tmp_path, m
     assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY,
                  "--checkpoint-every-steps", "1"]) == 2
     line = _one_error_line(capsys)
-    assert "stopped at epoch 0 step 3" in line and "NaN or infinite" in line
-    assert "last good checkpoint" in line and "epoch-0000-step-000002" in line
+    assert "stopped at epoch 1 step 3" in line and "NaN or infinite" in line
+    assert "last good checkpoint" in line and "epoch-0001-step-000002" in line
     last = latest_checkpoint(out)
-    assert last.name == "epoch-0000-step-000002" and _all_finite(last / "model.safetensors")
+    assert last.name == "epoch-0001-step-000002" and _all_finite(last / "model.safetensors")
 
 
 @pytest.mark.parametrize("bad", ["loss", "weight", "buffer", "none"])
@@ -153,7 +153,7 @@ def test_finiteness_check_before_every_save(base_run, bad):
     if bad == "none":
         training.check_finite(t)  # type: ignore[arg-type]
         return
-    with pytest.raises(training.NonFiniteLoss, match="epoch 3 step 7.*epoch-0001, is kept"):
+    with pytest.raises(training.NonFiniteLoss, match="epoch 4 step 7.*epoch-0001, is kept"):
         training.check_finite(t)  # type: ignore[arg-type]
 
 
@@ -171,10 +171,10 @@ def test_disk_full_while_saving_stops_the_run_and_keeps_the_previous_checkpoint(
                  "--checkpoint-every-steps", "2"]) == 2
     line = _one_error_line(capsys)
     assert "cannot save checkpoint epoch-0001" in line and "No space left on device" in line
-    assert "the previous checkpoint epoch-0000-step-000002 is intact" in line
+    assert "the previous checkpoint epoch-0001-step-000002 is intact" in line
     assert f"--resume {out}" in line
     last = latest_checkpoint(out)
-    assert last.name == "epoch-0000-step-000002" and load_train_state(last)["global_step"] == 2
+    assert last.name == "epoch-0001-step-000002" and load_train_state(last)["global_step"] == 2
     load_encoder(out)  # loads, sidecars verified
     assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
 
@@ -183,7 +183,7 @@ def test_disk_full_while_saving_stops_the_run_and_keeps_the_previous_checkpoint(
 def test_every_failing_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch, where):
     run = tmp_path / "run"
     old, new = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    first = "epoch-0001" if where == "same name" else "epoch-0000-step-000002"
+    first = "epoch-0001" if where == "same name" else "epoch-0001-step-000002"
     checkpoint.save_checkpoint(run, first, old, {"epoch": 0}, {"step": torch.tensor(2)}, False)
     if where == "weights":
         monkeypatch.setattr(checkpoint, "save_file", _enospc)

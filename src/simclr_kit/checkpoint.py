@@ -81,6 +81,13 @@ def _fingerprint(path: Path) -> dict[str, Any]:
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
+def umask_mode() -> int:
+    """The mode ``open()`` gives a new file under the process umask (0o644 under umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """safetensors file with ``meta`` in its header and a JSON sidecar (size and hash added)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
@@ -88,6 +95,8 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+        # safetensors creates its files 0600; the JSON beside it follows the umask, so must it.
+        os.chmod(tmp, umask_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -256,11 +265,24 @@ def _is_complete(path: Path) -> bool:
     return path.is_dir() and (path / "model.safetensors").is_file()
 
 
+def _position(ckpt: Path) -> tuple[int, str]:
+    """Sort key of a checkpoint directory: the global step its metadata records, then the name.
+
+    Names do not sort by position: ``epoch-0001-step-000008`` (a step of the first epoch)
+    comes after ``epoch-0001`` (the end of it) in text order.
+    """
+    try:
+        step = int(json.loads((ckpt / "model.json").read_text()).get("global_step", -1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        step = -1
+    return step, ckpt.name
+
+
 def latest_checkpoint(run_dir: Path, required: bool = True) -> Path | None:
     """The checkpoint directory ``RUN/checkpoints/latest`` points at.
 
     Should a kill have left ``latest`` missing or naming a directory that is not there, the
-    newest complete checkpoint is returned instead (names sort by position).
+    newest complete checkpoint (by the step it records) is returned instead.
     """
     root = Path(run_dir) / "checkpoints"
     try:
@@ -271,8 +293,8 @@ def latest_checkpoint(run_dir: Path, required: bool = True) -> Path | None:
         for candidate in (root / name, *sorted(root.glob(f".replaced-{name}.tmp*"))):
             if _is_complete(candidate):
                 return candidate
-    found = sorted(p for p in root.iterdir() if not p.name.startswith(".") and _is_complete(p)) \
-        if root.is_dir() else []
+    found = sorted((p for p in root.iterdir() if not p.name.startswith(".") and _is_complete(p)),
+                   key=_position) if root.is_dir() else []
     if found:
         return found[-1]
     if required:

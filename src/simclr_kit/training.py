@@ -291,8 +291,8 @@ class NonFiniteLoss(UserError):
     def __init__(self, t: Trainer, what: str) -> None:
         last = latest_checkpoint(t.run_dir, required=False)
         kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was saved"
-        super().__init__(f"training stopped at epoch {t.epoch} step {t.step_in_epoch}: {what}; "
-                         f"{kept}. Start again with a lower --lr, a higher --temperature or "
+        super().__init__(f"training stopped at epoch {t.epoch + 1} step {t.step_in_epoch}: "
+                         f"{what}; {kept}. Start again with a lower --lr, a higher --temperature or "
                          "--precision fp32")
 
 
@@ -307,6 +307,14 @@ def check_finite(t: Trainer) -> None:
         raise NonFiniteLoss(t, "the loss or the weights became NaN or infinite")
 
 
+def checkpoint_name(epoch: int, step_in_epoch: int) -> str:
+    """Epochs count from 1 in every name, as in the progress bar: ``epoch-0002`` ends the second
+    epoch, ``epoch-0002-step-000008`` is step 8 of it (``epoch`` is the 0-based epoch index)."""
+    if step_in_epoch:
+        return f"epoch-{epoch + 1:04d}-step-{step_in_epoch:06d}"
+    return f"epoch-{epoch:04d}"
+
+
 def save(t: Trainer, keep: bool = False) -> Path | None:
     """Checkpoint the current position (rank 0 writes; every rank waits for it).
 
@@ -316,7 +324,7 @@ def save(t: Trainer, keep: bool = False) -> Path | None:
     check_finite(t)
     path, error = None, None
     if distributed.is_main():
-        name = f"epoch-{t.epoch:04d}" + (f"-step-{t.step_in_epoch:06d}" if t.step_in_epoch else "")
+        name = checkpoint_name(t.epoch, t.step_in_epoch)
         state = {"optimizer": t.optimizer.state_dict(), "epoch": t.epoch,
                  "step_in_epoch": t.step_in_epoch, "global_step": t.global_step,
                  "total_epochs": t.total_epochs, "rng_cpu": torch.get_rng_state(),
