@@ -98,7 +98,7 @@ def test_run_prints_simclr_next_to_random_init(data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["pretrain", "--data", "./missing/folder"], "does not exist"),
+    (["pretrain", "--data", "./missing/folder"], "no such file or folder"),
     (["pretrain", "--temperature", "0"], "temperature"),
     (["pretrain", "--batch-size", "1"], "batch_size"),
     (["evaluate", "./missing-run", "--data", "digits"], "does not exist"),

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import make_class_images, needs_shared
 from simclr_kit.config import DataConfig
+from simclr_kit.data import sources
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import decode_split, resize_center_crop, to_rgb_array
 from simclr_kit.errors import UserError
@@ -81,9 +82,52 @@ def test_column_overrides_and_missing_columns(parquet_dir):
     assert len(train) == 36
 
 
-def test_missing_path_is_user_error():
-    with pytest.raises(UserError, match="does not exist"):
-        open_splits(DataConfig(data="./no/such/folder"), need_eval=False)
+@pytest.mark.parametrize("spelling,hint", [
+    ("data/unlabelled", "did you mean data/unlabeled?"),  # data/ exists: a path, not a hub id
+    ("./data/unlabelled", "did you mean ./data/unlabeled?"),
+    ("data/unlabelled/", "did you mean data/unlabeled?"),
+    ("./no/such/folder", ""),
+    ("photos.parquet", ""),
+])
+def test_a_mistyped_path_fails_at_once_without_asking_the_hub(spelling, hint, tmp_path,
+                                                              monkeypatch):
+    (tmp_path / "data" / "unlabeled").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(sources, "_load_hub", lambda cfg: asked.append(cfg.data))
+    with pytest.raises(UserError, match="no such file or folder") as err:
+        open_splits(DataConfig(data=spelling), need_eval=False)
+    assert hint in str(err.value) and asked == []
+    assert ("hub id" in str(err.value)) == (spelling == "data/unlabelled")
+
+
+def test_local_folders_load_without_the_loaders_progress_bars(tmp_path, monkeypatch):
+    """Nothing is downloaded from a local folder: the loader's "Downloading data" and
+    "Generating train split" bars are off while it reads one, and on again afterwards."""
+    from conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "photos", n_per_class=5, classes=2, size=8)
+    bars_while_loading = []
+    real = datasets.load_dataset
+
+    def load(*args, **kwargs):
+        bars_while_loading.append(not datasets.are_progress_bars_disabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    datasets.enable_progress_bars()
+    open_splits(DataConfig(data=str(folder)), need_eval=False)
+    assert bars_while_loading == [False] and not datasets.are_progress_bars_disabled()
+
+
+def test_a_name_that_may_be_a_hub_id_goes_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(sources, "_load_hub", lambda cfg: asked.append(cfg.data) or
+                        sources.digits_dataset())
+    for name in ("cifar10", "uoft-cs/cifar10"):
+        open_splits(DataConfig(data=name), need_eval=False)
+    assert asked == ["cifar10", "uoft-cs/cifar10"]
 
 
 def _png_bytes(img: Image.Image) -> bytes:

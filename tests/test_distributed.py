@@ -123,7 +123,7 @@ def test_global_batch_not_divisible_by_world_is_exit_2_before_data(tmp_path, mon
     assert main(["pretrain", "--data", str(tmp_path / "not-read"), "--out", str(out),
                  "--batch-size", "9", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "divisible by the number of processes (2)" in err and "does not exist" not in err
+    assert "divisible by the number of processes (2)" in err and "no such file" not in err
     assert not out.exists()
 
 

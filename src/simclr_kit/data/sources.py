@@ -7,8 +7,10 @@ of Parquet files, an image folder (sub-folder per class, or flat and unlabeled).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,11 +89,15 @@ def non_image_files(folder: Path) -> tuple[str, ...]:
 
 def _read_files(where: str, load, *args, **kwargs) -> datasets.DatasetDict:
     """``load(*args, **kwargs)`` on the user's files; a file that is truncated, corrupt or not
-    what its name says is one line naming the problem, not an Arrow traceback."""
+    what its name says is one line naming the problem, not an Arrow traceback. The loader's
+    "Downloading data" and "Generating split" bars stay hidden: nothing is downloaded, and
+    decoding has its own bar."""
     import pyarrow
 
     level = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity_error()  # it would log the same problem on its own line
+    bars = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
         return load(*args, **kwargs)
     except (pyarrow.ArrowException, datasets.exceptions.DatasetGenerationError, OSError,
@@ -101,6 +107,8 @@ def _read_files(where: str, load, *args, **kwargs) -> datasets.DatasetDict:
         raise UserError(f"cannot read {where}: {text}") from None
     finally:
         datasets.logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _load_local(path: Path) -> datasets.DatasetDict:
@@ -114,6 +122,8 @@ def _load_local(path: Path) -> datasets.DatasetDict:
 
 
 def _load_local_files(path: Path) -> datasets.DatasetDict | None:
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        return datasets.load_dataset("imagefolder", data_files={"train": [str(path)]})
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         loaded = datasets.load_from_disk(str(path))
         return loaded if isinstance(loaded, datasets.DatasetDict) else \
@@ -153,20 +163,58 @@ def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
     return loaded
 
 
+def _load_glob(pattern: str) -> datasets.DatasetDict:
+    """The Parquet files a glob matches, else its image files (one split, 'train')."""
+    files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    if not files:
+        raise UserError(f"no files match {pattern!r}")
+    parquet = [f for f in files if f.endswith(".parquet")]
+    images = [f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    if not parquet and not images:
+        raise UserError(f"{pattern!r} matches no Parquet or image files ({files[0]}, ...)")
+    kind, chosen = ("parquet", parquet) if parquet else ("imagefolder", images)
+    return _read_files(pattern, datasets.load_dataset, kind, data_files={"train": chosen})
+
+
+# A hub id: NAME or OWNER/NAME of letters, digits, '-', '_' and '.'.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _missing_path(text: str) -> str | None:
+    """Why ``text``, which names nothing on disk, is a mistyped path rather than a hub id, or
+    None when it may be a hub id. Answered at once: the hub is never asked about a path."""
+    suffix = Path(text).suffix.lower()
+    if not _HUB_ID.fullmatch(text) or suffix in IMAGE_SUFFIXES | {".parquet", ".arrow"}:
+        return ""  # a path by its form: ./x, /x, ~/x, a/b/c, x/, photo.jpg
+    first = text.split("/")[0]
+    if "/" in text and Path(first).is_dir():
+        return f"; {first}/ is a folder here, so this is a path, not the hub id {text!r}"
+    return None
+
+
+def _near_names(text: str) -> str:
+    """' (did you mean X?)' for a close name in the folder ``text`` points into, else ''."""
+    given = text.rstrip("/" + os.sep)
+    path = Path(os.path.expanduser(given))
+    if not path.name or not path.parent.is_dir():
+        return ""
+    names = [p.name for p in path.parent.iterdir() if not p.name.startswith(".")]
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.7)
+    return f" (did you mean {given[:-len(path.name)]}{close[0]}?)" if close else ""
+
+
 def open_source(cfg: DataConfig) -> datasets.DatasetDict:
     """All splits of the source named by ``cfg.data``."""
     if cfg.data == "digits":
         return digits_dataset()
     if any(ch in cfg.data for ch in "*?["):
-        files = sorted(glob.glob(cfg.data, recursive=True))
-        if not files:
-            raise UserError(f"no files match {cfg.data!r}")
-        return _read_files(cfg.data, datasets.load_dataset, "parquet", data_files={"train": files})
+        return _load_glob(cfg.data)
     path = Path(os.path.expanduser(cfg.data))
     if path.exists():
         return _load_local(path)
-    if cfg.data.startswith((".", "/", "~")) or cfg.data.count("/") > 1:
-        raise UserError(f"data path {cfg.data} does not exist")
+    why = _missing_path(cfg.data)
+    if why is not None:
+        raise UserError(f"no such file or folder: {cfg.data}{_near_names(cfg.data)}{why}")
     return _load_hub(cfg)
 
 
@@ -224,6 +272,18 @@ def _make_split(ds: datasets.Dataset, cfg: DataConfig, split: str) -> Split:
     image_column = find_image_column(ds.features, cfg.image_column)
     label_column = find_label_column(ds.features, cfg.label_column)
     return Split(ds, image_column, label_column, _class_names(ds, label_column), cfg.data, split)
+
+
+def whole_split(cfg: DataConfig, preferred: tuple[str, ...]) -> Split:
+    """Every row of one split, nothing carved off for validation: ``cfg.train_split`` (the
+    ``--split`` of embed and predict), else the only split, else the first of ``preferred``
+    the source has. Labels and class names come with it when the split has a label column."""
+    dd = open_source(cfg)
+    name = cfg.train_split or (next(iter(dd)) if len(dd) == 1 else
+                               next((n for n in preferred if n in dd), None))
+    if name is None or name not in dd:
+        raise UserError(f"split {name!r} not found; splits: {list(dd)} (choose with --split)")
+    return _make_split(dd[name], cfg, name)
 
 
 def _carve_validation(ds: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset,

@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from simclr_kit import distributed
 from simclr_kit.data.sources import Split
 from simclr_kit.errors import UserError
 
@@ -40,8 +41,10 @@ class ImageStore:
     """A decoded split: ``images: (N, 3, S, S) uint8``, ``labels: (N,) int64`` or None.
 
     ``row_ids`` are the rows of the split the images came from (bad rows skipped leave gaps);
+    ``files`` the file each came from ('' for images stored in the dataset without a name);
     ``skipped`` holds ``(row, file, reason)`` for each of those rows, and ``(-1, file, reason)``
-    for files of an image folder that are not images and were ignored.
+    for files of an image folder that are not images and were ignored. ``provenance["images"]``
+    counts the images kept, ``provenance["rows"]`` the rows of the split.
     """
 
     images: Tensor
@@ -51,6 +54,7 @@ class ImageStore:
     image_size: int
     provenance: dict = field(default_factory=dict)
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -149,11 +153,13 @@ def working_size(split: Split, requested: int | None, probe: int = 2048) -> int:
     return MAX_DEFAULT_SIZE
 
 
-def _labels(split: Split, keep: list[int]) -> Tensor | None:
+def _labels(split: Split, keep: list[int], missing_labels: str) -> Tensor | None:
     if split.label_column is None:
         return None
     values = split.dataset.select_columns([split.label_column])[split.label_column]
     picked = [values[i] for i in keep]
+    if missing_labels == "keep":  # as -1, for output that shows the labels it has
+        return torch.tensor([-1 if v is None or v < 0 else v for v in picked], dtype=torch.int64)
     missing = sum(v is None or v < 0 for v in picked)
     if missing:  # hub test splits often carry -1 for "no label"
         raise UserError(f"split {split.split!r} has {missing} of {len(picked)} rows without a "
@@ -165,7 +171,7 @@ def _labels(split: Split, keep: list[int]) -> Tensor | None:
 def _cache_path(split: Split, size: int) -> Path | None:
     if not split.dataset.cache_files:  # in-memory datasets have no stable fingerprint
         return None
-    key = f"{split.dataset._fingerprint}|{split.image_column}|{size}|v2"
+    key = f"{split.dataset._fingerprint}|{split.image_column}|{size}|v3"
     return cache_root() / "decoded" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
 
 
@@ -175,12 +181,16 @@ def _bad_image(split: Split, row: int, name: str, reason: str) -> UserError:
                      "--bad-images skip to skip such images")
 
 
-def _decode_all(split: Split, size: int, bad_images: str,
-                progress: bool) -> tuple[np.ndarray, list[int], list[tuple[int, str, str]]]:
+# (images (N, S, S, 3) uint8, kept rows, their files, skipped (row, file, reason))
+Decoded = tuple[np.ndarray, list[int], list[str], list[tuple[int, str, str]]]
+
+
+def _decode_all(split: Split, size: int, bad_images: str, progress: bool) -> Decoded:
     raw = _raw_column(split).select_columns([split.image_column])
     n = len(raw)
     out = np.empty((n, size, size, 3), dtype=np.uint8)
     keep: list[int] = []
+    files: list[str] = []
     skipped: list[tuple[int, str, str]] = []
     rows = tqdm(range(n), desc=f"decoding {split.split}", unit="img", disable=not progress,
                 mininterval=1.0)
@@ -191,6 +201,7 @@ def _decode_all(split: Split, size: int, bad_images: str,
             with _open(item) as img:
                 out[len(keep)] = resize_center_crop(to_rgb_array(img), size)
             keep.append(row)
+            files.append(_item_name(item))
         except Exception as err:  # PIL raises many types for bad bytes; each is one bad row
             text = str(err).splitlines()[0] if str(err).strip() else ""
             text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "embedded bytes", text)
@@ -202,52 +213,56 @@ def _decode_all(split: Split, size: int, bad_images: str,
         first = f"row {skipped[0][0]} {skipped[0][1]}: {skipped[0][2]}" if skipped else "empty split"
         raise UserError(f"none of the {n} images in {split.split!r} could be decoded, so there "
                         f"is nothing to train on (first problem: {first})")
-    return out[:len(keep)], keep, skipped
+    return out[:len(keep)], keep, files, skipped
 
 
-def _read_cache(path: Path) -> tuple[np.ndarray, list[int], list[tuple[int, str, str]]] | None:
+def _read_cache(path: Path) -> Decoded | None:
     try:
         with np.load(path, allow_pickle=False) as f:
             skipped = [(int(r), str(p), str(m)) for r, p, m in
                        zip(f["skipped_rows"], f["skipped_files"], f["skipped_reasons"])]
-            return f["images"], f["rows"].tolist(), skipped
+            return f["images"], f["rows"].tolist(), [str(p) for p in f["files"]], skipped
     except Exception:  # a damaged cache file is only a lost optimisation: decode again
         return None
 
 
 def decode_split(split: Split, image_size: int | None = None, bad_images: str = "skip",
-                 progress: bool = True, labels: bool = True) -> ImageStore:
+                 progress: bool = True, labels: bool = True,
+                 missing_labels: str = "error") -> ImageStore:
     """Decode every image of ``split`` once to ``(N, 3, S, S) uint8`` (cached on disk by fingerprint).
 
     ``labels=False`` leaves the labels out (pretraining needs none, so rows without one are fine).
+    ``missing_labels="keep"`` gives rows without a label the label -1 instead of an error.
     """
     size = working_size(split, image_size)
     cache = _cache_path(split, size)
     cached = _read_cache(cache) if cache is not None and cache.is_file() else None
     if cached is not None:
-        hwc, keep, skipped = cached
+        hwc, keep, files, skipped = cached
     else:
-        hwc, keep, skipped = _decode_all(split, size, bad_images, progress)
+        hwc, keep, files, skipped = _decode_all(split, size, bad_images, progress)
         if cache is not None:
-            _write_cache(cache, hwc, keep, skipped)
+            _write_cache(cache, (hwc, keep, files, skipped))
     if skipped and bad_images == "error":
         raise _bad_image(split, *skipped[0])
-    provenance = dict(split.provenance, image_size=size, skipped=len(skipped),
+    provenance = dict(split.provenance, images=len(keep), image_size=size, skipped=len(skipped),
                       ignored=len(split.ignored))
     skipped = skipped + [(-1, name, "not an image file (by its suffix): ignored")
                          for name in split.ignored]
     images = torch.from_numpy(np.ascontiguousarray(hwc)).permute(0, 3, 1, 2).contiguous()
-    return ImageStore(images=images, labels=_labels(split, keep) if labels else None,
+    return ImageStore(images=images,
+                      labels=_labels(split, keep, missing_labels) if labels else None,
                       class_names=split.class_names, row_ids=torch.tensor(keep, dtype=torch.int64),
-                      image_size=size, provenance=provenance, skipped=skipped)
+                      image_size=size, provenance=provenance, skipped=skipped, files=files)
 
 
-def _write_cache(path: Path, hwc: np.ndarray, keep: list[int],
-                 skipped: list[tuple[int, str, str]]) -> None:
+def _write_cache(path: Path, decoded: Decoded) -> None:
+    hwc, keep, files, skipped = decoded
     tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, images=hwc, rows=np.asarray(keep, dtype=np.int64),
+                 files=np.asarray(files, dtype=str),
                  skipped_rows=np.asarray([r for r, _, _ in skipped], dtype=np.int64),
                  skipped_files=np.asarray([p for _, p, _ in skipped], dtype=str),
                  skipped_reasons=np.asarray([m for _, _, m in skipped], dtype=str))
@@ -266,6 +281,14 @@ def skipped_summary(store: ImageStore) -> str:
     if ignored:
         parts.append(f"ignored {ignored} file(s) that are not images")
     return "; ".join(parts)
+
+
+def announce_skipped(store: ImageStore, consequence: str = "") -> None:
+    """Print :func:`skipped_summary` when anything was skipped or ignored (the main process
+    only); every command that decodes says it the same way, whether the decode came from the
+    disk cache or not. ``consequence`` ends the line ("; listed in RUN/skipped.txt")."""
+    if store.skipped and distributed.is_main():
+        tqdm.write(skipped_summary(store) + consequence)
 
 
 def skipped_report(store: ImageStore) -> str:
