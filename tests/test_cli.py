@@ -63,6 +63,11 @@ def test_train_classifier_predict_and_export(run, data, tmp_path):
     rows = list(csv.DictReader(open(preds)))
     assert len(rows) == 24  # every row of the test split (the default)
     assert {r["predicted"] for r in rows} <= {"c0", "c1", "c2"}
+    import pyarrow.parquet as pq
+
+    truth = pq.read_table(data / "test.parquet").column("label").to_pylist()
+    assert [r["label"] for r in rows] == [f"c{y}" for y in truth]  # the true class, by name
+    assert [r["id"] for r in rows] == [str(i) for i in range(24)]  # rows of the split
     assert all(0 < float(r["probability"]) <= 1 for r in rows)
 
     out = tmp_path / "bb.safetensors"

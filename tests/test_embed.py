@@ -100,7 +100,7 @@ def test_pretrain_writes_the_quick_report(run):
     for sid in ("config", "hardware", "curves", "augmentations", "embedding-map", "retrieval"):
         assert f'<section id="{sid}">' in text
     retrieval = text.split('<section id="retrieval">')[1]
-    assert "simclr report RUN" in retrieval and "<img" not in retrieval
+    assert f"simclr report {run}" in retrieval and "<img" not in retrieval
     assert "<img" in text.split('<section id="augmentations">')[1].split("</section>")[0]
 
 
@@ -115,3 +115,44 @@ def test_pretrain_mirrors_metrics_to_tensorboard(run):
     assert [s for s, _ in logged] == [r["step"] for r in train]
     assert np.allclose([v for _, v in logged], [r["loss"] for r in train], rtol=1e-6)
     assert "done/wall_s" in events.Tags()["scalars"]
+
+
+def test_an_image_folder_embeds_with_file_names_and_says_what_it_skipped(run, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    rng = np.random.default_rng(1)
+    for label in ("cat", "dog"):
+        (folder / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(
+                folder / label / f"{i}.png")
+    (folder / "dog" / "9_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)
+    capsys.readouterr()
+    for out in (tmp_path / "e.parquet", tmp_path / "e.npy"):
+        assert main(["embed", str(run), "--data", str(folder), "--out", str(out),
+                     "--device", "cpu"]) == 0
+        text = capsys.readouterr().out  # the line pretraining prints for the same folder
+        assert "skipped 1 unreadable image(s) in 'train' (UnidentifiedImageError x1), kept 6" \
+            in text and "no embedding" in text
+    expected = [str(folder / label / f"{i}.png") for label in ("cat", "dog") for i in range(3)]
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table.column("file").to_pylist() == expected
+    assert table.column("class_name").to_pylist() == ["cat"] * 3 + ["dog"] * 3
+    assert np.load(tmp_path / "e.files.npy").tolist() == expected
+    assert json.loads((tmp_path / "e.json").read_text())["files"]["files"] == "e.files.npy"
+
+
+def test_predict_on_a_labelled_folder_writes_files_and_true_labels(run, data, tmp_path):
+    import csv
+
+    cls = tmp_path / "cls"
+    assert main(["train-classifier", str(run), "--data", str(data), "--out", str(cls),
+                 "--epochs", "1", "--device", "cpu"]) == 0
+    folder = tmp_path / "photos"
+    for label in ("c0", "c2"):
+        (folder / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(folder / label / "x.png")
+    assert main(["predict", str(cls), "--data", str(folder), "--out", str(tmp_path / "p.csv"),
+                 "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [(r["id"], r["label"]) for r in rows] == [(str(folder / "c0" / "x.png"), "c0"),
+                                                     (str(folder / "c2" / "x.png"), "c2")]

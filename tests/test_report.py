@@ -182,3 +182,51 @@ def test_report_reuses_the_features_evaluation_cached(run, monkeypatch):
     assert main(["report", str(run), "--device", "cpu"]) == 0
     assert calls == []
     assert "t-SNE" in (run / "report.html").read_text()
+
+
+def test_evaluation_table_puts_encoders_side_by_side(run, tmp_path):
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("config.yaml", "metrics.jsonl"):
+        (copy / name).write_bytes((run / name).read_bytes())
+    hp = {"k": 5, "temperature": 0.1}
+    rows = [{"encoder": encoder, "protocol": "knn", "metric": "top1", "value": value,
+             "split": "test", "seed": None, "hyperparameters": hp}
+            for encoder, value in (("simclr", 61.25), ("random-init", 40.5))]
+    (copy / "eval.json").write_text(json.dumps({"checkpoint": str(run), "results": rows}))
+    text = write_report(copy, embeddings=False).read_text()
+    section = text.split('<section id="evaluation">')[1].split("</section>")[0]
+    header = re.findall(r"<th>(.*?)</th>", section)
+    assert header[:4] == ["protocol", "metric", "simclr", "random-init"]
+    body = re.findall(r"<tr>(.*?)</tr>", section.split("<tbody>")[1])
+    assert len(body) == 1 and "61.25%" in body[0] and "40.50%" in body[0]
+
+
+def test_label_efficiency_names_each_subset_once_without_overlap(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    from simclr_kit.evaluation.fractions import plot_label_efficiency
+
+    drawn: list[Figure] = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: drawn.append(self) or
+                        real(self, *a, **k))
+    subsets = [("1%", "fraction", 3), ("10%", "fraction", 30), ("100%", "fraction", 300),
+               ("1-shot", "shots", 3), ("5-shot", "shots", 15), ("10-shot", "shots", 30)]
+    rows = [{"encoder": encoder, "subset": name, "kind": kind, "labels": labels,
+             "mean": 50.0 + labels / 10 + shift, "std": 1.0}
+            for encoder, shift in (("simclr", 0.0), ("random-init", -0.5))
+            for name, kind, labels in subsets]
+    plot_label_efficiency(rows, tmp_path / "le.png")
+    fig = drawn[0]
+    renderer = fig.canvas.get_renderer()
+    known = {name for name, _, _ in subsets}
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text()
+             and set(t.get_text().split(" / ")) <= known]
+    names = [n for t in texts for n in t.get_text().split(" / ")]
+    assert sorted(names) == sorted(name for name, _, _ in subsets)  # once each
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), "subset labels overlap"

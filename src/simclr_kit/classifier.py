@@ -23,15 +23,15 @@ from simclr_kit import __version__
 from simclr_kit.augment import normalize
 from simclr_kit.checkpoint import atomic_write_text, load_weights, read_metadata, save_weights
 from simclr_kit.config import ClassifierConfig, DataConfig
-from simclr_kit.data.sources import (IMAGE_SUFFIXES, Split, find_image_column, open_source,
-                                     open_splits)
-from simclr_kit.data.store import ImageStore, decode_split, skipped_summary
+from simclr_kit.data.sources import IMAGE_SUFFIXES, Split, open_splits, whole_split
+from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
 from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, load_encoder
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.features import extract_features
 from simclr_kit.evaluation.finetune import FINETUNE_AUGMENT, accuracy, finetune
 from simclr_kit.models import Classifier, build_backbone
+from simclr_kit.provenance import data_for, run_directory
 
 __all__ = ["FINETUNE_AUGMENT", "accuracy", "load_classifier", "predict", "train_classifier"]
 
@@ -59,22 +59,26 @@ def _finetune(model: Classifier, train: ImageStore, mean, std, cfg: ClassifierCo
              weight_decay=cfg.weight_decay, seed=cfg.seed, device=device, progress=progress)
 
 
-def train_classifier(checkpoint: str | Path, data: DataConfig, out: str | Path,
-                     cfg: ClassifierConfig | None = None, device: str = "auto",
+def train_classifier(checkpoint: str | Path, data: DataConfig | str | dict[str, Any] | None,
+                     out: str | Path, cfg: ClassifierConfig | None = None, device: str = "auto",
                      progress: bool = True) -> dict[str, Any]:
-    """Train a classifier on the encoder from ``checkpoint``; save it in ``out``; return metrics."""
+    """Train a classifier on the encoder from ``checkpoint``; save it in ``out``; return metrics.
+
+    ``data`` as :func:`simclr_kit.evaluation.protocols.evaluate` takes it: None uses the run's
+    own dataset (its last evaluation's, else its pretraining data).
+    """
     cfg = cfg or ClassifierConfig()
     out = Path(out)
     if (out / "classifier.safetensors").exists():
         raise UserError(f"{out} already holds a classifier: choose another --out")
     dev = resolve_device(device)
     encoder = load_encoder(checkpoint, dev)
+    data = data_for("train-classifier", encoder.meta, data, run_directory(checkpoint))
     train_split, val_split = open_splits(data, need_eval=True)
     train = decode_split(train_split, encoder.image_size, data.bad_images, progress)
     val = decode_split(val_split, encoder.image_size, data.bad_images, progress)  # type: ignore[arg-type]
     for store, role in ((train, "train"), (val, "validation")):
-        if store.skipped:
-            tqdm.write(skipped_summary(store))
+        announce_skipped(store)
         if store.labels is None:
             raise UserError(f"the {role} split has no labels: a classifier needs a label column")
     if int(train.labels.unique().numel()) < 2:  # type: ignore[union-attr]
@@ -119,29 +123,23 @@ def load_classifier(cls_dir: str | Path, device: torch.device) -> tuple[Classifi
 
 
 def _image_paths(spec: str) -> list[Path] | None:
-    """Image files named by ``spec`` (a file, a glob, or a folder of images), or None."""
+    """Image files named by ``spec`` (an image file, or a glob naming some), or None: a folder
+    is read as a dataset, like pretraining reads it (labels from sub-folders, the same skipped
+    line)."""
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         return [path]
-    if any(ch in spec for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True))
-    elif path.is_dir() and not any(path.rglob("*.parquet")) and not (path / "state.json").exists() \
-            and not (path / "dataset_dict.json").exists():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    else:
+    if not any(ch in spec for ch in "*?["):
         return None
-    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    files = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return images if images or not files else None  # a glob of Parquet files is a dataset
 
 
 def prediction_split(cfg: DataConfig) -> Split:
-    """Every row of ``cfg.train_split`` (``--split``), else of the only split, else of 'test'."""
-    dd = open_source(cfg)
-    name = cfg.train_split or (next(iter(dd)) if len(dd) == 1 else
-                               "test" if "test" in dd else "train")
-    if name not in dd:
-        raise UserError(f"split {name!r} not found; splits: {list(dd)} (choose with --split)")
-    ds = dd[name]
-    return Split(ds, find_image_column(ds.features, cfg.image_column), None, None, cfg.data, name)
+    """Every row of ``cfg.train_split`` (``--split``), else of the only split, else of 'test',
+    else of 'train'."""
+    return whole_split(cfg, ("test", "train"))
 
 
 def _read_image_files(paths: list[Path], encoder: Encoder, bad_images: str) -> tuple[list[str],
@@ -169,13 +167,33 @@ def _read_image_files(paths: list[Path], encoder: Encoder, bad_images: str) -> t
     return ids, torch.cat(arrays)
 
 
+def _ids_and_labels(store: ImageStore) -> tuple[list[str], list[str] | None]:
+    """CSV ids (the file path for images read from files on this machine, else the row of the
+    split) and true class names ('' for a row without a label; None for an unlabelled split)."""
+    local = bool(store.files) and all(f and Path(f).is_file() for f in store.files)
+    ids = list(store.files) if local else [str(int(r)) for r in store.row_ids]
+    if store.labels is None:
+        return ids, None
+    names = store.class_names or []
+    labels = ["" if y < 0 else names[y] if y < len(names) else str(y)
+              for y in store.labels.tolist()]
+    return ids, labels
+
+
 def predict(cls_dir: str | Path, data: str, out: str | Path, device: str = "auto",
             data_config: DataConfig | None = None, batch_size: int = 256) -> int:
-    """Write ``out`` (CSV: id, predicted class, probability), one row per image; returns rows."""
+    """Write ``out``, one CSV row per image: ``id``, ``label`` (the true class, when the split
+    has labels), ``predicted`` (class name) and ``probability``; returns the rows written.
+
+    ``data``: an image file or a glob of them (``id`` is the file), else any dataset
+    ``--data`` takes, a folder of images included (``id`` is the file for a folder, the row of
+    the split otherwise).
+    """
     dev = resolve_device(device)
     model, meta = load_classifier(cls_dir, dev)
     encoder = Encoder(model.backbone, meta["image_size"], meta["mean"], meta["std"], meta)
     paths = _image_paths(data)
+    labels: list[str] | None = None
     if paths is not None:
         if not paths:
             raise UserError(f"no images found at {data}")
@@ -184,10 +202,9 @@ def predict(cls_dir: str | Path, data: str, out: str | Path, device: str = "auto
     else:
         cfg = data_config or DataConfig(data=data)
         store = decode_split(prediction_split(cfg), meta["image_size"], cfg.bad_images,
-                             progress=False)
-        if store.skipped:
-            tqdm.write(skipped_summary(store) + ": they get no prediction")
-        ids = [str(int(r)) for r in store.row_ids]
+                             progress=False, missing_labels="keep")
+        announce_skipped(store, ": they get no prediction")
+        ids, labels = _ids_and_labels(store)
         images = store.images
     rows = []
     with torch.no_grad():
@@ -195,12 +212,13 @@ def predict(cls_dir: str | Path, data: str, out: str | Path, device: str = "auto
             x = normalize(images[start:start + batch_size].to(dev), meta["mean"], meta["std"])
             prob = model(x).softmax(1).cpu()
             p, c = prob.max(1)
-            rows += [(ids[start + i], meta["class_names"][int(c[i])], f"{float(p[i]):.6f}")
+            rows += [[ids[start + i]] + ([] if labels is None else [labels[start + i]])
+                     + [meta["class_names"][int(c[i])], f"{float(p[i]):.6f}"]
                      for i in range(len(c))]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = [["id", "predicted", "probability"], *rows]
+    header = ["id"] + ([] if labels is None else ["label"]) + ["predicted", "probability"]
     buf = io.StringIO()
-    csv.writer(buf).writerows(text)
+    csv.writer(buf).writerows([header, *rows])
     atomic_write_text(out, buf.getvalue())
     return len(rows)

@@ -7,6 +7,7 @@ and its allowed range before any data is read.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -303,15 +304,65 @@ def _typed(value: Any, hint: Any) -> tuple[bool, Any]:
     return True, value
 
 
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]  # type: ignore[arg-type]
+
+
+def normalize_keys(cls: type, values: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """``values`` with the keys spelled as the dataclass fields, for files written like flags.
+
+    A key may use the flag's dashes (``batch-size``). In a pretraining config the data and
+    augmentation fields may also stand at the top level, as their flags do (``image_size: 32``,
+    ``flip_p: 0``), and ``data: NAME`` means ``data: {data: NAME}``. A field given twice
+    (``batch-size`` and ``batch_size``, or ``image_size`` and ``data.image_size``) is an error
+    rather than a guess. Unknown keys are left for :func:`from_dict` to name.
+    """
+    if not isinstance(values, dict):
+        return values
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        if name in out:
+            raise ConfigError(f"{where}: {name!r} is given twice ({spelled[name]!r} and {key!r})")
+        out[name], spelled[name] = value, key
+    if cls is not PretrainConfig:
+        return out
+    if isinstance(out.get("data"), str):
+        out["data"] = {"data": out["data"]}
+    for section, nested in _NESTED.items():
+        if isinstance(out.get(section), dict):
+            out[section] = normalize_keys(nested, out[section], f"{where}.{section}")
+    top = set(_field_names(PretrainConfig))
+    for name in [k for k in out if k not in top]:
+        sections = [s for s, nested in _NESTED.items() if name in _field_names(nested)]
+        if len(sections) != 1 or not isinstance(out.get(sections[0], {}), dict):
+            continue  # unknown, or a section of the wrong type: from_dict names the problem
+        section = out.setdefault(sections[0], {})
+        if name in section:
+            raise ConfigError(f"{where}: {name!r} is given twice (as {sections[0]}.{name} too)")
+        section[name] = out.pop(name)
+    return out
+
+
+def _unknown_keys(where: str, unknown: list[str], known: list[str]) -> ConfigError:
+    hints = [f"{u!r} -> {m[0]!r}" for u in unknown
+             if (m := difflib.get_close_matches(u.replace("-", "_"), known, n=1, cutoff=0.75))]
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    return ConfigError(f"{where}: unknown key(s) {unknown}{hint}; known keys: {sorted(known)}")
+
+
 def from_dict(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
     """Build a (nested) config dataclass from a plain dict; unknown keys and values of the wrong
-    type are one-line errors naming the field."""
+    type are one-line errors naming the field. Keys may be spelled as :func:`normalize_keys`
+    accepts."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping of field names to values")
+    values = normalize_keys(cls, values, where)
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        raise _unknown_keys(where, unknown, list(known))
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
@@ -337,8 +388,47 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict (validated when turned into a dataclass)."""
+def to_yaml(config: Any) -> str:
+    """The config as the YAML that ``config.yaml`` holds and ``--config`` reads, fields in
+    declaration order."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"data": "digits"}}`` -> ``{"data.data": "digits"}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def layered_data(recorded: dict[str, Any] | None,
+                 given: DataConfig | str | dict[str, Any] | None) -> DataConfig | None:
+    """The data config from ``given`` (a DataConfig, a ``--data`` string, or a dict of
+    DataConfig fields) laid over ``recorded`` (the fields a run recorded); None when neither
+    names a dataset. A ``given`` that names another dataset starts from the defaults instead:
+    the recorded columns and splits belong to the recorded dataset."""
+    if isinstance(given, DataConfig):
+        return given
+    overrides = normalize_keys(DataConfig, {"data": given} if isinstance(given, str) else
+                               dict(given or {}), "data")
+    base = normalize_keys(DataConfig, dict(recorded or {}), "data")
+    if "data" in overrides and overrides["data"] != base.get("data"):
+        base = {}
+    if "data" not in base and "data" not in overrides:
+        return None
+    return from_dict(DataConfig, merge(base, overrides), "data")
+
+
+def load_yaml(path: str | Path, cls: type | None = None) -> dict[str, Any]:
+    """Read a YAML config file into a dict (validated when turned into a dataclass); with
+    ``cls``, its keys spelled as that dataclass's fields (:func:`normalize_keys`), so that flags
+    merged on top of it meet the same keys."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {p} does not exist")
@@ -350,7 +440,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {p} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {p} must hold a mapping of field names to values")
-    return values
+    return normalize_keys(cls, values) if cls is not None else values
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -2,15 +2,17 @@
 
 Parquet (default): one row per image with columns ``split`` (str), ``id`` (int64: the row of the
 split the image came from; stable across runs, gaps where unreadable rows were skipped),
-``label`` (int64) and ``class_name`` (str) when the split is labelled, ``feature``
-(fixed-size list of float32, length ``feature_dim``) and, with projections, ``projection``
-(length ``projection_dim``). The checkpoint and dataset provenance sit in the schema metadata
-under the key ``simclr_kit``.
+``file`` (str) when the images came from files (an image folder), ``label`` (int64, -1 for a
+row without one) and ``class_name`` (str, null without a label) when the split is labelled,
+``feature`` (fixed-size list of float32, length ``feature_dim``) and, with projections,
+``projection`` (length ``projection_dim``). The checkpoint and dataset provenance sit in the
+schema metadata under the key ``simclr_kit``.
 
 NumPy (``--format npy``, ``OUT.npy``): ``OUT.npy`` holds the features ``(N, feature_dim)``
-float32, ``OUT.ids.npy`` the ids ``(N,)`` int64, ``OUT.labels.npy`` the labels ``(N,)`` int64
-when present, ``OUT.projections.npy`` ``(N, projection_dim)`` when asked for, and ``OUT.json``
-the metadata (class names, split, checkpoint, shapes).
+float32, ``OUT.ids.npy`` the ids ``(N,)`` int64, ``OUT.files.npy`` the files ``(N,)`` (str)
+when known, ``OUT.labels.npy`` the labels ``(N,)`` int64 when present,
+``OUT.projections.npy`` ``(N, projection_dim)`` when asked for, and ``OUT.json`` the metadata
+(class names, split, checkpoint, shapes).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from tqdm.auto import tqdm
 from simclr_kit.augment import normalize
 from simclr_kit.checkpoint import atomic_write_text
 from simclr_kit.config import DataConfig
-from simclr_kit.data.sources import Split, find_image_column, find_label_column, open_source
-from simclr_kit.data.store import ImageStore, decode_split
+from simclr_kit.data.sources import Split, whole_split
+from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
 from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, Weights, encoder_from_weights, read_weights
 from simclr_kit.errors import UserError
@@ -48,23 +50,15 @@ class Embeddings:
     labels: Tensor | None
     class_names: list[str] | None
     meta: dict[str, Any]
+    files: list[str] | None = None  # the file of each image, when they came from files
 
 
 def embedding_split(cfg: DataConfig) -> Split:
-    """Every row of ``cfg.train_split`` (``--split``), else of 'train', else of the only split.
+    """Every row of ``cfg.train_split`` (``--split``), else of the only split, else of 'train'.
 
     Unlike :func:`open_splits` nothing is carved off for validation: all rows are embedded.
     """
-    dd = open_source(cfg)
-    name = cfg.train_split or ("train" if "train" in dd else next(iter(dd)) if len(dd) == 1
-                               else None)
-    if name is None or name not in dd:
-        raise UserError(f"split {name!r} not found; splits: {list(dd)} (choose with --split)")
-    ds = dd[name]
-    label_column = find_label_column(ds.features, cfg.label_column)
-    names = getattr(ds.features.get(label_column), "names", None) if label_column else None
-    return Split(ds, find_image_column(ds.features, cfg.image_column), label_column,
-                 list(names) if names else None, cfg.data, name)
+    return whole_split(cfg, ("train",))
 
 
 @torch.no_grad()
@@ -120,15 +114,17 @@ def compute_embeddings(checkpoint: str | Path, data: DataConfig, projections: bo
     encoder = encoder_from_weights(weights).to(dev).eval()
     head = projection_head(weights) if projections else None  # fails before any decoding
     store: ImageStore = decode_split(embedding_split(data), encoder.image_size, data.bad_images,
-                                     progress)
+                                     progress, missing_labels="keep")
+    announce_skipped(store, ": they get no embedding")
     features = backbone_features(encoder, store.images, dev, batch_size, progress)
     projected = _project(head, features, batch_size) if head is not None else None
     meta = {"checkpoint": str(checkpoint), "split": store.provenance.get("split"),
             "dataset": store.provenance, "feature_dim": int(features.shape[1]),
             "projection_dim": None if projected is None else int(projected.shape[1]),
             **{k: encoder.meta.get(k) for k in ("backbone", "stem", "image_size", "epoch")}}
+    files = store.files if any(store.files) else None
     return Embeddings(features, projected, store.row_ids.clone(), store.labels, store.class_names,
-                      meta)
+                      meta, files)
 
 
 def _fixed_lists(values: Tensor) -> Any:
@@ -145,10 +141,13 @@ def write_parquet(emb: Embeddings, path: Path) -> None:
     n = emb.features.shape[0]
     columns: dict[str, Any] = {"split": pa.array([emb.meta["split"]] * n, pa.string()),
                                "id": pa.array(emb.ids.numpy(), pa.int64())}
+    if emb.files is not None:
+        columns["file"] = pa.array(emb.files, pa.string())
     if emb.labels is not None:
         columns["label"] = pa.array(emb.labels.numpy(), pa.int64())
         if emb.class_names:
-            columns["class_name"] = pa.array([emb.class_names[int(i)] for i in emb.labels])
+            columns["class_name"] = pa.array([emb.class_names[int(i)] if i >= 0 else None
+                                              for i in emb.labels], pa.string())
     columns["feature"] = _fixed_lists(emb.features)
     if emb.projections is not None:
         columns["projection"] = _fixed_lists(emb.projections)
@@ -163,6 +162,8 @@ def write_npy(emb: Embeddings, path: Path) -> list[Path]:
     """``OUT.npy`` plus the files beside it (see module docstring); returns every path written."""
     stem = path.with_suffix("")
     arrays = {"": emb.features.numpy().astype(np.float32), ".ids": emb.ids.numpy()}
+    if emb.files is not None:
+        arrays[".files"] = np.asarray(emb.files, dtype=str)
     if emb.labels is not None:
         arrays[".labels"] = emb.labels.numpy()
     if emb.projections is not None:

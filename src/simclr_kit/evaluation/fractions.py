@@ -153,26 +153,20 @@ def label_efficiency(train_features: Tensor, train_labels: Tensor, val_features:
     return rows
 
 
-def plot_label_efficiency(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Write a PNG of val accuracy vs number of labels (log x), error bars = std over seeds.
-
-    ``rows`` is the output of :func:`label_efficiency`; fractions and k-shot subsets are drawn
-    as two series, per encoder when the rows carry an ``encoder`` key (``simclr evaluate`` with
-    baselines), so encoders compare on one figure. Uses the Agg canvas directly, so the global
-    pyplot backend is left alone.
-    """
+def label_efficiency_figure(rows: list[dict[str, Any]]) -> Any:
+    """The matplotlib Figure of :func:`plot_label_efficiency` (Agg canvas, pyplot untouched)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
-    fig = Figure(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4.6), dpi=120)  # the top axis names the subsets
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     encoders = list(dict.fromkeys(r.get("encoder") for r in rows))
     for number, encoder in enumerate(encoders):
         colour = f"C{number % 10}"
-        # Fractions labelled above their points, k-shot below: 1% and 1-shot often coincide.
-        for kind, label, marker, line, offset in (("fraction", "label fraction", "o", "-", 6),
-                                                  ("shots", "k-shot", "s", "--", -12)):
+        for kind, label, marker, line in (("fraction", "label fraction", "o", "-"),
+                                          ("shots", "k-shot", "s", "--")):
             series = sorted((r for r in rows if r.get("encoder") == encoder
                              and r.get("kind", _kind_of(r)) == kind), key=lambda r: r["labels"])
             if not series:
@@ -181,10 +175,14 @@ def plot_label_efficiency(rows: list[dict[str, Any]], path: str | Path) -> None:
                         yerr=[r["std"] for r in series], marker=marker, linestyle=line,
                         color=colour, capsize=3,
                         label=label if encoder is None else f"{encoder}: {label}")
-            for r in series:
-                ax.annotate(r["subset"], (r["labels"], r["mean"]), textcoords="offset points",
-                            xytext=(4, offset), fontsize=7, color=colour)
     ax.set_xscale("log")
+    # Subset names once per position, not per encoder and series, upright on a top axis:
+    # labels beside the points collided (1% and 1-shot often coincide, encoders lie close).
+    groups = _name_groups(rows)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([count for count, _ in groups], [" / ".join(n) for _, n in groups],
+                   rotation=90, fontsize=7)
+    top.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("labelled training examples (log scale)")
     ax.set_ylabel("val accuracy (%), linear probe")
     ax.set_title("Label efficiency (mean ± std over seeds)")
@@ -192,7 +190,34 @@ def plot_label_efficiency(rows: list[dict[str, Any]], path: str | Path) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(Path(path), format="png")
+    return fig
+
+
+def _name_groups(rows: list[dict[str, Any]], gap: float = 0.06) -> list[tuple[float, list[str]]]:
+    """Subset names grouped by label count, counts closer than ``gap`` decades merged (their
+    upright names would touch): ``[(count, ["1%", "1-shot"]), ...]``."""
+    by_count: dict[int, list[str]] = {}
+    for r in sorted(rows, key=lambda r: r["labels"]):
+        names = by_count.setdefault(int(r["labels"]), [])
+        if str(r["subset"]) not in names:
+            names.append(str(r["subset"]))
+    groups: list[tuple[float, list[str]]] = []
+    for count, names in by_count.items():
+        if groups and math.log10(count) - math.log10(groups[-1][0]) < gap:
+            groups[-1][1].extend(n for n in names if n not in groups[-1][1])
+        else:
+            groups.append((count, list(names)))
+    return groups
+
+
+def plot_label_efficiency(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Write a PNG of val accuracy vs number of labels (log x), error bars = std over seeds.
+
+    ``rows`` is the output of :func:`label_efficiency`; fractions and k-shot subsets are drawn
+    as two series, per encoder when the rows carry an ``encoder`` key (``simclr evaluate`` with
+    baselines), so encoders compare on one figure; each subset is named once, at its position.
+    """
+    label_efficiency_figure(rows).savefig(Path(path), format="png")
 
 
 def _kind_of(row: dict[str, Any]) -> str:

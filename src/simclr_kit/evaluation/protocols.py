@@ -32,7 +32,7 @@ from simclr_kit import __version__, distributed
 from simclr_kit.checkpoint import atomic_write_text
 from simclr_kit.config import DataConfig, EvalConfig
 from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import ImageStore, decode_split
+from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
 from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, load_encoder
 from simclr_kit.errors import UserError
@@ -42,6 +42,7 @@ from simclr_kit.evaluation.knn import knn_accuracy
 from simclr_kit.evaluation.linear import train_linear_probe
 from simclr_kit.evaluation.tables import markdown_report, markdown_table
 from simclr_kit.models import build_backbone
+from simclr_kit.provenance import check_not_replacing, data_for, run_directory
 
 LABEL_EFFICIENCY_PNG = "label_efficiency.png"
 FEATURES_DIR = "features"
@@ -209,25 +210,34 @@ def _load_data(data: DataConfig, image_size: int,
     assert val_split is not None
     train = decode_split(train_split, image_size, data.bad_images, progress)
     val = decode_split(val_split, image_size, data.bad_images, progress)
+    for store in (train, val):
+        announce_skipped(store)
     _check_labels(train, "train")
     _check_labels(val, "evaluation")
     return train, val
 
 
-def evaluate(checkpoint: str | Path, data: DataConfig, cfg: EvalConfig | None = None,
-             out: str | Path | None = None, device: str = "auto",
+def evaluate(checkpoint: str | Path, data: DataConfig | str | dict[str, Any] | None = None,
+             cfg: EvalConfig | None = None, out: str | Path | None = None, device: str = "auto",
              progress: bool = True) -> dict[str, Any]:
     """Evaluate ``checkpoint`` (and any baselines) on ``data``; returns what ``eval.json`` holds.
 
+    ``data``: a DataConfig, a ``--data`` string, or a dict of DataConfig fields; None (or a
+    dict without ``data``) takes the run's own dataset: the one its last evaluation used, else
+    the one it was pretrained on (:func:`simclr_kit.provenance.data_for`).
+
     Results go to ``out``, else to the run directory that holds the checkpoint: ``eval.json``,
     ``eval.md``, ``label_efficiency.png`` (with ``fractions``) and the feature cache
-    ``features/``.
+    ``features/``. An ``eval.json`` there from another dataset is never replaced: that is an
+    error naming ``out`` as the way to keep both.
     """
     cfg = cfg or EvalConfig()
     dev = distributed.init(resolve_device(device))  # under torchrun the ranks share the embedding
     progress = progress and distributed.is_main()
     encoder = load_encoder(checkpoint, dev)
     out_dir = _output_dir(checkpoint, out)
+    data = data_for("evaluate", encoder.meta, data, out_dir)
+    check_not_replacing(out_dir, data)
     # Built before any data is read: an unavailable ImageNet download fails in seconds.
     encoders = [("simclr", encoder)] + [(f"{kind}-init", baseline_encoder(kind, encoder, cfg.seed))
                                         for kind in cfg.baselines]
@@ -242,7 +252,7 @@ def evaluate(checkpoint: str | Path, data: DataConfig, cfg: EvalConfig | None = 
     result = {"checkpoint": str(checkpoint),
               "encoder": {k: encoder.meta.get(k) for k in ("backbone", "stem", "image_size",
                                                            "feature_dim", "epoch")},
-              "train": train.provenance, "eval": val.provenance,
+              "data": dataclasses.asdict(data), "train": train.provenance, "eval": val.provenance,
               "config": dataclasses.asdict(cfg), "results": rows, "features": features,
               "seconds": round(time.time() - started, 1), "package_version": __version__}
     fraction_rows = [r for r in rows if r["protocol"] == "fractions"]
@@ -265,9 +275,7 @@ def evaluate(checkpoint: str | Path, data: DataConfig, cfg: EvalConfig | None = 
 def _output_dir(checkpoint: str | Path, out: str | Path | None) -> Path:
     if out is not None:
         return Path(out)
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        return path
-    if path.is_dir() and path.parent.name == "checkpoints":
-        return path.parent.parent
-    raise UserError(f"{checkpoint} is not a run directory: give --out DIR for the results")
+    run = run_directory(checkpoint)
+    if run is None:
+        raise UserError(f"{checkpoint} is not a run directory: give --out DIR for the results")
+    return run

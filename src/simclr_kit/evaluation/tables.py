@@ -8,7 +8,7 @@ lines apart.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 
 def _setting(row: dict[str, Any]) -> str:
@@ -39,24 +39,46 @@ def _seeds(seed: Any) -> str:
     return str(seed)
 
 
-def _value(row: dict[str, Any]) -> str:
-    text = f"{row['value']:.2f}%"
+def value_text(row: dict[str, Any]) -> str:
+    """``row``'s number as printed: ``93.50%``, ``71.20% ± 1.30`` over seeds."""
+    value = row.get("value", row.get("mean"))
+    if not isinstance(value, (int, float)):
+        return str(value)
+    text = f"{value:.2f}" + ("%" if str(row.get("metric", "top1")).startswith(("top", "acc"))
+                             else "")
     if isinstance(row.get("std"), (int, float)):
         text += f" ± {row['std']:.2f}"
     return text
 
 
+def _images(provenance: dict[str, Any]) -> Any:
+    """The images a split gave (unreadable ones skipped); older results recorded only rows."""
+    return provenance.get("images", provenance.get("rows"))
+
+
+Line = tuple[tuple[str, str, str, str, str], dict[str, str]]
+
+
+def side_by_side(rows: list[dict[str, Any]],
+                 setting: Callable[[dict[str, Any]], str] = _setting) -> tuple[list[str],
+                                                                               list[Line]]:
+    """The encoders in order of appearance, and one line per (protocol, metric, split, seeds,
+    setting) holding each encoder's value, so SimCLR and its baselines read across one line."""
+    encoders = list(dict.fromkeys(str(r.get("encoder")) for r in rows))
+    lines: dict[tuple[str, str, str, str, str], dict[str, str]] = {}
+    for r in rows:
+        key = (str(r.get("protocol")), str(r.get("metric")), str(r.get("split")),
+               _seeds(r.get("seed")), setting(r))
+        lines.setdefault(key, {})[str(r.get("encoder"))] = value_text(r)
+    return encoders, list(lines.items())
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Rows of ``eval.json``'s ``results`` -> a Markdown table, one column per encoder."""
-    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
-    lines_by_key: dict[tuple, dict[str, str]] = {}
-    for r in rows:
-        key = (r["protocol"], r["metric"], str(r.get("split")), _seeds(r.get("seed")),
-               _setting(r))
-        lines_by_key.setdefault(key, {})[r["encoder"]] = _value(r)
+    encoders, by_line = side_by_side(rows)
     lines = ["| protocol | metric | split | seeds | setting | " + " | ".join(encoders) + " |",
              "| --- | --- | --- | --- | --- |" + " ---: |" * len(encoders)]
-    for (protocol, metric, split, seeds, setting), values in lines_by_key.items():
+    for (protocol, metric, split, seeds, setting), values in by_line:
         cells = [values.get(e, "") for e in encoders]
         lines.append(f"| {protocol} | {metric} | {split} | {seeds} | {setting} | "
                      + " | ".join(cells) + " |")
@@ -70,8 +92,8 @@ def markdown_report(result: dict[str, Any]) -> str:
     head = [f"# Evaluation of `{result.get('checkpoint')}`", "",
             f"Encoder: {enc.get('backbone')} ({enc.get('stem')} stem), {enc.get('image_size')} px,"
             f" {enc.get('feature_dim')}-d features, pretrained for {enc.get('epoch')} epoch(s).",
-            f"Train split: `{train.get('split')}` ({train.get('rows')} images); evaluated split: "
-            f"`{val.get('split')}` ({val.get('rows')} images).", ""]
+            f"Train split: `{train.get('split')}` ({_images(train)} images); evaluated split: "
+            f"`{val.get('split')}` ({_images(val)} images).", ""]
     notes = ["", "- knn: cosine similarity, votes weighted by exp(sim / T), clean features of "
              "the whole train split (Wu et al. 2018).",
              "- linear: a linear layer on the frozen encoder's features (eval mode, cached), "

@@ -35,7 +35,7 @@ def _embedded(ctx: ReportContext, embeddings: bool) -> Embedded:
     is remembered too, so it is reported once per section, not recomputed)."""
     if not embeddings:
         raise Missing("not computed at the end of pretraining (it embeds both splits): run  "
-                      "simclr report RUN  to add it")
+                      f"simclr report {ctx.run}  to add it")
     if "embedded" not in ctx._cache:
         try:
             ctx._cache["embedded"] = _embed_splits(ctx)
@@ -48,7 +48,7 @@ def _embedded(ctx: ReportContext, embeddings: bool) -> Embedded:
 
 def _embed_splits(ctx: ReportContext) -> Embedded:
     from simclr_kit.data.sources import open_splits
-    from simclr_kit.data.store import decode_split
+    from simclr_kit.data.store import announce_skipped, decode_split
     from simclr_kit.devices import resolve_device
     from simclr_kit.embed import backbone_features
     from simclr_kit.evaluation.cache import read_cached_features
@@ -58,9 +58,15 @@ def _embed_splits(ctx: ReportContext) -> Embedded:
     try:
         train_split, eval_split = open_splits(data, need_eval=True)
     except UserError as err:
-        raise Missing(f"needs a labelled evaluation split of {data.data}: {err}") from None
+        hint = "" if ctx.eval_result else (
+            f"; once  simclr evaluate {ctx.run} --data LABELLED_DATASET  has run, the report "
+            "uses that dataset")
+        raise Missing(f"needs a labelled evaluation split of {data.data}: {err}{hint}") from None
     stores = [decode_split(s, enc.image_size, data.bad_images, ctx.progress)
               for s in (train_split, eval_split)]
+    if ctx.progress:  # the report command; at the end of `simclr run`, evaluate said it
+        for store in stores:
+            announce_skipped(store)
     dev = resolve_device(ctx.device)
     feats = []
     for store, name in zip(stores, ("train", "eval")):

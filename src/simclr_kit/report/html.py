@@ -123,8 +123,9 @@ def write_report(run_dir: str | Path, data: DataConfig | str | dict[str, Any] | 
             ``eval.json`` once evaluated).
         data: the dataset for the sections that look at images (augmented views, confusion
             matrix, embedding map, retrieval): a DataConfig, a ``--data`` string, a dict of
-            DataConfig fields laid over the run's recorded ones, or None for the dataset
-            recorded in the run's ``config.yaml``.
+            DataConfig fields laid over the run's recorded ones, or None for the run's own:
+            the dataset of its last evaluation (``eval.json``) for the sections that need
+            labels, the one in its ``config.yaml`` for the augmented views.
         embeddings: compute the sections that need the encoder's features of the train and
             evaluation splits (confusion matrix, embedding map, retrieval); without it the
             report needs no forward pass and takes seconds.

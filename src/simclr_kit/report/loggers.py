@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from simclr_kit.config import flatten
 from simclr_kit.errors import UserError
 
 # logger name -> (module that must be importable, pip extra that installs it)
@@ -103,7 +104,7 @@ class MLflowSink:
         if not _env("MLFLOW_TRACKING_URI"):
             mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
         self.run = mlflow.start_run(run_name=run_dir.name)
-        mlflow.log_params(_flatten(config))
+        mlflow.log_params(flatten(config))  # MLflow params are flat
 
     def write(self, kind: str, values: dict[str, Any]) -> None:
         data = {f"{kind}/{k}": v for k, v in scalars(values).items()}
@@ -132,14 +133,3 @@ def _yaml(config: dict[str, Any]) -> str:
     import yaml
 
     return yaml.safe_dump(config, sort_keys=False)
-
-
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"data": {"data": "digits"}}`` -> ``{"data.data": "digits"}`` (MLflow params are flat)."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

@@ -18,8 +18,9 @@ from typing import Any, Callable
 
 import yaml
 
-from simclr_kit.config import AugmentConfig, DataConfig, from_dict, merge
+from simclr_kit.config import AugmentConfig, DataConfig, from_dict, layered_data
 from simclr_kit.encoder import Encoder
+from simclr_kit.evaluation.tables import side_by_side
 from simclr_kit.errors import UserError
 from simclr_kit.report import plots
 from simclr_kit.report.html import (Section, caption, esc, image, key_values, note, preformatted,
@@ -37,7 +38,13 @@ class Missing(Exception):
 
 @dataclass
 class ReportContext:
-    """What the sections read: the run's files, loaded once, and lazily the encoder and data."""
+    """What the sections read: the run's files, loaded once, and lazily the encoder and data.
+
+    ``data`` is the labelled dataset the encoder is looked at on (confusion matrix, map,
+    retrieval): the one the run's last evaluation used, else its pretraining data;
+    ``train_data`` the pretraining data, whose images the augmented views show. Data flags
+    given to the report go on top of both.
+    """
 
     run: Path
     config: dict[str, Any]
@@ -47,24 +54,20 @@ class ReportContext:
     device: str = "auto"
     progress: bool = False
     _cache: dict[str, Any] = field(default_factory=dict)
+    train_data: DataConfig | None = None
 
     @classmethod
     def load(cls, run: Path, data: DataConfig | str | dict[str, Any] | None, device: str,
              progress: bool) -> ReportContext:
+        from simclr_kit.provenance import EVAL_JSON, evaluated_data
+
         config = _read_yaml(run / "config.yaml")
-        eval_path = run / "eval.json"
+        eval_path = run / EVAL_JSON
         eval_result = json.loads(eval_path.read_text()) if eval_path.is_file() else None
         recorded = config.get("data") if isinstance(config.get("data"), dict) else None
-        if isinstance(data, str):
-            data = DataConfig(data=data)
-        elif isinstance(data, dict) and (recorded or "data" in data):
-            data = from_dict(DataConfig, merge(recorded or {}, data), "data")
-        elif data is None and recorded is not None:
-            data = from_dict(DataConfig, recorded, "data")
-        elif not isinstance(data, DataConfig):
-            data = None
-        return cls(run, config, read_metrics(run / "metrics.jsonl"), eval_result, data, device,
-                   progress)
+        return cls(run, config, read_metrics(run / "metrics.jsonl"), eval_result,
+                   layered_data(evaluated_data(run) or recorded, data), device, progress,
+                   train_data=layered_data(recorded, data))
 
     def kind(self, name: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("kind") == name]
@@ -79,10 +82,13 @@ class ReportContext:
                 raise Missing(f"no encoder to look at: {err}") from None
         return self._cache["encoder"]
 
-    def data_config(self) -> DataConfig:
-        if self.data is None:
-            raise Missing("no dataset: config.yaml names none; pass --data")
-        return self.data
+    def data_config(self, pretraining: bool = False) -> DataConfig:
+        """The evaluation's dataset, or with ``pretraining`` the one the run trained on."""
+        data = self.train_data if pretraining else self.data
+        if data is None:
+            raise Missing(f"no dataset: config.yaml names none; run  simclr report {self.run} "
+                          "--data DATASET")
+        return data
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -205,33 +211,30 @@ def knn_monitor_section(ctx: ReportContext) -> Section:
                    body + table(["epoch", *keys], rows, numeric=range(len(keys) + 1)))
 
 
-def _value(row: dict[str, Any]) -> str:
-    value = row.get("value", row.get("mean"))
-    if not isinstance(value, (int, float)):
-        return str(value)
-    text = f"{value:.2f}"
-    if isinstance(row.get("std"), (int, float)):
-        text += f" ± {row['std']:.2f}"
-    return text + ("%" if str(row.get("metric", "top1")).startswith(("top", "acc")) else "")
+def _settings(row: dict[str, Any]) -> str:
+    """Every hyperparameter of ``row``'s number, label-fraction rows led by their subset."""
+    hp = row.get("hyperparameters") or {}
+    text = ", ".join(f"{k}={v}" for k, v in hp.items()) if isinstance(hp, dict) else str(hp)
+    if row.get("subset") is not None:
+        text = f"subset={row['subset']} ({row.get('labels', '?')} labels), {text}"
+    return text
 
 
 def evaluation_section(ctx: ReportContext) -> Section:
     result = ctx.eval_result
     if not result:
-        raise Missing("no eval.json: run  simclr evaluate RUN --data ...  (simclr run does it)")
-    rows = []
-    for r in result.get("results", []):
-        hp = r.get("hyperparameters") or {}
-        settings = ", ".join(f"{k}={v}" for k, v in hp.items()) if isinstance(hp, dict) else hp
-        if r.get("subset") is not None:  # label-efficiency rows: which subset of the labels
-            settings = f"subset={r['subset']} ({r.get('labels', '?')} labels), {settings}"
-        rows.append([r.get("protocol"), r.get("encoder"), r.get("metric"), _value(r),
-                     r.get("split"), "" if r.get("seed") is None else r.get("seed"), settings])
+        raise Missing(f"no eval.json: run  simclr evaluate {ctx.run} --data LABELLED_DATASET  "
+                      "(simclr run does it)")
+    # One line per protocol and setting, the encoders side by side, as in eval.md.
+    encoders, lines = side_by_side(result.get("results", []), _settings)
+    rows = [[protocol, metric, *(values.get(e, "") for e in encoders), split,
+             "" if seeds == "-" else seeds, settings]
+            for (protocol, metric, split, seeds, settings), values in lines]
     enc = result.get("encoder") or {}
     body = caption(f"checkpoint {result.get('checkpoint')} (epoch {enc.get('epoch')}); each "
-                   "number with the protocol that produced it.")
-    body += table(["protocol", "encoder", "metric", "value", "split", "seed", "settings"], rows,
-                  numeric=(3,))
+                   "number with the protocol that produced it, one column per encoder.")
+    body += table(["protocol", "metric", *encoders, "split", "seed", "settings"], rows,
+                  numeric=range(2, 2 + len(encoders)))
     return Section("evaluation", "Evaluation", body)
 
 
@@ -246,7 +249,8 @@ def _label_efficiency_png(ctx: ReportContext) -> Path | None:
 def label_efficiency_section(ctx: ReportContext) -> Section:
     png = _label_efficiency_png(ctx)
     if png is None:
-        raise Missing("no label-efficiency results: evaluate with --protocols knn,linear,fractions")
+        raise Missing(f"no label-efficiency results: run  simclr evaluate {ctx.run} --protocols "
+                      "knn,linear,fractions")
     return Section("label-efficiency", "Label efficiency",
                    image(png.read_bytes(), "accuracy against the number of labels")
                    + caption(f"from {png.name}"))
@@ -256,7 +260,7 @@ def augment_section(ctx: ReportContext) -> Section:
     from simclr_kit.augment import SimCLRAugment, save_view_grid
     from simclr_kit.report.views import sample_store
 
-    enc, data = ctx.encoder(), ctx.data_config()
+    enc, data = ctx.encoder(), ctx.data_config(pretraining=True)
     try:
         store = sample_store(data, VIEW_IMAGES, enc.image_size)
     except UserError as err:
