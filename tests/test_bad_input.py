@@ -299,7 +299,7 @@ def test_debug_shows_the_traceback_otherwise_one_line(capsys):
 def test_resume_refuses_flags_it_would_ignore(tiny_run, capsys):
     assert main(["pretrain", "--resume", str(tiny_run), "--lr", "0.01"]) == 2
     line = _one_error_line(capsys)
-    assert "--lr cannot change when resuming" in line
+    assert "lr (0.3 in its config.yaml, 0.01 now): cannot change when resuming" in line
 
 
 def test_predict_on_image_files_follows_the_bad_image_policy(tiny_run, tmp_path, capsys):
@@ -313,9 +313,40 @@ def test_predict_on_image_files_follows_the_bad_image_policy(tiny_run, tmp_path,
     (photos / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(40))
     capsys.readouterr()
     assert main(["predict", str(cls), "--data", str(photos), "--out", str(tmp_path / "p.csv")]) == 0
-    assert "skipped 1 unreadable image file(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out  # the line pretraining prints for the same folder
+    assert "skipped 1 unreadable image(s) in 'train'" in out and "no prediction" in out
     assert (tmp_path / "p.csv").read_text().count("a.png") == 1
     assert "b.png" not in (tmp_path / "p.csv").read_text()
     assert main(["predict", str(cls), "--data", str(photos), "--out", str(tmp_path / "q.csv"),
                  "--bad-images", "error"]) == 2
-    assert "b.png is not a readable image" in _one_error_line(capsys)
+    assert "b.png) is not a readable image" in _one_error_line(capsys)
+
+
+def test_evaluate_says_what_it_skipped_and_counts_images_not_rows(tiny_run, tmp_path, capsys):
+    """A truncated JPEG in each split of an image folder: the skipped line, as pretraining
+    prints it, and the counts of the images actually scored (also when decoded from the cache)."""
+    rng = np.random.default_rng(3)
+    for split in ("train", "test"):
+        for label in "abc":
+            folder = tmp_path / "photos" / split / label
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+                    folder / f"{i}.png")
+        good = io.BytesIO()
+        Image.new("RGB", (8, 8), RED).save(good, "JPEG")
+        (tmp_path / "photos" / split / "a" / "torn.jpg").write_bytes(good.getvalue()[:60])
+    for attempt in ("decoded", "from the cache"):
+        capsys.readouterr()
+        assert main(["evaluate", str(tiny_run), "--data", str(tmp_path / "photos"), "--out",
+                     str(tmp_path / "eval"), "--protocols", "knn", "--knn-k", "3",
+                     "--device", "cpu"]) == 0, attempt
+        out = capsys.readouterr().out
+        for split in ("train", "test"):
+            assert f"skipped 1 unreadable image(s) in '{split}' (OSError x1), kept 6" in out, \
+                (attempt, out)
+        assert "evaluation on test (6 images)" in out
+    report = (tmp_path / "eval" / "eval.md").read_text()
+    assert "Train split: `train` (6 images); evaluated split: `test` (6 images)." in report
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert (result["eval"]["rows"], result["eval"]["images"], result["eval"]["skipped"]) == (7, 6, 1)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -153,3 +155,140 @@ def test_show_augment_writes_a_grid(data, tmp_path):
     assert main(["show-augment", "--data", str(data), "--out", str(out), "--count", "4"]) == 0
     with Image.open(out) as img:
         assert img.height > img.width  # 4 rows of (original, view 1, view 2)
+
+
+# ---- boolean flags, mistyped flags, config files -------------------------------------------
+
+def _parsed(argv: list[str]):
+    from simclr_kit.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize("argv,value", [
+    (["train-classifier", "RUN", "--out", "o", "--finetune"], True),
+    (["train-classifier", "--finetune", "RUN", "--out", "o"], True),  # RUN is not its value
+    (["train-classifier", "RUN", "--out", "o", "--finetune", "true"], True),
+    (["train-classifier", "RUN", "--out", "o", "--finetune", "false"], False),
+    (["train-classifier", "RUN", "--out", "o", "--no-finetune"], False),
+    (["train-classifier", "RUN", "--out", "o"], None),
+])
+def test_boolean_flags_are_bare_negated_or_valued(argv, value):
+    args = _parsed(argv)
+    assert args.finetune is value and args.checkpoint == "RUN"
+
+
+def test_every_boolean_option_has_a_bare_and_a_no_form():
+    """Generic: every true/false row of every flag table, present and future."""
+    from simclr_kit.cli import (CLASSIFIER_FLAGS, DATA_FLAGS, EVAL_FLAGS, PRETRAIN_FLAGS,
+                                _bool)
+
+    tables = {"pretrain": DATA_FLAGS + PRETRAIN_FLAGS, "evaluate": DATA_FLAGS + EVAL_FLAGS,
+              "train-classifier": CLASSIFIER_FLAGS}
+    rows = [(command, flag, dest) for command, table in tables.items()
+            for flag, dest, kind, _ in table if kind is _bool]
+    assert len(rows) >= 6  # compile, channels-last, sync-bn, deterministic, probe-augment, ...
+    positional = {"pretrain": [], "evaluate": ["RUN"], "train-classifier": ["RUN", "--out", "o"]}
+    for command, flag, dest in rows:
+        base = [command, *positional[command]]
+        assert getattr(_parsed([*base, flag]), dest) is True, flag
+        assert getattr(_parsed([*base, f"--no-{flag[2:]}"]), dest) is False, flag
+        assert getattr(_parsed([*base, flag, "no"]), dest) is False, flag
+    assert _parsed(["evaluate", "--probe-augment", "RUN"]).checkpoint == "RUN"
+    assert _parsed(["embed", "RUN", "--out", "e.parquet", "--projections"]).projections is True
+    assert _parsed(["embed", "RUN", "--out", "e.parquet"]).projections is False
+    assert _parsed(["report", "RUN", "--no-embeddings"]).embeddings is False
+    assert _parsed(["check-distributed", "--no-sync-bn"]).sync_bn is False
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["pretrain", "--imagesize", "16"], "did you mean --image-size?"),
+    (["evaluate", "RUN", "--knnk", "5"], "did you mean --knn-k?"),
+    (["train-classifier", "RUN", "--out", "o", "--fine-tune"], "did you mean --finetune?"),
+])
+def test_a_mistyped_flag_gets_the_closest_one(argv, hint, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unrecognized arguments" in err[0] and hint in err[0]
+
+
+def test_config_file_in_flag_spellings_and_print_config(tmp_path, capsys):
+    import yaml
+
+    given = tmp_path / "flat.yaml"
+    given.write_text("data: digits\nimage_size: 16\nbatch-size: 64\nflip-p: 0.0\n"
+                     "augment:\n  crop-scale-min: 0.3\nepochs: 2\n")
+    out = tmp_path / "never"
+    assert main(["pretrain", "--config", str(given), "--batch-size", "32", "--out", str(out),
+                 "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["data"] == {**config["data"], "data": "digits", "image_size": 16}
+    assert (config["batch_size"], config["epochs"]) == (32, 2)  # the flag wins over the file
+    assert config["augment"]["flip_p"] == 0.0 and config["augment"]["crop_scale_min"] == 0.3
+    assert not out.exists()  # printing trains nothing
+    # What it prints is a config file as it stands.
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert main(["pretrain", "--config", str(tmp_path / "printed.yaml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+    (tmp_path / "twice.yaml").write_text("batch-size: 64\nbatch_size: 32\n")
+    assert main(["pretrain", "--config", str(tmp_path / "twice.yaml")]) == 2
+    assert "'batch_size' is given twice ('batch-size' and 'batch_size')" in capsys.readouterr().err
+
+
+# ---- resuming ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """A run that has trained all its epochs."""
+    out = tmp_path_factory.mktemp("runs") / "finished"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    return out
+
+
+def _files(run):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+def test_resuming_a_finished_run_changes_nothing(finished, capsys):
+    before = _files(finished)
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(finished)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert f"{finished} is complete (1 epoch); nothing was changed" in err[0]
+    assert "--epochs M with M > 1" in err[0]
+    assert _files(finished) == before
+
+
+def test_api_resume_refuses_what_the_command_line_refuses(finished):
+    from simclr_kit.config import PretrainConfig, from_dict, load_yaml
+    from simclr_kit.errors import UserError
+    from simclr_kit.training import pretrain
+
+    before = _files(finished)
+    saved = from_dict(PretrainConfig, load_yaml(finished / "config.yaml"))
+    with pytest.raises(UserError, match=r"lr \(0\.3 in its config.yaml, 0\.01 now\): cannot "
+                                        r"change when resuming"):
+        pretrain(dataclasses.replace(saved, lr=0.01, epochs=2), resume=finished)
+    with pytest.raises(UserError, match="is complete"):
+        pretrain(saved, resume=finished)
+    assert _files(finished) == before
+
+
+def test_show_augment_draws_the_count_it_says_despite_a_broken_image(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"b{i}.png")
+    out = tmp_path / "grid.png"
+    assert main(["show-augment", "--data", str(folder), "--out", str(out), "--count", "6"]) == 0
+    text = capsys.readouterr().out
+    assert "6 images and their two views" in text and "skipped 1 unreadable image(s)" in text
+    with Image.open(out) as img:
+        assert round(img.height / 150) == 6  # 1.5 inches at 100 dpi per row

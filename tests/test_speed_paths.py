@@ -197,11 +197,12 @@ def test_time_budget_sets_the_epochs_logs_them_and_ends_with_a_checkpoint(data, 
     train = [r for r in records if r["kind"] == "train"]
     assert train[-1]["step"] == done["step"] and train[-1]["lr"] < max(r["lr"] for r in train)
 
-    # Resuming keeps the length the budget chose, whatever --epochs says now.
-    assert main(["pretrain", "--resume", str(out), "--epochs", "50"]) == 0
-    after = read_metrics(out / "metrics.jsonl")[len(records):]
-    assert [r["kind"] for r in after if r["kind"] in ("train", "budget")] == []
-    assert [r for r in after if r["kind"] == "done"][-1]["epoch"] == done["epoch"]
+    # The budget chose the run's length, whatever --epochs says now: resuming it is refused
+    # as for any finished run, and nothing is written.
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(out), "--epochs", "50"]) == 2
+    assert "the length its --time-budget chose" in capsys.readouterr().err
+    assert read_metrics(out / "metrics.jsonl") == records
 
 
 def test_compiled_model_checkpoints_keep_plain_keys(data, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import errno
 import sys
 import traceback
@@ -32,12 +33,26 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
     return parse
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
+    if text.lower() in _TRUE:
         return True
-    if text.lower() in ("0", "false", "no", "off"):
+    if text.lower() in _FALSE:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_bool(group: argparse._ActionsContainer, flag: str, dest: str, text: str,
+              default: bool | None = None) -> None:
+    """One boolean option, three spellings: ``--flag`` (true), ``--flag true|false`` and
+    ``--no-flag`` (false). A bare flag before a positional is kept from taking it as its value
+    by :meth:`_Parser.parse_known_args`."""
+    off = f"--no-{flag[2:]}"
+    group.add_argument(flag, dest=dest, type=_bool, nargs="?", const=True, default=default,
+                       metavar="true|false", help=f"{text}; {off} turns it off")
+    group.add_argument(off, dest=dest, action="store_const", const=False, help=argparse.SUPPRESS)
 
 
 # (flag, config path, type, help). The default shown comes from the dataclass.
@@ -170,9 +185,16 @@ CLASSIFIER_FLAGS = [
 ]
 
 
+RUN_DATA = ("data (default: the run's own dataset: the one its last evaluation used, else the one "
+            "it was pretrained on)")
+
+
 def _add(parser: argparse.ArgumentParser, flags: list, title: str) -> None:
     group = parser.add_argument_group(title)
     for flag, path, kind, text in flags:
+        if kind in (_bool, bool):  # bool itself would read "false" as True
+            _add_bool(group, flag, path, text)
+            continue
         group.add_argument(flag, dest=path, type=kind, default=None, help=text,
                            metavar=flag.lstrip("-").replace("-", "_").upper())
 
@@ -204,7 +226,7 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
     """YAML file (or the digits recipe when no data is named), then the flags on top."""
     given = _overrides(args, DATA_FLAGS + PRETRAIN_FLAGS)
     if args.config:
-        base = load_yaml(args.config)
+        base = load_yaml(args.config, PretrainConfig)
     elif given.get("data", {}).get("data", "digits") == "digits":
         base = recipe("digits")
     else:
@@ -216,56 +238,40 @@ def data_config(args: argparse.Namespace) -> DataConfig:
     return from_dict(DataConfig, _overrides(args, DATA_FLAGS).get("data", {}), "data")
 
 
+def data_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The data flags the user gave, for a command that otherwise takes the run's dataset."""
+    return _overrides(args, DATA_FLAGS).get("data")
+
+
+def _print_config(cfg: PretrainConfig) -> int:
+    from simclr_kit.config import to_yaml
+
+    print(to_yaml(cfg), end="")
+    return 0
+
+
 def _print_result_table(result: dict[str, Any]) -> None:
-    print(f"\nevaluation on {result['eval']['split']} ({result['eval']['rows']} images); "
+    print(f"\nevaluation on {result['eval']['split']} ({result['eval']['images']} images); "
           f"written to {result['out']}/eval.json\n")
     print(result["table"])
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from simclr_kit.resume import resume_config
     from simclr_kit.training import pretrain
 
-    cfg = pretrain_config(args)
-    if args.resume:
-        cfg = _resume_config(args)
+    if args.resume and args.config:
+        raise UserError("--config cannot be combined with --resume: a run continues with the "
+                        f"config it started with ({Path(args.resume) / 'config.yaml'})")
+    if args.resume:  # the flags go on top of the run's config; pretrain refuses what may not
+        cfg = resume_config(Path(args.resume), _overrides(args, DATA_FLAGS + PRETRAIN_FLAGS))
+    else:
+        cfg = pretrain_config(args)
+    if args.print_config:
+        return _print_config(cfg)
     run_dir = pretrain(cfg, resume=args.resume)
     print(f"checkpoint saved in {run_dir}")
     return 0
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def _resume_config(args: argparse.Namespace) -> PretrainConfig:
-    """A resumed run continues with its own saved config; flags may change only a few fields,
-    and a flag that would change any other is refused rather than silently ignored."""
-    saved_file = Path(args.resume) / "config.yaml"
-    if not saved_file.is_file():
-        raise UserError(f"--resume {args.resume}: no config.yaml there, so it is not a run directory")
-    if args.config:
-        raise UserError("--config cannot be combined with --resume: a run continues with the "
-                        f"config it started with ({saved_file})")
-    allowed = {"epochs", "device", "progress", "log_every", "checkpoint_every",
-               "checkpoint_every_steps", "loggers"}
-    saved = load_yaml(saved_file)
-    given = _overrides(args, DATA_FLAGS + PRETRAIN_FLAGS)
-    flag_of = {path: flag for flag, path, _, _ in DATA_FLAGS + PRETRAIN_FLAGS}
-    before = _flatten(saved)
-    refused = [flag_of[path] for path, value in _flatten(given).items()
-               if path not in allowed and before.get(path) != value]
-    if refused:
-        raise UserError(f"{', '.join(refused)} cannot change when resuming (only "
-                        f"{', '.join(sorted(flag_of[a] for a in allowed if a in flag_of))}); "
-                        "start a new run with --out instead")
-    changed = {k: v for k, v in given.items() if k in allowed}
-    return from_dict(PretrainConfig, merge(saved, changed))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -275,15 +281,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = pretrain_config(args)
     eval_cfg = from_dict(EvalConfig, merge({"baselines": ("random",)}, _overrides(args, EVAL_FLAGS)),
                          "eval")
+    if args.print_config:
+        return _print_config(cfg)
     run_dir = pretrain(cfg, report=False)
     result = evaluate(run_dir, cfg.data, eval_cfg, device=cfg.device, progress=cfg.progress)
     _print_result_table(result)
     from simclr_kit import distributed
     from simclr_kit.report.html import write_report_safely
 
-    if distributed.is_main():
-        report = write_report_safely(run_dir, data=cfg.data, device=cfg.device,
-                                     progress=cfg.progress)
+    if distributed.is_main():  # evaluate has printed the skipped-images lines: quiet here
+        report = write_report_safely(run_dir, data=cfg.data, device=cfg.device, progress=False)
         if report is not None:
             print(f"report written to {report}")
     return 0
@@ -293,7 +300,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from simclr_kit.evaluation.protocols import evaluate
 
     eval_cfg = from_dict(EvalConfig, _overrides(args, EVAL_FLAGS), "eval")
-    result = evaluate(args.checkpoint, data_config(args), eval_cfg, out=args.out,
+    result = evaluate(args.checkpoint, data_flags(args), eval_cfg, out=args.out,
                       device=args.device)
     _print_result_table(result)
     return 0
@@ -303,7 +310,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     from simclr_kit.classifier import train_classifier
 
     cfg = from_dict(ClassifierConfig, _overrides(args, CLASSIFIER_FLAGS), "classifier")
-    result = train_classifier(args.checkpoint, data_config(args), args.out, cfg, args.device)
+    result = train_classifier(args.checkpoint, data_flags(args), args.out, cfg, args.device)
     print(f"validation accuracy {result['val_accuracy']:.2f}% ({result['classes']} classes); "
           f"classifier saved in {result['out']}")
     return 0
@@ -324,8 +331,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_show_augment(args: argparse.Namespace) -> int:
     from simclr_kit.report.views import show_augment
 
-    out = show_augment(pretrain_config(args), args.out, args.count, args.epoch)
-    print(f"{args.count} images and their two views saved to {out}")
+    cfg = pretrain_config(args)
+    if args.print_config:
+        return _print_config(cfg)
+    out, drawn = show_augment(cfg, args.out, args.count, args.epoch)
+    print(f"{drawn} images and their two views saved to {out}")
     return 0
 
 
@@ -351,8 +361,7 @@ def cmd_check_distributed(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from simclr_kit.report.html import write_report
 
-    given = _overrides(args, DATA_FLAGS).get("data")  # on top of the run's own data config
-    path = write_report(args.run_dir, given,
+    path = write_report(args.run_dir, data_flags(args),  # on top of the run's recorded data
                         embeddings=args.embeddings, device=args.device,
                         max_points=args.max_points, progress=True)
     print(f"report written to {path}")
@@ -380,6 +389,43 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> Any:
+        """A bare boolean flag becomes ``--flag=true`` unless a true/false word follows it, so
+        that ``--probe-augment RUN`` does not read RUN as the flag's value."""
+        words = list(sys.argv[1:] if args is None else args)
+        flags = {s for a in self._actions if a.type is _bool and a.nargs == "?"
+                 for s in a.option_strings}
+        for i, word in enumerate(words):
+            after = words[i + 1].lower() if i + 1 < len(words) else None
+            if word in flags and after not in _TRUE + _FALSE:
+                words[i] = f"{word}=true"
+        return super().parse_known_args(words, namespace)
+
+    def unrecognized(self, extra: list[str]) -> NoReturn:
+        """Unknown arguments, with the closest flag of this command for each unknown one."""
+        options = {o.lstrip("-").replace("-", ""): o for a in self._actions
+                   for o in a.option_strings if o.startswith("--")}
+        hints = []
+        for word in (w.split("=")[0] for w in extra if w.startswith("--")):
+            close = difflib.get_close_matches(word.lstrip("-").replace("-", ""), list(options),
+                                              n=1, cutoff=0.75)
+            hints += [(word, options[c]) for c in close]
+        hint = ""
+        if len(hints) == 1:
+            hint = f"; did you mean {hints[0][1]}?"
+        elif hints:
+            hint = f"; did you mean {', '.join(f'{flag} for {word}' for word, flag in hints)}?"
+        self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
+def _config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of pretraining fields, as --print-config writes "
+                   "them; flags override it (default: the digits recipe when --data is digits "
+                   "or absent)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as "
+                   "YAML (what --config reads and the run saves as config.yaml) and exit")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -400,16 +446,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", cmd_run, "pretrain, then evaluate (linear probe and kNN) next to a "
                 "random-init encoder; with no --data, the embedded digits demo")
-    p.add_argument("--config", help="YAML file of pretraining fields; flags override it "
-                   "(default: the digits recipe when --data is digits or absent)")
+    _config_options(p)
     _add(p, DATA_FLAGS, "data")
     _add(p, PRETRAIN_FLAGS, "pretraining")
     _add(p, EVAL_FLAGS, "evaluation")
 
     p = command("pretrain", cmd_pretrain, "SimCLR pretraining; writes a run directory")
-    p.add_argument("--config", help="YAML file of pretraining fields; flags override it "
-                   "(default: the digits recipe when --data is digits or absent)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    _config_options(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its "
+                   "config.yaml; only --epochs, --device, --log-every, --checkpoint-every[-steps] "
+                   "and --logger may change; a run that trained all its epochs is left as it is")
     _add(p, DATA_FLAGS, "data")
     _add(p, PRETRAIN_FLAGS, "pretraining")
 
@@ -417,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
     p.add_argument("--out", help="results folder (default: the run directory)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    _add(p, DATA_FLAGS, "data")
+    _add(p, DATA_FLAGS, RUN_DATA)
     _add(p, EVAL_FLAGS, "evaluation")
 
     p = command("train-classifier", cmd_train_classifier,
@@ -425,17 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
     p.add_argument("--out", required=True, help="folder for the classifier")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    _add(p, DATA_FLAGS, "data")
+    _add(p, DATA_FLAGS, RUN_DATA)
     _add(p, CLASSIFIER_FLAGS, "classifier")
 
     p = command("predict", cmd_predict, "predict classes with a saved classifier")
     p.add_argument("classifier", help="folder written by train-classifier")
-    p.add_argument("--out", required=True, help="CSV file: id, predicted, probability")
+    p.add_argument("--out", required=True, help="CSV file: id (the file, for images read from "
+                   "files; else the row of the split), label (the true class, when the split "
+                   "has labels), predicted, probability")
     p.add_argument("--split", help="dataset split to predict (default: the only split, else "
                    "'test', else 'train')")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     _add(p, [f for f in DATA_FLAGS if f[0] in ("--data", "--data-config", "--revision",
-                                                "--image-column", "--bad-images")],
+                                                "--image-column", "--label-column",
+                                                "--bad-images")],
          "data (an image file, folder or glob is also accepted)")
 
     p = command("show-augment", cmd_show_augment,
@@ -443,8 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="augment.png", help="PNG file (default: augment.png)")
     p.add_argument("--count", type=int, default=8, help="images to show (default: 8)")
     p.add_argument("--epoch", type=int, default=0, help="epoch whose views to draw (default: 0)")
-    p.add_argument("--config", help="YAML file of pretraining fields; flags override it "
-                   "(default: the digits recipe when --data is digits or absent)")
+    _config_options(p)
     _add(p, DATA_FLAGS, "data")
     _add(p, [f for f in PRETRAIN_FLAGS if f[1].startswith("augment.") or f[1] == "seed"],
          "augmentation")
@@ -455,15 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="architecture of a foreign weights file (default: resnet18)")
 
     p = command("embed", cmd_embed, "write backbone features (and optionally projections) of "
-                "every image of a split, with row ids and labels, to Parquet or .npy")
+                "every image of a split, with row ids, files and labels, to Parquet or .npy")
     p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
     p.add_argument("--out", required=True, help="OUT.parquet, or OUT.npy with --format npy "
                    "(then OUT.ids.npy, OUT.labels.npy and OUT.json are written beside it)")
     p.add_argument("--format", choices=("parquet", "npy"),
                    help="file format (default: from the --out suffix, else parquet)")
-    p.add_argument("--projections", action="store_true",
-                   help="also the projection head's outputs (needs a pretraining checkpoint, "
-                   "not an exported backbone) (default: off)")
+    _add_bool(p, "--projections", "projections", "also the projection head's outputs (needs a "
+              "pretraining checkpoint, not an exported backbone) (default: off)", default=False)
     p.add_argument("--split", help="split to embed, every row (default: 'train', else the "
                    "only split)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass "
@@ -477,13 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "curves, evaluation, confusion matrix, augmented views, embedding map, "
                 "retrieval; one self-contained file")
     p.add_argument("run_dir", metavar="RUN", help="run directory")
-    p.add_argument("--embeddings", type=_bool, default=True,
-                   help="compute the sections that embed both splits (confusion matrix, "
-                   "embedding map, retrieval); false is quick (default: true)")
+    _add_bool(p, "--embeddings", "embeddings", "compute the sections that embed both splits "
+              "(confusion matrix, embedding map, retrieval); off is quick (default: on)",
+              default=True)
     p.add_argument("--max-points", type=int, default=1000, help="evaluation images on the "
                    "t-SNE map, a stratified sample (default: 1000)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    _add(p, DATA_FLAGS, "data (default: the dataset in the run's config.yaml)")
+    _add(p, DATA_FLAGS, RUN_DATA)
 
     p = command("check-distributed", cmd_check_distributed,
                 "check on this machine that N processes x batch B/N train like 1 process x "
@@ -498,8 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=16, help="pixels of the generated images "
                    "(default: 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of images and weights (default: 0)")
-    p.add_argument("--sync-bn", type=_bool, default=True,
-                   help="SyncBatchNorm on cuda, as pretraining uses it (default: true)")
+    _add_bool(p, "--sync-bn", "sync_bn", "SyncBatchNorm on cuda, as pretraining uses it "
+              "(default: on)", default=True)
     p.add_argument("--gather", default="with-grad", choices=("with-grad", "no-grad"),
                    help=argparse.SUPPRESS)  # no-grad: the known bug, shows the check can fail
     return parser
@@ -509,9 +556,17 @@ def build_parser() -> argparse.ArgumentParser:
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+def _command_parser(parser: argparse.ArgumentParser, name: str) -> _Parser:
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[name]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # said by the sub-command's parser, which knows the flags to suggest
+            _command_parser(parser, args.command).unrecognized(extra)
     except SystemExit as done:  # --help, --version, or a usage error already printed
         return done.code if isinstance(done.code, int) else 2
     try:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -25,9 +24,9 @@ from simclr_kit.augment import SimCLRAugment, channel_stats
 from simclr_kit.budget import TimeBudget, describe, warmup_epochs_within
 from simclr_kit.checkpoint import (atomic_write_text, latest_checkpoint, load_train_state,
                                    load_weights, save_checkpoint)
-from simclr_kit.config import PretrainConfig, to_dict
+from simclr_kit.config import PretrainConfig, to_dict, to_yaml
 from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import ImageStore, decode_split, skipped_report, skipped_summary
+from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, skipped_report
 from simclr_kit.devices import (autocast_dtype, compile_by_default, resolve_device,
                                 tune_backends)
 from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone, read_weights
@@ -37,6 +36,7 @@ from simclr_kit.optim import build_optimizer, effective_lr, set_lr, warmup_cosin
 from simclr_kit.report.loggers import open_loggers
 from simclr_kit.report.metrics import MetricsLog
 from simclr_kit.report.system import hardware_info, peak_memory_mb
+from simclr_kit.resume import check_resume
 from simclr_kit.step import simclr_step
 
 
@@ -184,6 +184,8 @@ def _build_model(cfg: PretrainConfig, image_size: int) -> tuple[SimCLR, dict[str
 
 def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
     """Build data, model, optimizer and run directory (or reopen ``resume``)."""
+    if resume is not None:
+        check_resume(resume, cfg)  # a changed config or a finished run: refused, nothing touched
     device = distributed.init(resolve_device(cfg.device))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -192,8 +194,7 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
     run_dir = resume if resume is not None else _new_run_dir(cfg)
     store, eval_store = _load_data(cfg)
     cfg = _check_batch(cfg, len(store))
-    if store.skipped and distributed.is_main():
-        tqdm.write(skipped_summary(store) + f"; listed in {run_dir / 'skipped.txt'}")
+    announce_skipped(store, f"; listed in {run_dir / 'skipped.txt'}")
 
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.init == "imagenet" else channel_stats(store.images)
     model, init_meta = _build_model(cfg, store.image_size)
@@ -239,7 +240,7 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
 
 def _write_run_files(t: Trainer) -> None:
     t.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(t.run_dir / "config.yaml", yaml.safe_dump(to_dict(t.config), sort_keys=False))
+    atomic_write_text(t.run_dir / "config.yaml", to_yaml(t.config))
     if t.store.skipped:
         atomic_write_text(t.run_dir / "skipped.txt", skipped_report(t.store))
     t.log.write("run", device=str(t.device), world_size=distributed.world_size(),
@@ -542,6 +543,10 @@ def fit(t: Trainer) -> Path:
 def pretrain(config: PretrainConfig, resume: str | Path | None = None,
              report: bool = True) -> Path:
     """Pretrain (or resume) a SimCLR encoder; returns the run directory.
+
+    ``resume``: a run directory to continue. ``config`` must equal its ``config.yaml`` except
+    for the fields in :data:`simclr_kit.resume.RESUMABLE_FIELDS` (``epochs`` among them), and a
+    run that has trained all its epochs is refused, unchanged (:func:`resume.check_resume`).
 
     ``report``: write ``RUN/report.html`` at the end with the sections that need no forward
     passes over the data (``simclr report RUN`` adds the embedding sections).

@@ -6,27 +6,69 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from simclr_kit.augment import SimCLRAugment, channel_stats, save_view_grid
 from simclr_kit.config import DataConfig, PretrainConfig
 from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import ImageStore, decode_split
+from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
+from simclr_kit.errors import UserError
 
 
 def sample_store(data: DataConfig, count: int, image_size: int | None = None) -> ImageStore:
-    """``count`` images spread evenly over the training split, decoded (only those rows)."""
+    """``count`` images spread evenly over the training split, decoded (only those rows).
+
+    An unreadable row is replaced by the next rows of the split (under ``--bad-images skip``),
+    so the sample has ``count`` images whenever the split holds that many readable ones.
+    """
     train, _ = open_splits(data, need_eval=False)
     n = len(train.dataset)
-    rows = np.unique(np.linspace(0, n - 1, num=min(n, count)).astype(int)).tolist()
-    few = dataclasses.replace(train, dataset=train.dataset.select(rows))
-    return decode_split(few, image_size or data.image_size, data.bad_images, progress=False)
+    spread = np.unique(np.linspace(0, n - 1, num=min(n, count)).astype(int)).tolist()
+    rest = iter(sorted(set(range(n)) - set(spread)))
+    rows, stores = spread, []
+    size = image_size or data.image_size
+    while rows:
+        few = dataclasses.replace(train, dataset=train.dataset.select(rows))
+        try:
+            store = decode_split(few, size, data.bad_images, progress=False, labels=False)
+        except UserError:
+            if data.bad_images == "error":
+                raise
+            store = None  # every row of this handful was unreadable: try the next ones
+        if store is not None:
+            size = store.image_size  # later handfuls at the size the first one chose
+            # Rows of the split, not of the handful.
+            store.row_ids = torch.tensor(rows)[store.row_ids]
+            store.skipped = [(rows[r] if r >= 0 else r, f, why) for r, f, why in store.skipped]
+            stores.append(store)
+        missing = count - sum(len(s) for s in stores)
+        rows = [r for _, r in zip(range(max(missing, 0)), rest)]
+    if not stores:
+        raise UserError(f"none of the images of {train.split!r} could be decoded")
+    return _joined(stores)
 
 
-def show_augment(config: PretrainConfig, out: str | Path, count: int = 8, epoch: int = 0) -> Path:
-    """Save a PNG grid: ``count`` training images next to the two views the run would make."""
+def _joined(stores: list[ImageStore]) -> ImageStore:
+    first = stores[0]
+    return dataclasses.replace(
+        first, images=torch.cat([s.images for s in stores]),
+        row_ids=torch.cat([s.row_ids for s in stores]),
+        files=[f for s in stores for f in s.files],
+        # Rows skipped in every handful; files ignored as not images, listed once.
+        skipped=[item for s in stores for item in s.skipped if item[0] >= 0]
+        + [item for item in first.skipped if item[0] < 0],
+        provenance=dict(first.provenance, images=sum(len(s) for s in stores)))
+
+
+def show_augment(config: PretrainConfig, out: str | Path, count: int = 8,
+                 epoch: int = 0) -> tuple[Path, int]:
+    """Save a PNG grid: ``count`` training images next to the two views the run would make;
+    returns the file and the number of images drawn (fewer only when the split has fewer
+    readable images)."""
     store = sample_store(config.data, count)
+    announce_skipped(store)
     mean, std = channel_stats(store.images)
     augment = SimCLRAugment(config.augment, store.image_size, mean, std, config.seed)
     out = Path(out)
     save_view_grid(store.images, augment, out, epoch=epoch)
-    return out
+    return out, len(store)

@@ -1,0 +1,91 @@
+"""Whether a run may be resumed with a given config, decided before anything is read or written.
+
+A resumed run continues the run it was: the config may differ from the saved ``config.yaml``
+only in how long it trains, where and how it reports (:data:`RESUMABLE_FIELDS`), and a run that
+has already trained its epochs is left exactly as it is. The command line and the Python API
+(``pretrain(config, resume=RUN)``) both go through :func:`check_resume`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from simclr_kit.checkpoint import latest_checkpoint, load_train_state
+from simclr_kit.config import PretrainConfig, flatten, from_dict, load_yaml, merge, to_dict
+from simclr_kit.errors import UserError
+
+# Fields a resume may change; every other one is the run's own.
+RESUMABLE_FIELDS = ("epochs", "device", "progress", "log_every", "checkpoint_every",
+                    "checkpoint_every_steps", "loggers")
+
+
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    """The run's ``config.yaml`` as a dict."""
+    file = Path(run_dir) / "config.yaml"
+    if not file.is_file():
+        raise UserError(f"--resume {run_dir}: no config.yaml there, so it is not a run directory")
+    return load_yaml(file, PretrainConfig)
+
+
+def resume_config(run_dir: Path, changes: dict[str, Any]) -> PretrainConfig:
+    """The saved config with ``changes`` (a nested dict of fields) laid over it; whether those
+    changes are allowed is :func:`check_resume`'s to say."""
+    return from_dict(PretrainConfig, merge(saved_config(run_dir), changes))
+
+
+def _changed_fields(run_dir: Path, saved: PretrainConfig, config: PretrainConfig) -> list[str]:
+    before, now = flatten(to_dict(saved)), flatten(to_dict(config))
+    changed = []
+    for name, value in now.items():
+        if name in RESUMABLE_FIELDS or before.get(name) == value:
+            continue
+        if name == "out" and (value is None or Path(value).resolve() == run_dir.resolve()):
+            continue  # the run directory is the one being resumed, whatever it was called
+        if name == "batch_size" and config.allow_smaller_batch and \
+                before[name] < value:  # the run itself shrank it to fit a small dataset
+            continue
+        changed.append(f"{name} ({before.get(name)!r} in its config.yaml, {value!r} now)")
+    return changed
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def _check_epochs_left(run_dir: Path, config: PretrainConfig) -> None:
+    """Refuse a run that has trained its last epoch: resuming it would only save the same
+    weights again and replace its report and metrics with a session that did nothing."""
+    ckpt = latest_checkpoint(run_dir, required=False)
+    if ckpt is None:
+        return  # killed before its first checkpoint: it starts again from the beginning
+    state = load_train_state(ckpt)
+    epoch, step = int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0))
+    total = config.epochs
+    if config.time_budget is not None and state.get("budget_fitted"):
+        total = int(state.get("total_epochs", total))
+        if epoch >= total:
+            raise UserError(f"{run_dir} is complete ({_epochs(epoch)}, the length its "
+                            "--time-budget chose); nothing was changed. To train further, start "
+                            f"a new run from its weights with --init {run_dir}")
+    if epoch < total:
+        return
+    if epoch == total and step == 0:
+        raise UserError(f"{run_dir} is complete ({_epochs(epoch)}); nothing was changed. Use "
+                        f"--epochs M with M > {epoch} to extend it")
+    raise UserError(f"{run_dir} has already trained past epoch {total} (it is in epoch "
+                    f"{epoch + 1}); nothing was changed. Use --epochs M with M > {epoch} to "
+                    "extend it")
+
+
+def check_resume(run_dir: Path, config: PretrainConfig) -> None:
+    """Raise a one-line UserError, before any data is read, unless ``run_dir`` can continue
+    with ``config``: same fields as its ``config.yaml`` outside :data:`RESUMABLE_FIELDS`, and
+    epochs left to train."""
+    run_dir = Path(run_dir)
+    saved = from_dict(PretrainConfig, saved_config(run_dir), f"{run_dir / 'config.yaml'}")
+    changed = _changed_fields(run_dir, saved, config)
+    if changed:
+        raise UserError(f"{'; '.join(changed)}: cannot change when resuming {run_dir} (only "
+                        f"{', '.join(RESUMABLE_FIELDS)} can); start a new run for that")
+    _check_epochs_left(run_dir, config)
