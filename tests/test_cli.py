@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import TINY
+from simclr_kit.checkpoint import latest_checkpoint
 from simclr_kit.cli import main
 from simclr_kit.report.metrics import read_metrics
 
@@ -42,6 +43,12 @@ def test_resume_continues_to_more_epochs(run, tmp_path):
     assert [r["kind"] for r in records].count("resume") == 1
     assert max(r["step"] for r in records if r["kind"] == "train") == 6
     assert (run / "checkpoints" / "latest").read_text().strip() == "epoch-0002"
+    # Resumed again without --epochs (after a kill, say), it goes on to the length last given,
+    # not to the one in its config.yaml.
+    from simclr_kit.resume import resume_config
+
+    assert resume_config(run, {}).epochs == 2
+    assert resume_config(run, {"epochs": 5}).epochs == 5
 
 
 def test_evaluate_writes_json_and_table(run, data, capsys):
@@ -238,43 +245,40 @@ def test_config_file_in_flag_spellings_and_print_config(tmp_path, capsys):
 
 # ---- resuming ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def finished(data, tmp_path_factory):
-    """A run that has trained all its epochs."""
-    out = tmp_path_factory.mktemp("runs") / "finished"
-    assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
-    return out
-
-
 def _files(run):
     return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(run.rglob("*"))
             if p.is_file()}
 
 
-def test_resuming_a_finished_run_changes_nothing(finished, capsys):
-    before = _files(finished)
+def _epochs_done(run) -> int:
+    return int(json.loads((latest_checkpoint(run) / "model.json").read_text())["epoch"])
+
+
+def test_resuming_a_finished_run_changes_nothing(run, capsys):
+    """``run`` has trained all its epochs (one, or two once resumed above)."""
+    before, done = _files(run), _epochs_done(run)
     capsys.readouterr()
-    assert main(["pretrain", "--resume", str(finished)]) == 2
+    assert main(["pretrain", "--resume", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert f"{finished} is complete (1 epoch); nothing was changed" in err[0]
-    assert "--epochs M with M > 1" in err[0]
-    assert _files(finished) == before
+    assert f"{run} is complete ({done} epoch" in err[0] and "nothing was changed" in err[0]
+    assert f"--epochs M with M > {done}" in err[0]
+    assert _files(run) == before
 
 
-def test_api_resume_refuses_what_the_command_line_refuses(finished):
+def test_api_resume_refuses_what_the_command_line_refuses(run):
     from simclr_kit.config import PretrainConfig, from_dict, load_yaml
     from simclr_kit.errors import UserError
     from simclr_kit.training import pretrain
 
-    before = _files(finished)
-    saved = from_dict(PretrainConfig, load_yaml(finished / "config.yaml"))
+    before = _files(run)
+    saved = from_dict(PretrainConfig, load_yaml(run / "config.yaml"))
     with pytest.raises(UserError, match=r"lr \(0\.3 in its config.yaml, 0\.01 now\): cannot "
                                         r"change when resuming"):
-        pretrain(dataclasses.replace(saved, lr=0.01, epochs=2), resume=finished)
+        pretrain(dataclasses.replace(saved, lr=0.01, epochs=9), resume=run)
     with pytest.raises(UserError, match="is complete"):
-        pretrain(saved, resume=finished)
-    assert _files(finished) == before
+        pretrain(dataclasses.replace(saved, epochs=_epochs_done(run)), resume=run)
+    assert _files(run) == before
 
 
 def test_show_augment_draws_the_count_it_says_despite_a_broken_image(tmp_path, capsys):

@@ -30,8 +30,16 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
 
 def resume_config(run_dir: Path, changes: dict[str, Any]) -> PretrainConfig:
     """The saved config with ``changes`` (a nested dict of fields) laid over it; whether those
-    changes are allowed is :func:`check_resume`'s to say."""
-    return from_dict(PretrainConfig, merge(saved_config(run_dir), changes))
+    changes are allowed is :func:`check_resume`'s to say. Without an ``epochs`` change the run
+    goes on to the length it was last given: a run extended with ``--epochs`` and then
+    interrupted continues to that length, not to the one in its ``config.yaml``."""
+    saved = saved_config(run_dir)
+    ckpt = latest_checkpoint(run_dir, required=False)
+    if "epochs" not in changes and ckpt is not None:
+        target = load_train_state(ckpt).get("total_epochs")
+        if isinstance(target, int) and not saved.get("time_budget"):
+            saved["epochs"] = target
+    return from_dict(PretrainConfig, merge(saved, changes))
 
 
 def _changed_fields(run_dir: Path, saved: PretrainConfig, config: PretrainConfig) -> list[str]:
@@ -73,9 +81,9 @@ def _check_epochs_left(run_dir: Path, config: PretrainConfig) -> None:
     if epoch == total and step == 0:
         raise UserError(f"{run_dir} is complete ({_epochs(epoch)}); nothing was changed. Use "
                         f"--epochs M with M > {epoch} to extend it")
-    raise UserError(f"{run_dir} has already trained past epoch {total} (it is in epoch "
-                    f"{epoch + 1}); nothing was changed. Use --epochs M with M > {epoch} to "
-                    "extend it")
+    done = _epochs(epoch) + (f" and {step} steps" if step else "")
+    raise UserError(f"{run_dir} has trained {done}, more than the {total} asked for now; "
+                    f"nothing was changed. Use --epochs M with M > {epoch} to extend it")
 
 
 def check_resume(run_dir: Path, config: PretrainConfig) -> None:
