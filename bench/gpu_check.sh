@@ -19,7 +19,8 @@
 # (match --python-version to the GPU machine's python3; name every other missing package too).
 #
 # Environment: WORK (scratch folder, default /tmp/simclr-gpu-check), BUDGET_MINUTES (default 4),
-# TEMPERATURE (default 0.5: SimCLR's CIFAR-10 setting at batch 512). For a dry run of the script
+# RECIPE (default: the package's recipes/cifar10.yaml; --time-budget replaces its epochs, and
+# BATCH and IMAGE_SIZE override its batch and size). For a dry run of the script
 # on a CPU with small data: DEVICE=cpu IMAGE_SIZE=8 BATCH=32 STEPS=2 COMPILE=false
 # BUDGET_MINUTES=0.5.
 set -euo pipefail
@@ -30,7 +31,7 @@ WHEELS="${2:-}"
 DATA="$(cd "$DATA" && pwd)"
 WORK="${WORK:-/tmp/simclr-gpu-check}"
 BUDGET_MINUTES="${BUDGET_MINUTES:-4}"
-TEMPERATURE="${TEMPERATURE:-0.5}"
+RECIPE="${RECIPE:-$ROOT/src/simclr_kit/recipes/cifar10.yaml}"
 DEVICE="${DEVICE:-cuda}"
 IMAGE_SIZE="${IMAGE_SIZE:-32}"
 BATCH="${BATCH:-512}"
@@ -83,11 +84,11 @@ if [ -n "$MISSING" ]; then
     exit 3
 fi
 
-echo "== 2. SimCLR on CIFAR-10, --time-budget $BUDGET_MINUTES min, then kNN on the test split"
+echo "== 2. SimCLR on CIFAR-10 ($(basename "$RECIPE")), --time-budget $BUDGET_MINUTES min, then kNN on the test split"
 PART2=$SECONDS
-python3 -m simclr_kit pretrain --data "$DATA" --out "$RUN" --image-size "$IMAGE_SIZE" \
-    --batch-size "$BATCH" --device "$DEVICE" --time-budget "$BUDGET_MINUTES" --temperature "$TEMPERATURE" \
-    --checkpoint-every 0 --log-every 20
+python3 -m simclr_kit pretrain --config "$RECIPE" --data "$DATA" --out "$RUN" \
+    --image-size "$IMAGE_SIZE" --batch-size "$BATCH" --device "$DEVICE" \
+    --time-budget "$BUDGET_MINUTES" --checkpoint-every 0 --log-every 20
 echo "pretraining (decode + training + save) took $((SECONDS - PART2)) s"
 python3 -m simclr_kit evaluate "$RUN" --data "$DATA" --protocols knn --device "$DEVICE"
 python3 - "$RUN" "$BATCH" <<'EOF'

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import write_parquet_dataset
-from simclr_kit.budget import TimeBudget, warmup_epochs_within
+from simclr_kit.budget import TimeBudget
 from simclr_kit.cli import main
 from simclr_kit.config import DataConfig, PretrainConfig
 from simclr_kit.devices import compile_by_default
-from simclr_kit.optim import LARS, build_optimizer, parameter_groups
+from simclr_kit.optim import LARS, build_optimizer, parameter_groups, warmup_epochs_within
 from simclr_kit.report.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,9 +28,10 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 def reference_lars_step(params: list[dict], state: dict, lr: float, momentum: float,
-                        eta: float) -> None:
+                        eta: float, clip: bool = False) -> None:
     """LARS (You et al. 2017) one parameter at a time, as SimCLR applies it: decay and the trust
-    ratio only for the groups marked ``lars``; the first momentum buffer is the step itself."""
+    ratio only for the groups marked ``lars``; the first momentum buffer is the step itself.
+    ``clip``: the ratio is capped as solo-learn's ``clip_lr`` does, ``min(ratio / lr, 1)``."""
     with torch.no_grad():
         for group in params:
             for p in group["params"]:
@@ -39,7 +40,10 @@ def reference_lars_step(params: list[dict], state: dict, lr: float, momentum: fl
                 d = p.grad + group["weight_decay"] * p
                 if group["lars"]:
                     w, g = p.norm().item(), d.norm().item()
-                    d = d * (eta * w / g if w > 0 and g > 0 else 1.0)
+                    ratio = eta * w / g if w > 0 and g > 0 else 1.0
+                    if clip and w > 0 and g > 0:
+                        ratio = min(ratio / lr, 1.0)
+                    d = d * ratio
                 buf = state.get(p)
                 state[p] = d.clone() if buf is None else momentum * buf + d
                 p -= lr * state[p]
@@ -66,10 +70,14 @@ def _net(seed: int = 0) -> nn.Module:
     return _Net()
 
 
+# Clipped at eta 0.05 and lr 0.05: the conv's ratio / lr is about 2 (capped at 1), fc's about
+# 0.6 (kept), so both branches of the cap are compared.
+@pytest.mark.parametrize("clip,eta", [(False, 2e-3), (True, 5e-2)])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-def test_foreach_lars_equals_per_parameter_reference_over_steps(device):
+def test_foreach_lars_equals_per_parameter_reference_over_steps(device, clip, eta):
     fast, ref = _net().to(device), _net().to(device)
-    opt = LARS(parameter_groups(fast, 1e-2), lr=0.05, momentum=0.9, weight_decay=1e-2, eta=2e-3)
+    opt = LARS(parameter_groups(fast, 1e-2), lr=0.05, momentum=0.9, weight_decay=1e-2, eta=eta,
+               clip=clip)
     ref_groups, ref_state = parameter_groups(ref, 1e-2), {}
     g = torch.Generator().manual_seed(1)
     for step in range(4):
@@ -80,7 +88,7 @@ def test_foreach_lars_equals_per_parameter_reference_over_steps(device):
             loss = out.pow(2).mean() if step != 2 else out[:, :1].sum() * 0  # step 2: zero grads
             loss.backward()
         opt.step()
-        reference_lars_step(ref_groups, ref_state, lr=0.05, momentum=0.9, eta=2e-3)
+        reference_lars_step(ref_groups, ref_state, lr=0.05, momentum=0.9, eta=eta, clip=clip)
         for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"step {step}: {name}")
 
@@ -165,7 +173,7 @@ def test_time_budget_too_small_still_finishes_the_epoch_in_progress():
         if budget.step_done():
             break
     assert budget.choose(global_step=6).epochs == 2
-    assert warmup_epochs_within(10.0, 20) == 4.0 and warmup_epochs_within(1.0, 20) == 1.0
+    assert warmup_epochs_within(10.0, 20, 0.2) == 4.0 and warmup_epochs_within(1.0, 20, 0.2) == 1.0
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ SAFETY_MARGIN = 0.05
 WARMUP_STEPS = 3  # untimed steps: the first one compiles, the next ones may still re-tune
 MIN_TIMED_STEPS = 5
 MIN_TIMED_SECONDS = 2.0  # at most; a tiny budget times for 2% of itself instead
-MAX_WARMUP_FRACTION = 0.2  # a short fitted run still spends most of its steps in the decay
 
 
 @dataclass(frozen=True)
@@ -37,11 +36,6 @@ class BudgetFit:
 
     def as_record(self) -> dict[str, Any]:
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
-
-
-def warmup_epochs_within(configured: float, total_epochs: int) -> float:
-    """The warm-up of a budget-fitted run: as configured, but at most a fifth of the run."""
-    return min(configured, MAX_WARMUP_FRACTION * total_epochs)
 
 
 class TimeBudget:
@@ -141,4 +135,4 @@ def describe(fit: BudgetFit, minutes: float, replaced_epochs: int, warmup_epochs
     return line
 
 
-__all__ = ["TimeBudget", "BudgetFit", "warmup_epochs_within", "describe", "SAFETY_MARGIN"]
+__all__ = ["TimeBudget", "BudgetFit", "describe", "SAFETY_MARGIN"]

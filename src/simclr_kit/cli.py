@@ -12,13 +12,12 @@ import difflib
 import errno
 import sys
 import traceback
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from simclr_kit import __version__
 from simclr_kit.config import (AugmentConfig, ClassifierConfig, DataConfig, EvalConfig,
-                               PretrainConfig, from_dict, load_yaml, merge)
+                               PretrainConfig, from_dict, load_yaml, merge, recipe)
 from simclr_kit.errors import UserError
 
 P, D, A, E, K = PretrainConfig, DataConfig(), AugmentConfig(), EvalConfig(), ClassifierConfig()
@@ -80,12 +79,22 @@ PRETRAIN_FLAGS = [
     ("--epochs", "epochs", int, f"passes over the data (default: {P.epochs})"),
     ("--batch-size", "batch_size", int,
      f"global batch in images, divided over processes (default: {P.batch_size})"),
-    ("--lr", "lr", float, f"learning rate for a batch of 256, scaled linearly with the batch "
-     f"(default: {P.lr}, SimCLR's LARS rate)"),
+    ("--lr", "lr", float, f"learning rate for a batch of 256, scaled to the global batch by "
+     f"--lr-scaling (default: {P.lr})"),
+    ("--lr-scaling", "lr_scaling", str, "'linear' (lr x B/256) or 'sqrt' (lr x sqrt(B/256), "
+     f"SimCLR's choice for small batches) (default: {P.lr_scaling})"),
     ("--optimizer", "optimizer", str, f"'lars' (SimCLR), 'sgd' or 'adam'; warm-up then cosine, "
      f"stepped per batch (default: {P.optimizer})"),
     ("--weight-decay", "weight_decay", float, f"(default: {P.weight_decay}; 5e-4 suits sgd)"),
-    ("--warmup-epochs", "warmup_epochs", float, f"linear warm-up length (default: {P.warmup_epochs})"),
+    ("--warmup-epochs", "warmup_epochs", float, "linear warm-up length in epochs, at most "
+     f"--warmup-fraction of the run (default: {P.warmup_epochs})"),
+    ("--warmup-fraction", "warmup_fraction", float, "longest warm-up as a fraction of the run: "
+     f"a 5-epoch run warms up for at most 0.5 epochs at 0.1 (default: {P.warmup_fraction})"),
+    ("--lars-eta", "lars_eta", float, "LARS trust coefficient: a layer moves by about lr x eta "
+     "of its norm per step; larger learns faster, too large diverges "
+     f"(default: {P.lars_eta})"),
+    ("--lars-clip", "lars_clip", _bool, "cap each layer's LARS rate at the global rate "
+     f"(solo-learn's clip_lr) (default: {P.lars_clip})"),
     ("--temperature", "temperature", float, f"NT-Xent temperature; 0.1 works for most sets, "
      f"try 0.2-0.5 if the loss plateaus early (default: {P.temperature})"),
     ("--backbone", "backbone", str, f"any torchvision classification model (default: {P.backbone})"),
@@ -214,14 +223,6 @@ def _overrides(args: argparse.Namespace, flags: list) -> dict[str, Any]:
     return out
 
 
-def recipe(name: str) -> dict[str, Any]:
-    """A built-in recipe (``recipes/NAME.yaml`` in the package) as a dict."""
-    text = resources.files("simclr_kit").joinpath(f"recipes/{name}.yaml").read_text()
-    import yaml
-
-    return yaml.safe_load(text)
-
-
 def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
     """YAML file (or the digits recipe when no data is named), then the flags on top."""
     given = _overrides(args, DATA_FLAGS + PRETRAIN_FLAGS)
@@ -251,9 +252,14 @@ def _print_config(cfg: PretrainConfig) -> int:
 
 
 def _print_result_table(result: dict[str, Any]) -> None:
+    from simclr_kit.evaluation.tables import verdict
+
     print(f"\nevaluation on {result['eval']['split']} ({result['eval']['images']} images); "
           f"written to {result['out']}/eval.json\n")
     print(result["table"])
+    sentence = verdict(result["results"], (result.get("encoder") or {}).get("backbone") or "encoder")
+    if sentence is not None:
+        print(sentence)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

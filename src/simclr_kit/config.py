@@ -17,6 +17,9 @@ from typing import Any, TypeVar
 
 from simclr_kit.errors import UserError
 
+# How the rate for a batch of 256 becomes the run's rate (see optim.effective_lr).
+LR_SCALINGS = ("linear", "sqrt")
+
 
 class ConfigError(UserError):
     """A configuration value outside its allowed range."""
@@ -186,10 +189,14 @@ class PretrainConfig:
     epochs: int = 100
     batch_size: int = 256
     lr: float = 0.3
+    lr_scaling: str = "linear"
     optimizer: str = "lars"
     momentum: float = 0.9
     weight_decay: float = 1e-6
+    lars_eta: float = 0.001
+    lars_clip: bool = False
     warmup_epochs: float = 10.0
+    warmup_fraction: float = 0.1
     temperature: float = 0.1
     backbone: str = "resnet18"
     stem: str = "auto"
@@ -221,7 +228,12 @@ class PretrainConfig:
                self.optimizer)
         _check(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
         _check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        _check(self.lr_scaling in LR_SCALINGS, "lr_scaling", " or ".join(map(repr, LR_SCALINGS)),
+               self.lr_scaling)
+        _check(0 < self.lars_eta and math.isfinite(self.lars_eta), "lars_eta", "a finite number > 0",
+               self.lars_eta)
         _check(self.warmup_epochs >= 0, "warmup_epochs", ">= 0", self.warmup_epochs)
+        _check(0 <= self.warmup_fraction <= 1, "warmup_fraction", "in [0, 1]", self.warmup_fraction)
         _check(self.temperature > 0 and math.isfinite(self.temperature), "temperature",
                "a finite number > 0", self.temperature)
         _check(self.stem in ("auto", "cifar", "imagenet"), "stem", "'auto', 'cifar' or 'imagenet'",
@@ -247,6 +259,14 @@ class PretrainConfig:
 
         check_backbone_name(self.backbone)
         check_loggers(self.loggers)  # a missing library fails now, not after data decoding
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides: Any) -> PretrainConfig:
+        """A built-in recipe (``recipes/NAME.yaml``: ``digits``, ``cifar10``) with ``overrides``
+        on top, as the command line builds it: ``PretrainConfig.from_recipe("digits", epochs=5)``.
+        ``data`` and ``augment`` overrides may be dataclasses or dicts of their fields."""
+        values = {k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in overrides.items()}
+        return from_dict(cls, merge(recipe(name), values))
 
 
 @dataclass(frozen=True)
@@ -405,6 +425,48 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """A built-in recipe (``recipes/NAME.yaml`` in the package) as a dict of config fields."""
+    import yaml
+    from importlib import resources
+
+    folder = resources.files("simclr_kit").joinpath("recipes")
+    known = sorted(f.name.removesuffix(".yaml") for f in folder.iterdir()
+                   if f.name.endswith(".yaml"))
+    if name not in known:
+        raise ConfigError(f"unknown recipe {name!r}; built-in recipes: {known}")
+    return yaml.safe_load(folder.joinpath(f"{name}.yaml").read_text()) or {}
+
+
+# Fields of a recipe that say how long to train, not how: a config that sets only these (or
+# nothing) on the embedded digits still gets the rest of the digits recipe.
+_RUN_LENGTH = {"data", "epochs", "batch_size", "out"}
+
+
+def with_data_recipe(cfg: PretrainConfig) -> tuple[PretrainConfig, list[str]]:
+    """On the embedded digits, a config that leaves every field of the digits recipe (other than
+    the run's length) at its generic default takes the recipe's values for them, as the command
+    line does; returns the config and the fields taken. Any other config is returned as is."""
+    if cfg.data.data != "digits":
+        return cfg, []
+    demo, generic, current = recipe("digits"), to_dict(PretrainConfig()), to_dict(cfg)
+    taken: list[str] = []
+    for key, value in demo.items():
+        if key in _RUN_LENGTH:
+            continue
+        pairs = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in pairs:
+            here, default = (current[key], generic[key]) if sub is None else \
+                (current[key][sub], generic[key][sub])
+            if here != default:
+                return cfg, []  # the caller chose at least one of them: keep the config whole
+            taken.append(key if sub is None else f"{key}.{sub}")
+    if not taken:
+        return cfg, []
+    return from_dict(PretrainConfig, merge(current, {k: v for k, v in demo.items()
+                                                     if k not in _RUN_LENGTH})), taken
 
 
 def layered_data(recorded: dict[str, Any] | None,

@@ -35,6 +35,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A loss scaler for fp16 autocast (its gradients underflow without one), else None: bf16
+    has fp32's exponent range and fp32 needs none."""
+    if autocast_dtype(precision, device) != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
 def compile_by_default(device: torch.device) -> bool:
     """Whether ``torch.compile`` is on when the config leaves it unset: on CUDA with Triton.
 

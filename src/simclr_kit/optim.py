@@ -1,8 +1,10 @@
 """LARS and the warm-up + cosine learning-rate schedule, as a function of the step.
 
 SimCLR (Chen et al. 2020, appendix B.1) trains with LARS (You et al. 2017), linear warm-up for
-10 epochs, then cosine decay without restarts, lr = 0.3 x batch / 256, weight decay 1e-6, and
-excludes biases and BatchNorm parameters from both weight decay and the LARS adaptation.
+10 epochs, then cosine decay without restarts, lr = 0.3 x batch / 256 (or 0.075 x sqrt(batch)),
+weight decay 1e-6, and excludes biases and BatchNorm parameters from both weight decay and the
+LARS adaptation. That recipe targets ImageNet at batch 4096; the defaults simclr-kit uses for
+small images and small batches were measured (bench/RESULTS.md, "Pretraining recipe").
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Iterable
 
 import torch
 from torch import Tensor, nn
+
+from simclr_kit.config import LR_SCALINGS
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -35,14 +39,19 @@ class LARS(torch.optim.Optimizer):
     ``eta * ||w|| / ||g + wd * w||`` (You et al. 2017). Groups with ``lars=False`` take plain
     SGD steps.
 
+    ``clip=True`` caps the adapted rate at the global one: the ratio becomes
+    ``min(eta ||w|| / (lr ||d||), 1)`` (solo-learn's ``clip_lr``), so a layer never moves faster
+    than plain SGD at ``lr`` would move it, whatever ``eta``.
+
     Per group, every parameter is updated by a handful of multi-tensor (``torch._foreach_*``)
     kernels rather than ~10 kernels per parameter, and the norms and trust ratios stay on the
     device: a step never waits for the GPU (no ``.item()``, no Python branch on a tensor).
     """
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9,
-                 weight_decay: float = 0.0, eta: float = 0.001) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True)
+                 weight_decay: float = 0.0, eta: float = 0.001, clip: bool = False) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip,
+                        lars=True)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -64,7 +73,8 @@ class LARS(torch.optim.Optimizer):
         if group["weight_decay"]:
             steps, owned = torch._foreach_add(steps, params, alpha=group["weight_decay"]), True
         if group["lars"]:
-            ratios = self._trust_ratios(params, steps, group["eta"])
+            ratios = self._trust_ratios(params, steps, group["eta"],
+                                        group["lr"] if group.get("clip") else None)
             if owned:
                 torch._foreach_mul_(steps, ratios)
             else:
@@ -84,12 +94,16 @@ class LARS(torch.optim.Optimizer):
         torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
     @staticmethod
-    def _trust_ratios(params: list[Tensor], steps: list[Tensor], eta: float) -> list[Tensor]:
-        """``eta ||w|| / ||d||`` per tensor as 0-dim device tensors; 1 where either norm is 0."""
+    def _trust_ratios(params: list[Tensor], steps: list[Tensor], eta: float,
+                      clip_lr: float | None = None) -> list[Tensor]:
+        """``eta ||w|| / ||d||`` per tensor as 0-dim device tensors, 1 where either norm is 0;
+        with ``clip_lr``, ``min(ratio / clip_lr, 1)``."""
         w_norm = torch.stack(torch._foreach_norm(params))  # (P,)
         d_norm = torch.stack(torch._foreach_norm(steps))
-        ratio = torch.where((w_norm > 0) & (d_norm > 0), eta * w_norm / d_norm,
-                            torch.ones_like(w_norm))
+        ratio = eta * w_norm / d_norm
+        if clip_lr is not None:
+            ratio = torch.clamp(ratio / clip_lr, max=1.0) if clip_lr > 0 else torch.ones_like(ratio)
+        ratio = torch.where((w_norm > 0) & (d_norm > 0), ratio, torch.ones_like(w_norm))
         return list(ratio.unbind(0))
 
 
@@ -106,11 +120,14 @@ def _fast_kwargs(cls: type[torch.optim.Optimizer], params: list[Tensor]) -> dict
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
-    """'lars' (SimCLR), 'sgd' (momentum, biases and norms not decayed) or 'adam' (AdamW)."""
+                    weight_decay: float, lars_eta: float = 0.001,
+                    lars_clip: bool = False) -> torch.optim.Optimizer:
+    """'lars' (SimCLR; trust coefficient ``lars_eta``, optionally clipped), 'sgd' (momentum,
+    biases and norms not decayed) or 'adam' (AdamW)."""
     groups = parameter_groups(model, weight_decay)
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta,
+                    clip=lars_clip)
     for g in groups:
         g.pop("lars")
     params = [p for g in groups for p in g["params"]]
@@ -133,14 +150,29 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float
     return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * progress))
 
 
+def warmup_epochs_within(warmup_epochs: float, total_epochs: float, max_fraction: float) -> float:
+    """The warm-up a run of ``total_epochs`` gets: ``warmup_epochs``, but at most
+    ``max_fraction`` of the run, so a short run is not over while it is still warming up."""
+    return min(warmup_epochs, max_fraction * total_epochs)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's rate to ``lr`` times the group's ``lr_mult`` (1 when absent), so a
+    group with its own multiple keeps it as the schedule moves."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
-def effective_lr(lr_per_256: float, global_batch: int) -> float:
-    """Linear scaling rule (Goyal et al. 2017): the rate grows with the global batch."""
+def effective_lr(lr_per_256: float, global_batch: int, scaling: str = "linear") -> float:
+    """The rate for ``global_batch`` from the rate for a batch of 256: ``linear`` scales it with
+    the batch (Goyal et al. 2017), ``sqrt`` with its square root (SimCLR appendix B.1:
+    0.075 x sqrt(B) is 1.2 x sqrt(B / 256), better for small batches and short runs)."""
+    if scaling == "sqrt":
+        return lr_per_256 * math.sqrt(global_batch / 256)
+    if scaling != "linear":
+        raise ValueError(f"unknown learning-rate scaling {scaling!r}; use one of {LR_SCALINGS}")
     return lr_per_256 * global_batch / 256
 
 
-__all__ = ["LARS", "build_optimizer", "warmup_cosine", "set_lr", "effective_lr"]
+__all__ = ["LARS", "build_optimizer", "warmup_cosine", "warmup_epochs_within", "set_lr",
+           "effective_lr"]

@@ -18,8 +18,13 @@ from simclr_kit.loss import nt_xent
 
 def simclr_step(model: nn.Module, optimizer: torch.optim.Optimizer, view1: Tensor, view2: Tensor,
                 temperature: float, autocast: torch.dtype | None = None,
-                channels_last: bool = False) -> Tensor:
+                channels_last: bool = False,
+                scaler: torch.amp.GradScaler | None = None) -> Tensor:
     """Train ``model`` (image -> projection) one step on ``view1, view2: (b, 3, S, S)`` float.
+
+    ``scaler``: for fp16 autocast, whose small gradients underflow to zero unscaled: the loss is
+    multiplied before the backward pass, the gradients divided back before the update, and a
+    step whose gradients overflowed is skipped (the scale then halves).
 
     Returns the loss as a 0-dim device tensor, detached: reading it is the caller's choice, so
     the step itself never waits for the device.
@@ -33,8 +38,13 @@ def simclr_step(model: nn.Module, optimizer: torch.optim.Optimizer, view1: Tenso
     z1, z2 = z.float().chunk(2)
     loss = nt_xent(z1, z2, temperature)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return loss.detach()
 
 

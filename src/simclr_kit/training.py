@@ -21,18 +21,19 @@ from tqdm.auto import tqdm
 
 from simclr_kit import __version__, distributed, faults
 from simclr_kit.augment import SimCLRAugment, channel_stats
-from simclr_kit.budget import TimeBudget, describe, warmup_epochs_within
+from simclr_kit.budget import TimeBudget, describe
 from simclr_kit.checkpoint import (atomic_write_text, latest_checkpoint, load_train_state,
                                    load_weights, save_checkpoint)
-from simclr_kit.config import PretrainConfig, to_dict, to_yaml
+from simclr_kit.config import PretrainConfig, to_dict, to_yaml, with_data_recipe
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, skipped_report
-from simclr_kit.devices import (autocast_dtype, compile_by_default, resolve_device,
+from simclr_kit.devices import (autocast_dtype, compile_by_default, grad_scaler, resolve_device,
                                 tune_backends)
 from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone, read_weights
 from simclr_kit.errors import UserError
 from simclr_kit.models import SimCLR, build_simclr, feature_dim, resolve_stem
-from simclr_kit.optim import build_optimizer, effective_lr, set_lr, warmup_cosine
+from simclr_kit.optim import (build_optimizer, effective_lr, set_lr, warmup_cosine,
+                              warmup_epochs_within)
 from simclr_kit.report.loggers import open_loggers
 from simclr_kit.report.metrics import MetricsLog
 from simclr_kit.report.system import hardware_info, peak_memory_mb
@@ -73,6 +74,7 @@ class Trainer:
     # With --time-budget: times the first steps, chooses the length, then guards the end.
     # None on a resumed run whose length the budget already chose.
     budget: TimeBudget | None = None
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (devices.grad_scaler)
 
     @property
     def batch_per_rank(self) -> int:
@@ -207,8 +209,9 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
         # ``Trainer.model``, the plain module, so their keys stay clean.
         ddp_model = torch.compile(ddp_model)  # type: ignore[assignment]
 
-    base_lr = effective_lr(cfg.lr, cfg.batch_size)
-    optimizer = build_optimizer(model, cfg.optimizer, base_lr, cfg.momentum, cfg.weight_decay)
+    base_lr = effective_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+    optimizer = build_optimizer(model, cfg.optimizer, base_lr, cfg.momentum, cfg.weight_decay,
+                                cfg.lars_eta, cfg.lars_clip)
     meta = {
         "backbone": cfg.backbone, "stem": init_meta["stem"], "feature_dim": model.feature_dim,
         "projection_dim": cfg.projection_dim,
@@ -224,6 +227,7 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
                       model, ddp_model, SimCLRAugment(cfg.augment, store.image_size, mean, std,
                                                       cfg.seed),
                       optimizer, meta, log, base_lr, len(store) // cfg.batch_size, cfg.epochs)
+    trainer.scaler = grad_scaler(cfg.precision, device)
     if cfg.time_budget is not None:
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         trainer.budget = TimeBudget(cfg.time_budget, trainer.steps_per_epoch, sync)
@@ -279,6 +283,8 @@ def _restore(t: Trainer) -> None:
         t.total_epochs = int(state["total_epochs"])  # the budget fixed the length: keep it
         t.budget = None
     torch.set_rng_state(state["rng_cpu"])
+    if t.scaler is not None and "grad_scaler" in state:
+        t.scaler.load_state_dict(state["grad_scaler"])
     if t.device.type == "cuda" and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"], t.device)
     t.log.write("resume", epoch=t.epoch, step_in_epoch=t.step_in_epoch, checkpoint=ckpt.name,
@@ -333,6 +339,8 @@ def save(t: Trainer, keep: bool = False) -> Path | None:
                  and (t.budget is None or t.budget.fit is not None)}
         if t.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(t.device)
+        if t.scaler is not None:
+            state["grad_scaler"] = t.scaler.state_dict()
         meta = dict(t.meta, epoch=t.epoch, step_in_epoch=t.step_in_epoch,
                     global_step=t.global_step)
         try:
@@ -350,16 +358,15 @@ def save(t: Trainer, keep: bool = False) -> Path | None:
 def train_step(t: Trainer, idx: Tensor) -> Tensor:
     """One optimisation step on this rank's images ``idx: (b,)``; returns the loss (device)."""
     total_steps = t.total_epochs * t.steps_per_epoch
-    warmup_epochs = t.config.warmup_epochs
-    if t.config.time_budget is not None:
-        warmup_epochs = warmup_epochs_within(warmup_epochs, t.total_epochs)
-    warmup = round(warmup_epochs * t.steps_per_epoch)
+    warmup = round(warmup_epochs_within(t.config.warmup_epochs, t.total_epochs,
+                                        t.config.warmup_fraction) * t.steps_per_epoch)
     set_lr(t.optimizer, warmup_cosine(t.global_step, total_steps, min(warmup, total_steps),
                                       t.base_lr))
     images = t.images[idx.to(t.images.device)].to(t.device, non_blocking=True)
     v1, v2 = t.augment(images, idx.to(t.device), t.epoch)  # each (b, 3, S, S)
     return simclr_step(t.ddp_model, t.optimizer, v1, v2, t.config.temperature,
-                       autocast_dtype(t.config.precision, t.device), t.config.channels_last)
+                       autocast_dtype(t.config.precision, t.device), t.config.channels_last,
+                       t.scaler)
 
 
 def train_epoch(t: Trainer, bar: tqdm | None) -> None:
@@ -407,7 +414,7 @@ def _observe_budget(t: Trainer, bar: tqdm | None) -> None:
         return
     fit = distributed.broadcast_object(t.budget.choose(t.global_step))
     t.budget.fit, replaced, t.total_epochs = fit, t.total_epochs, fit.epochs
-    warmup = warmup_epochs_within(t.config.warmup_epochs, fit.epochs)
+    warmup = warmup_epochs_within(t.config.warmup_epochs, fit.epochs, t.config.warmup_fraction)
     t.log.write("budget", minutes=t.config.time_budget, replaced_epochs=replaced,
                 warmup_epochs=round(warmup, 4), step=t.global_step, **fit.as_record())
     if distributed.is_main():
@@ -551,6 +558,10 @@ def pretrain(config: PretrainConfig, resume: str | Path | None = None,
     ``report``: write ``RUN/report.html`` at the end with the sections that need no forward
     passes over the data (``simclr report RUN`` adds the embedding sections).
     """
+    config, taken = with_data_recipe(config)
+    if taken and distributed.is_main():
+        tqdm.write(f"digits: the demo recipe's {', '.join(taken)} (recipes/digits.yaml, "
+                   "as `simclr run` uses it; PretrainConfig.from_recipe('digits') asks for it)")
     trainer = prepare(config, Path(resume) if resume is not None else None)
     try:
         fit(trainer)

@@ -85,6 +85,28 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verdict(rows: list[dict[str, Any]], architecture: str = "encoder",
+            baseline: str = "random-init") -> str | None:
+    """One plain sentence comparing the pretrained encoder with ``baseline`` on top-1 kNN (the
+    first k) and the linear probe, e.g. "SimCLR beats a random-init resnet18 by +13.3 points
+    (kNN) and +1.9 (linear)"; None when the rows hold no such pair."""
+    top1 = {(r["encoder"], r["protocol"]): r["value"] for r in reversed(rows)
+            if r["metric"] == "top1" and r["protocol"] in ("knn", "linear")}
+    gaps = {p: top1[("simclr", p)] - top1[(baseline, p)] for p in ("knn", "linear")
+            if ("simclr", p) in top1 and (baseline, p) in top1}
+    if not gaps:
+        return None
+    parts = [f"{gap:+.1f}{' points' if i == 0 else ''} ({'kNN' if p == 'knn' else p})"
+             for i, (p, gap) in enumerate(gaps.items())]
+    if all(g > 0 for g in gaps.values()):
+        head = "beats"
+    elif all(g < 0 for g in gaps.values()):
+        head = "trails"
+    else:
+        head = "differs from"
+    return f"SimCLR {head} a {baseline} {architecture} by " + " and ".join(parts)
+
+
 def markdown_report(result: dict[str, Any]) -> str:
     """``eval.md``: what was evaluated on what, the table, and how to read it."""
     enc = result.get("encoder") or {}
