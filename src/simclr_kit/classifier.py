@@ -9,7 +9,6 @@ random crops and flips.
 from __future__ import annotations
 
 import csv
-import glob
 import io
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ from simclr_kit import __version__
 from simclr_kit.augment import normalize
 from simclr_kit.checkpoint import atomic_write_text, load_weights, read_metadata, save_weights
 from simclr_kit.config import ClassifierConfig, DataConfig
-from simclr_kit.data.sources import IMAGE_SUFFIXES, Split, open_splits, whole_split
+from simclr_kit.data.sources import Split, open_splits, whole_split
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
 from simclr_kit.devices import resolve_device
-from simclr_kit.encoder import Encoder, load_encoder
+from simclr_kit.encoder import load_encoder
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.features import extract_features
 from simclr_kit.evaluation.finetune import FINETUNE_AUGMENT, accuracy, finetune
@@ -122,49 +121,10 @@ def load_classifier(cls_dir: str | Path, device: torch.device) -> tuple[Classifi
     return model.to(device).eval(), meta
 
 
-def _image_paths(spec: str) -> list[Path] | None:
-    """Image files named by ``spec`` (an image file, or a glob naming some), or None: a folder
-    is read as a dataset, like pretraining reads it (labels from sub-folders, the same skipped
-    line)."""
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        return [path]
-    if not any(ch in spec for ch in "*?["):
-        return None
-    files = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    return images if images or not files else None  # a glob of Parquet files is a dataset
-
-
 def prediction_split(cfg: DataConfig) -> Split:
     """Every row of ``cfg.train_split`` (``--split``), else of the only split, else of 'test',
     else of 'train'."""
     return whole_split(cfg, ("test", "train"))
-
-
-def _read_image_files(paths: list[Path], encoder: Encoder, bad_images: str) -> tuple[list[str],
-                                                                                      Tensor]:
-    """(ids, ``(N, 3, S, S) uint8``) of the readable files; unreadable ones follow ``bad_images``."""
-    from PIL import Image
-
-    ids, arrays, skipped = [], [], []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                arrays.append(encoder.to_uint8(img))
-            ids.append(str(path))
-        except Exception as err:  # PIL raises many types for bad bytes
-            reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-            if bad_images == "error":
-                raise UserError(f"{path} is not a readable image ({reason}); fix or remove it, "
-                                "or pass --bad-images skip to skip such images") from None
-            skipped.append(path)
-    if not arrays:
-        raise UserError(f"none of the {len(paths)} image files could be read (first: {skipped[0]})")
-    if skipped:
-        tqdm.write(f"skipped {len(skipped)} unreadable image file(s), which get no prediction: "
-                   + ", ".join(str(p) for p in skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
-    return ids, torch.cat(arrays)
 
 
 def _ids_and_labels(store: ImageStore) -> tuple[list[str], list[str] | None]:
@@ -185,27 +145,18 @@ def predict(cls_dir: str | Path, data: str, out: str | Path, device: str = "auto
     """Write ``out``, one CSV row per image: ``id``, ``label`` (the true class, when the split
     has labels), ``predicted`` (class name) and ``probability``; returns the rows written.
 
-    ``data``: an image file or a glob of them (``id`` is the file), else any dataset
-    ``--data`` takes, a folder of images included (``id`` is the file for a folder, the row of
-    the split otherwise).
+    ``data``: anything ``--data`` takes, image files, globs and folders of images included,
+    read as pretraining reads it (the same skipped-images line). ``id`` is the file for images
+    read from files on this machine, else the row of the split.
     """
     dev = resolve_device(device)
     model, meta = load_classifier(cls_dir, dev)
-    encoder = Encoder(model.backbone, meta["image_size"], meta["mean"], meta["std"], meta)
-    paths = _image_paths(data)
-    labels: list[str] | None = None
-    if paths is not None:
-        if not paths:
-            raise UserError(f"no images found at {data}")
-        policy = (data_config or DataConfig()).bad_images
-        ids, images = _read_image_files(paths, encoder, policy)
-    else:
-        cfg = data_config or DataConfig(data=data)
-        store = decode_split(prediction_split(cfg), meta["image_size"], cfg.bad_images,
-                             progress=False, missing_labels="keep")
-        announce_skipped(store, ": they get no prediction")
-        ids, labels = _ids_and_labels(store)
-        images = store.images
+    cfg = data_config or DataConfig(data=data)
+    store = decode_split(prediction_split(cfg), meta["image_size"], cfg.bad_images,
+                         progress=False, missing_labels="keep")
+    announce_skipped(store, ": they get no prediction")
+    ids, labels = _ids_and_labels(store)
+    images = store.images
     rows = []
     with torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
