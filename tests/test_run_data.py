@@ -50,7 +50,7 @@ def test_evaluate_without_data_takes_the_runs_dataset_not_digits(run, data, caps
     assert main(["evaluate", str(run), "--protocols", "knn", "--knn-k", "5",
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert f"the run's own dataset {str(data)!r} (from its last evaluation)" in out
+    assert f"the run's own dataset {str(data)!r} (the one its last evaluation used)" in out
     result = json.loads((run / "eval.json").read_text())
     assert result["data"]["data"] == str(data) and result["eval"]["images"] == 24
     assert {r["hyperparameters"]["k"] for r in result["results"]} == {5}

@@ -71,15 +71,15 @@ def data_for(command: str, meta: dict[str, Any], given: DataConfig | str | dict[
     if isinstance(given, DataConfig):
         return given
     named = isinstance(given, str) or (isinstance(given, dict) and "data" in given)
-    recorded, origin = evaluated_data(evaluation_dir), "its last evaluation"
+    recorded, origin = evaluated_data(evaluation_dir), "the one its last evaluation used"
     if recorded is None:
-        recorded, origin = pretraining_data(meta), "its pretraining"
+        recorded, origin = pretraining_data(meta), "the one it was pretrained on"
     data = layered_data(recorded, given)
     if data is None:
         raise UserError(f"{command} needs --data: the checkpoint records no dataset")
     if not named and distributed.is_main():
-        tqdm.write(f"{command}: no --data given, so the run's own dataset {data.data!r} (from "
-                   f"{origin}); --data chooses another")
+        tqdm.write(f"{command}: no --data given, so on the run's own dataset {data.data!r} "
+                   f"({origin}); --data chooses another")
     return data
 
 
