@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +45,29 @@ def test_every_option_states_its_default(name):
         if "default" not in (action.help or "").lower():
             missing.append(action.option_strings[0])
     assert not missing, f"simclr {name}: --help gives no default for {missing}"
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_commands() -> list[str]:
+    """Every ``simclr ...`` command in the README's code blocks, continuation lines joined."""
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", README.read_text(), flags=re.S)
+    lines = [line.split(" #")[0].strip() for block in blocks
+             for line in block.replace("\\\n", " ").splitlines()]
+    return [line.removeprefix("$ ") for line in lines if line.startswith(("simclr ", "$ simclr "))]
+
+
+def test_readme_commands_use_what_a_user_has_and_parse():
+    """The examples name a hub dataset or the user's own folders (a clone has no ../shared),
+    and each one parses with today's flags."""
+    commands = readme_commands()
+    assert len(commands) >= 15
+    assert [c for c in commands if "../shared" in c] == []
+    parser = build_parser()
+    for command in commands:
+        words = shlex.split(command)[1:]
+        words = words[:next((i for i, w in enumerate(words) if w in (">", "|", "&&")),
+                            len(words))]  # the shell's part of the line
+        args, extra = parser.parse_known_args(words)
+        assert extra == [], command
