@@ -78,6 +78,15 @@ def test_exported_weights_follow_the_umask_like_their_json(run_dir, tmp_path, um
         os.umask(previous)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (out, tmp_path / "bb.json")}
     assert modes == {"bb.safetensors": 0o666 & ~umask, "bb.json": 0o666 & ~umask}
+    # The feature cache an evaluation leaves in the run directory too.
+    from simclr_kit.evaluation import cache
+
+    previous = os.umask(umask)
+    try:
+        assert cache._write(tmp_path / "f.safetensors", torch.zeros(2, 3), "key", "test")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "f.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_newest_checkpoint_by_position_when_the_pointer_is_lost(tmp_path):

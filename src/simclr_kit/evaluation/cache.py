@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from simclr_kit import distributed
+from simclr_kit.checkpoint import umask_mode
 from simclr_kit.data.store import ImageStore
 from simclr_kit.encoder import Encoder
 from simclr_kit.evaluation.features import extract_features
@@ -117,6 +118,7 @@ def _write(path: Path, features: Tensor, key: str, split: str) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"features": features.contiguous()}, str(tmp),
                   metadata={_META_KEY: json.dumps(meta)})
+        os.chmod(tmp, umask_mode())  # safetensors writes 0600; the run follows the umask
         os.replace(tmp, path)
         return True
     except (OSError, SafetensorError):
