@@ -349,4 +349,5 @@ def test_evaluate_says_what_it_skipped_and_counts_images_not_rows(tiny_run, tmp_
     report = (tmp_path / "eval" / "eval.md").read_text()
     assert "Train split: `train` (6 images); evaluated split: `test` (6 images)." in report
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert (result["eval"]["rows"], result["eval"]["images"], result["eval"]["skipped"]) == (7, 6, 1)
+    counts = result["eval"]
+    assert (counts["rows"], counts["images"], counts["skipped"]) == (7, 6, 1)

@@ -289,7 +289,8 @@ def test_show_augment_draws_the_count_it_says_despite_a_broken_image(tmp_path, c
     (folder / "a_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     rng = np.random.default_rng(0)
     for i in range(7):
-        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"b{i}.png")
+        pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"b{i}.png")
     out = tmp_path / "grid.png"
     assert main(["show-augment", "--data", str(folder), "--out", str(out), "--count", "6"]) == 0
     text = capsys.readouterr().out

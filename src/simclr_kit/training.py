@@ -299,8 +299,8 @@ class NonFiniteLoss(UserError):
         last = latest_checkpoint(t.run_dir, required=False)
         kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was saved"
         super().__init__(f"training stopped at epoch {t.epoch + 1} step {t.step_in_epoch}: "
-                         f"{what}; {kept}. Start again with a lower --lr, a higher --temperature or "
-                         "--precision fp32")
+                         f"{what}; {kept}. Start again with a lower --lr, a higher --temperature "
+                         "or --precision fp32")
 
 
 def check_finite(t: Trainer) -> None:
