@@ -19,15 +19,30 @@ from torch import Tensor, nn
 from simclr_kit.config import LR_SCALINGS
 
 
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters a submodule asks to keep from weight decay through timm's
+    ``no_weight_decay()`` (a ViT's ``pos_embed`` and ``cls_token``, also ``dist_token``...)."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        ask = getattr(module, "no_weight_decay", None)
+        if callable(ask):
+            names |= {f"{prefix}.{n}" if prefix else n for n in ask()}
+    return names
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed, LARS-adapted) and biases/norm parameters (neither).
+    """Two groups: weights (decayed, LARS-adapted) and the rest (neither): biases and norm
+    parameters, and the embeddings a timm model names in ``no_weight_decay()`` (a ViT's
+    position embedding and class token: decaying them pulls every token's position towards
+    zero, the usual exclusion for ViTs, as in timm, MAE and DINO).
 
     A parameter with one dimension is a bias or a normalisation scale/shift.
     """
+    excluded = _no_decay_names(model)
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 or name in excluded else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "lars": True},
         {"params": no_decay, "weight_decay": 0.0, "lars": False},
