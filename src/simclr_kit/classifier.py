@@ -101,6 +101,8 @@ def train_classifier(checkpoint: str | Path, data: DataConfig | str | dict[str, 
             "head": cfg.head, "hidden_dim": cfg.hidden_dim, "finetune": cfg.finetune,
             "encoder_checkpoint": str(checkpoint), "val_accuracy": val_acc,
             "val_split": val.provenance, "config": cfg.__dict__, "package_version": __version__}
+    if "create_model_kwargs" in encoder.meta:  # a timm backbone: how to rebuild it
+        meta["create_model_kwargs"] = encoder.meta["create_model_kwargs"]
     out.mkdir(parents=True, exist_ok=True)
     save_weights(out / "classifier.safetensors", model.state_dict(), meta)
     return {"val_accuracy": val_acc, "out": str(out), "classes": len(class_names)}
@@ -114,7 +116,8 @@ def load_classifier(cls_dir: str | Path, device: torch.device) -> tuple[Classifi
     meta = read_metadata(file)  # the header's copy: the sidecar may be lost or edited
     if meta.get("kind") != "classifier":
         raise UserError(f"{file} is not a classifier saved by train-classifier")
-    backbone = build_backbone(meta["backbone"], meta["stem"])
+    backbone = build_backbone(meta["backbone"], meta["stem"],
+                              kwargs=meta.get("create_model_kwargs"))
     model = Classifier(backbone, meta["feature_dim"], len(meta["class_names"]), meta["head"],
                        meta["hidden_dim"], frozen=True)
     model.load_state_dict(load_weights(file), strict=True)

@@ -97,11 +97,12 @@ PRETRAIN_FLAGS = [
      f"(solo-learn's clip_lr) (default: {P.lars_clip})"),
     ("--temperature", "temperature", float, f"NT-Xent temperature; 0.1 works for most sets, "
      f"try 0.2-0.5 if the loss plateaus early (default: {P.temperature})"),
-    ("--backbone", "backbone", str, f"any torchvision classification model (default: {P.backbone})"),
+    ("--backbone", "backbone", str, "any torchvision classification model, or timm/NAME for a "
+     f"timm model (pip install 'simclr-kit[timm]') (default: {P.backbone})"),
     ("--stem", "stem", str, "'auto' (CIFAR stem at <= 64 px), 'cifar' or 'imagenet' "
      f"(default: {P.stem})"),
-    ("--init", "init", str, "'scratch', 'imagenet' (torchvision weights) or a weights path "
-     f"(default: {P.init})"),
+    ("--init", "init", str, "'scratch', 'imagenet' (torchvision's or timm's weights) or a "
+     f"weights path (default: {P.init})"),
     ("--projection-dim", "projection_dim", int, f"output size of the head (default: {P.projection_dim})"),
     ("--projection-hidden-dim", "projection_hidden_dim", int,
      "hidden size of the head (default: the backbone's feature size)"),
@@ -547,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="global batch B (default: 8 per process)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cpu' (gloo, "
                    "BatchNorm per process) or 'cuda' (NCCL, SyncBatchNorm) (default: auto)")
-    p.add_argument("--backbone", default="resnet18", help="torchvision model (default: resnet18)")
+    p.add_argument("--backbone", default="resnet18", help="torchvision model or timm/NAME "
+                   "(default: resnet18)")
     p.add_argument("--image-size", type=int, default=16, help="pixels of the generated images "
                    "(default: 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of images and weights (default: 0)")

@@ -2,7 +2,7 @@
 
 Accepted: a run directory, a checkpoint directory, a ``.safetensors`` file (ours, or an exported
 backbone), a plain PyTorch state dict (``.pt``/``.pth``, read with ``weights_only=True``) in the
-seed's layout (``backbone.*`` plus a projection head) or as a bare torchvision backbone.
+seed's layout (``backbone.*`` plus a projection head) or as a bare torchvision (or timm) backbone.
 ``module.``, ``backbone.`` and ``encoder.`` prefixes are recognised; the stem is inferred from the
 shape of ``conv1.weight``; the projection head is never taken for the backbone.
 """
@@ -24,7 +24,7 @@ from simclr_kit.checkpoint import (latest_checkpoint, load_weights, read_metadat
                                    torch_load_safe)
 from simclr_kit.data.store import resize_center_crop, to_rgb_array
 from simclr_kit.errors import UserError
-from simclr_kit.models import build_backbone, feature_dim
+from simclr_kit.models import build_backbone, feature_dim, is_timm_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,8 +59,13 @@ def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def split_state_dict(state: dict[str, Any]) -> tuple[dict[str, Tensor], bool]:
-    """(backbone keys without prefix, whether a projection head was present and dropped)."""
+def split_state_dict(state: dict[str, Any], bare_is_backbone: bool = False
+                     ) -> tuple[dict[str, Tensor], bool]:
+    """(backbone keys without prefix, whether a projection head was present and dropped).
+
+    ``bare_is_backbone``: unprefixed keys are all the backbone's (a timm export, whose
+    ``head.*`` is part of the model, e.g. ConvNeXt's ``head.norm``), none a classifier's.
+    """
     state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
     if state and all(k.startswith("module.") for k in state):
         state = _strip(state, "module.")
@@ -69,6 +74,8 @@ def split_state_dict(state: dict[str, Any]) -> tuple[dict[str, Tensor], bool]:
         if part:
             has_head = any(k.startswith(_HEAD_PREFIXES) for k in state)
             return part, has_head
+    if bare_is_backbone:
+        return state, False
     bare = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)
             and not k.startswith("fc.")}
     return bare, len(bare) != len(state)
@@ -102,7 +109,7 @@ def read_weights(path: str | Path, backbone: str | None = None) -> Weights:
     else:
         raise UserError(f"{file}: unknown weights format (expected .safetensors, .pt or .pth)")
     full = state if any(k.startswith("projection_head.") for k in state) else None
-    bb, _ = split_state_dict(state)
+    bb, _ = split_state_dict(state, is_timm_name(str(meta.get("backbone") or backbone)))
     if not bb:
         raise UserError(f"{file} holds no backbone weights (keys: {list(state)[:5]} ...)")
     meta = dict(meta)
@@ -116,8 +123,10 @@ def read_weights(path: str | Path, backbone: str | None = None) -> Weights:
 
 
 def build_loaded_backbone(weights: Weights) -> nn.Module:
-    """The torchvision backbone of the recorded architecture with the weights loaded strictly."""
-    model = build_backbone(weights.meta["backbone"], weights.meta["stem"])
+    """The backbone of the recorded architecture (torchvision, or timm with its recorded
+    ``create_model_kwargs``) with the weights loaded strictly."""
+    model = build_backbone(weights.meta["backbone"], weights.meta["stem"],
+                           kwargs=weights.meta.get("create_model_kwargs"))
     missing, unexpected = _key_diff(model.state_dict(), weights.backbone)
     if missing or unexpected:
         raise UserError(
@@ -198,7 +207,9 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu",
 
 def export_backbone(path: str | Path, out: str | Path, backbone: str | None = None) -> Path:
     """Write the backbone alone as safetensors (+ JSON sidecar) that loads with ``strict=True``
-    into ``torchvision.models.<backbone>()`` after the classifier becomes ``nn.Identity()``."""
+    into ``torchvision.models.<backbone>()`` after the classifier becomes ``nn.Identity()``, or
+    for ``timm/NAME`` into ``timm.create_model(NAME, num_classes=0, **create_model_kwargs)``
+    (the CIFAR stem of a ResNet-like model replaced as the README shows)."""
     weights = read_weights(path, backbone)
     build_loaded_backbone(weights)  # proves the keys fit before anything is written
     out = Path(out)
@@ -206,8 +217,10 @@ def export_backbone(path: str | Path, out: str | Path, backbone: str | None = No
         raise UserError(f"export target {out} must end in .safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     keep = ("backbone", "stem", "feature_dim", "image_size", "mean", "std", "dataset",
-            "package_version", "epoch")
+            "package_version", "epoch", "create_model_kwargs")
     meta = {k: weights.meta[k] for k in keep if k in weights.meta}
+    if is_timm_name(meta["backbone"]):
+        meta.setdefault("create_model_kwargs", {})
     meta["kind"] = "backbone"
     save_weights(out, weights.backbone, meta)
     return out

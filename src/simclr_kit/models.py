@@ -1,11 +1,14 @@
 """Backbones, the projection head and the SimCLR module. Knows nothing about training or data.
 
 The backbone is any torchvision classification model with its classifier replaced by
-``nn.Identity()``; its feature size is found by a dummy forward, never read from
-``fc.in_features`` (which is gone once ``fc`` is an Identity).
+``nn.Identity()``, or a timm model named ``timm/NAME`` (see :mod:`simclr_kit.timm_backbones`);
+its feature size is found by a dummy forward, never read from ``fc.in_features`` (which is gone
+once ``fc`` is an Identity).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torchvision
@@ -16,6 +19,12 @@ from simclr_kit.errors import UserError
 # Images at or below this size get the CIFAR stem: the ImageNet stem (7x7 stride-2 conv and a
 # max-pool) shrinks a 32 px image to 8x8 before the first residual block.
 CIFAR_STEM_MAX_SIZE = 64
+TIMM_PREFIX = "timm/"  # --backbone timm/NAME: a timm model (simclr_kit.timm_backbones)
+
+
+def is_timm_name(name: str) -> bool:
+    """Whether ``name`` names a timm model (``timm/NAME``) rather than a torchvision one."""
+    return name.startswith(TIMM_PREFIX)
 
 
 def available_backbones() -> list[str]:
@@ -24,18 +33,40 @@ def available_backbones() -> list[str]:
 
 
 def check_backbone_name(name: str) -> None:
-    """Raise a one-line UserError when ``name`` is not a torchvision classification model."""
+    """Raise a one-line UserError when ``name`` is neither a torchvision classification model
+    nor ``timm/NAME`` with timm installed and knowing NAME."""
+    if is_timm_name(name):
+        from simclr_kit.timm_backbones import check_timm_name
+
+        check_timm_name(name)
+        return
     if name not in available_backbones():
         hint = ", ".join(n for n in available_backbones() if n.startswith("resnet"))
         raise UserError(f"unknown backbone {name!r}: use a torchvision classification model "
-                        f"name such as {hint}, mobilenet_v3_small, efficientnet_b0")
+                        f"name such as {hint}, mobilenet_v3_small, efficientnet_b0, or "
+                        "timm/NAME for a timm model")
 
 
-def resolve_stem(stem: str, image_size: int) -> str:
-    """'cifar' for images <= 64 px, 'imagenet' above, unless forced."""
+def resolve_stem(stem: str, image_size: int, backbone: str = "resnet18") -> str:
+    """'cifar' for images <= 64 px, 'imagenet' above, unless forced. A timm model without a
+    small-image form keeps its own stem ('imagenet') at any size."""
+    if is_timm_name(backbone):
+        from simclr_kit.timm_backbones import resolve_timm_stem
+
+        return resolve_timm_stem(backbone, stem, image_size, CIFAR_STEM_MAX_SIZE)
     if stem != "auto":
         return stem
     return "cifar" if image_size <= CIFAR_STEM_MAX_SIZE else "imagenet"
+
+
+def backbone_kwargs(name: str, stem: str, image_size: int) -> dict[str, Any]:
+    """What the backbone is built with beyond its name and stem: timm's ``create_model``
+    keyword arguments (a ViT's ``img_size``, ``patch_size``); {} for torchvision models."""
+    if not is_timm_name(name):
+        return {}
+    from simclr_kit.timm_backbones import timm_create_kwargs
+
+    return timm_create_kwargs(name, stem, image_size)
 
 
 def _drop_classifier(model: nn.Module) -> None:
@@ -47,7 +78,7 @@ def _drop_classifier(model: nn.Module) -> None:
     raise UserError(f"cannot find the classifier of {type(model).__name__} to remove")
 
 
-def _apply_cifar_stem(model: nn.Module, name: str) -> None:
+def apply_cifar_stem(model: nn.Module, name: str) -> None:
     """3x3 stride-1 first conv and no max-pool (He et al. 2016, section 4.2, CIFAR ResNets)."""
     if not isinstance(getattr(model, "conv1", None), nn.Conv2d):
         raise UserError(f"the CIFAR stem is defined for ResNet-style backbones, not {name!r}: "
@@ -57,12 +88,19 @@ def _apply_cifar_stem(model: nn.Module, name: str) -> None:
     model.maxpool = nn.Identity()
 
 
-def build_backbone(name: str = "resnet18", stem: str = "imagenet",
-                   weights: str | None = None) -> nn.Module:
-    """A torchvision model by name, classifier removed; ``stem`` is 'cifar' or 'imagenet'.
+def build_backbone(name: str = "resnet18", stem: str = "imagenet", weights: str | None = None,
+                   kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A torchvision model by name, classifier removed, or ``timm/NAME`` built with ``kwargs``
+    (see :func:`backbone_kwargs`); ``stem`` is 'cifar' or 'imagenet'.
 
-    ``weights='imagenet'`` loads torchvision's default ImageNet weights (ImageNet stem only).
+    ``weights='imagenet'`` loads torchvision's (or timm's) default ImageNet weights (ImageNet
+    stem only). Forward: ``x: (N, 3, S, S)`` -> features ``(N, D)`` (``(N, D, 1, 1)`` for some
+    torchvision models: callers flatten).
     """
+    if is_timm_name(name):
+        from simclr_kit.timm_backbones import build_timm_backbone
+
+        return build_timm_backbone(name, stem, kwargs or {}, pretrained=weights == "imagenet")
     check_backbone_name(name)
     if weights == "imagenet":
         if stem == "cifar":
@@ -72,7 +110,7 @@ def build_backbone(name: str = "resnet18", stem: str = "imagenet",
         model = torchvision.models.get_model(name, weights=None)
     _drop_classifier(model)
     if stem == "cifar":
-        _apply_cifar_stem(model, name)
+        apply_cifar_stem(model, name)
     return model
 
 
@@ -103,6 +141,22 @@ def feature_dim(backbone: nn.Module, image_size: int = 32) -> int:
     finally:
         backbone.train(was_training)
     return int(out.flatten(1).shape[1])
+
+
+def backbone_feature_dim(name: str, backbone: nn.Module, image_size: int) -> int:
+    """:func:`feature_dim` at the size the backbone will see; for a timm model, also checked
+    against its declared ``num_features`` (its ViTs accept only the ``img_size`` they were
+    built for, so they are probed at exactly that size)."""
+    if not is_timm_name(name):
+        return feature_dim(backbone, max(image_size, 32))
+    from simclr_kit.timm_backbones import check_num_features
+
+    try:
+        probed = feature_dim(backbone, image_size)
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise UserError(f"{name} does not run on {image_size} px images: "
+                        f"{str(err).splitlines()[0][:160]}") from None
+    return check_num_features(name, backbone, probed)
 
 
 class ProjectionHead(nn.Module):
@@ -144,8 +198,10 @@ class SimCLR(nn.Module):
 def build_simclr(backbone_name: str, stem: str, image_size: int, projection_dim: int = 256,
                  hidden_dim: int | None = None, weights: str | None = None) -> SimCLR:
     """Backbone by name with the stem resolved for ``image_size``, plus the projection head."""
-    backbone = build_backbone(backbone_name, resolve_stem(stem, image_size), weights)
-    dim = feature_dim(backbone, max(image_size, 32))
+    stem = resolve_stem(stem, image_size, backbone_name)
+    backbone = build_backbone(backbone_name, stem, weights,
+                              backbone_kwargs(backbone_name, stem, image_size))
+    dim = backbone_feature_dim(backbone_name, backbone, image_size)
     return SimCLR(backbone, dim, projection_dim, hidden_dim)
 
 

@@ -31,7 +31,8 @@ from simclr_kit.devices import (autocast_dtype, compile_by_default, grad_scaler,
                                 tune_backends)
 from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone, read_weights
 from simclr_kit.errors import UserError
-from simclr_kit.models import SimCLR, build_simclr, feature_dim, resolve_stem
+from simclr_kit.models import (SimCLR, backbone_feature_dim, backbone_kwargs, build_simclr,
+                               is_timm_name, resolve_stem)
 from simclr_kit.optim import (build_optimizer, effective_lr, set_lr, warmup_cosine,
                               warmup_epochs_within)
 from simclr_kit.report.loggers import open_loggers
@@ -171,16 +172,19 @@ def _build_model(cfg: PretrainConfig, image_size: int) -> tuple[SimCLR, dict[str
     init_meta: dict[str, Any] = {}
     if cfg.init in ("scratch", "imagenet"):
         weights = "imagenet" if cfg.init == "imagenet" else None
-        stem = "imagenet" if weights else resolve_stem(cfg.stem, image_size)
+        stem = "imagenet" if weights else resolve_stem(cfg.stem, image_size, cfg.backbone)
         model = build_simclr(cfg.backbone, stem, image_size, cfg.projection_dim,
                              cfg.projection_hidden_dim, weights)
+        kwargs = backbone_kwargs(cfg.backbone, stem, image_size)
     else:
         loaded = read_weights(cfg.init, cfg.backbone)
-        stem = loaded.meta["stem"]
+        stem, kwargs = loaded.meta["stem"], loaded.meta.get("create_model_kwargs", {})
         backbone = build_loaded_backbone(loaded)
-        model = SimCLR(backbone, feature_dim(backbone, max(image_size, 32)), cfg.projection_dim,
-                       cfg.projection_hidden_dim)
+        model = SimCLR(backbone, backbone_feature_dim(cfg.backbone, backbone, image_size),
+                       cfg.projection_dim, cfg.projection_hidden_dim)
         init_meta = {"init_from": str(loaded.path)}
+    if is_timm_name(cfg.backbone):  # what timm.create_model needs to rebuild it
+        init_meta["create_model_kwargs"] = kwargs
     return model, dict(init_meta, stem=stem)
 
 

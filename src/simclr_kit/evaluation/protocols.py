@@ -41,7 +41,7 @@ from simclr_kit.evaluation.fractions import label_efficiency, plot_label_efficie
 from simclr_kit.evaluation.knn import knn_accuracy
 from simclr_kit.evaluation.linear import train_linear_probe
 from simclr_kit.evaluation.tables import markdown_report, markdown_table
-from simclr_kit.models import build_backbone
+from simclr_kit.models import backbone_kwargs, build_backbone
 from simclr_kit.provenance import check_not_replacing, data_for, run_directory
 
 LABEL_EFFICIENCY_PNG = "label_efficiency.png"
@@ -53,18 +53,22 @@ __all__ = ["baseline_encoder", "evaluate", "markdown_table", "run_protocols"]
 def baseline_encoder(kind: str, like: Encoder, seed: int) -> Encoder:
     """A random-init (seeded) or ImageNet-weights encoder of the same architecture as ``like``.
 
-    ImageNet weights come from torchvision's cache; without them (offline) the error names the
-    file and the folder to put it in.
+    ImageNet weights come from torchvision's cache (timm's: the Hugging Face cache); without
+    them (offline) the error says where to put them.
     """
     name, stem = like.meta.get("backbone", "resnet18"), like.meta.get("stem", "imagenet")
     if kind == "random":
         with torch.random.fork_rng(devices=[]):  # seeded init, global RNG left as it was
             torch.manual_seed(seed)
-            backbone = build_backbone(name, stem)
+            backbone = build_backbone(name, stem, kwargs=like.meta.get("create_model_kwargs"))
         return Encoder(backbone, like.image_size, like.mean, like.std, dict(like.meta, init="random"))
     imagenet_mean, imagenet_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    return Encoder(build_backbone(name, "imagenet", weights="imagenet"), like.image_size,
-                   imagenet_mean, imagenet_std, dict(like.meta, init="imagenet", stem="imagenet"))
+    kwargs = backbone_kwargs(name, "imagenet", like.image_size)  # a ViT keeps its own patches
+    meta = dict(like.meta, init="imagenet", stem="imagenet")
+    if "create_model_kwargs" in meta:
+        meta["create_model_kwargs"] = kwargs
+    return Encoder(build_backbone(name, "imagenet", weights="imagenet", kwargs=kwargs),
+                   like.image_size, imagenet_mean, imagenet_std, meta)
 
 
 def _check_labels(store: ImageStore, role: str) -> None:

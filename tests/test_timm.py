@@ -1,0 +1,198 @@
+"""timm backbones (``--backbone timm/NAME``): a ResNet-18 and a tiny ViT at 16 px, end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from conftest import TINY, write_parquet_dataset
+from simclr_kit.checkpoint import latest_checkpoint
+from simclr_kit.cli import main
+from simclr_kit.encoder import load_encoder
+from simclr_kit.errors import UserError
+from simclr_kit.models import backbone_kwargs, build_backbone, build_simclr, resolve_stem
+from simclr_kit.optim import build_optimizer, parameter_groups
+
+timm = pytest.importorskip("timm")
+
+VIT = "timm/vit_tiny_patch16_224"
+SIZE = 16
+# What each model is built with at 16 px: the ViT's small-image form is 4 px patches.
+KWARGS = {"timm/resnet18": {}, VIT: {"img_size": SIZE, "patch_size": 4}}
+
+
+@pytest.fixture(scope="module")
+def data16(tmp_path_factory):
+    return write_parquet_dataset(tmp_path_factory.mktemp("data16") / "pq", n_per_class=8,
+                                 size=SIZE)
+
+
+@pytest.fixture(scope="module", params=sorted(KWARGS))
+def run(request, data16, tmp_path_factory):
+    """One epoch of 3 steps (24 images, batch 8) on the named timm backbone."""
+    out = tmp_path_factory.mktemp("timm") / "run"
+    assert main(["pretrain", "--data", str(data16), "--out", str(out), "--epochs", "1",
+                 "--backbone", request.param, *TINY]) == 0
+    return request.param, out
+
+
+def _meta(run_dir):
+    return json.loads((latest_checkpoint(run_dir) / "model.json").read_text())
+
+
+def _plain_timm(name: str, meta: dict) -> nn.Module:
+    """What a user of the export writes: create_model with the sidecar's kwargs, and for a
+    CIFAR-stem ResNet the two replacements the README shows."""
+    model = timm.create_model(name.removeprefix("timm/"), pretrained=False, num_classes=0,
+                              **meta["create_model_kwargs"])
+    if meta["stem"] == "cifar" and "patch_size" not in meta["create_model_kwargs"]:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+def test_pretrain_records_how_to_rebuild_the_backbone(run):
+    name, out = run
+    meta = _meta(out)
+    assert meta["backbone"] == name and meta["stem"] == "cifar"
+    assert meta["create_model_kwargs"] == KWARGS[name]
+    assert meta["feature_dim"] == timm.create_model(name[5:], num_classes=0).num_features
+
+
+def test_resume_evaluate_and_export_strict_into_timm(run, data16, tmp_path):
+    name, out = run
+    assert main(["pretrain", "--resume", str(out), "--epochs", "2"]) == 0
+    assert latest_checkpoint(out).name == "epoch-0002"
+    assert main(["evaluate", str(out), "--data", str(data16), "--linear-epochs", "2",
+                 "--knn-k", "3", "--device", "cpu"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert {r["protocol"] for r in result["results"]} == {"knn", "linear"}
+
+    file = tmp_path / "bb.safetensors"
+    assert main(["export", str(out), str(file)]) == 0
+    sidecar = json.loads(file.with_suffix(".json").read_text())
+    assert sidecar["create_model_kwargs"] == KWARGS[name]
+    plain = _plain_timm(name, sidecar)
+    plain.load_state_dict(load_file(str(file)), strict=True)
+    encoder = load_encoder(out)
+    x = torch.randn(3, 3, SIZE, SIZE)
+    torch.testing.assert_close(plain.eval()(x), encoder(x), rtol=0, atol=0)
+    # The export reloads as an encoder too, with the same features.
+    torch.testing.assert_close(load_encoder(file)(x), encoder(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_classifier_predict_embed_and_report(run, data16, tmp_path):
+    name, out = run
+    cls = tmp_path / "cls"
+    assert main(["train-classifier", str(out), "--data", str(data16), "--out", str(cls),
+                 "--epochs", "1", "--device", "cpu"]) == 0
+    assert json.loads((cls / "classifier.json").read_text())["create_model_kwargs"] == KWARGS[name]
+    assert main(["predict", str(cls), "--data", str(data16), "--out", str(tmp_path / "p.csv")]) == 0
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 25  # header + 24 test images
+    assert main(["embed", str(out), "--data", str(data16), "--out", str(tmp_path / "e.parquet"),
+                 "--split", "test"]) == 0
+    assert (tmp_path / "e.parquet").is_file()
+    assert main(["report", str(out), "--data", str(data16), "--device", "cpu"]) == 0
+
+
+def test_vit_position_embedding_and_class_token_are_neither_decayed_nor_adapted():
+    model = build_simclr(VIT, "auto", SIZE, projection_dim=16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, kept = parameter_groups(model, 1e-4)
+    assert decayed["weight_decay"] == 1e-4 and decayed["lars"]
+    assert kept["weight_decay"] == 0.0 and not kept["lars"]
+    kept_names = {names[id(p)] for p in kept["params"]}
+    assert {"backbone.pos_embed", "backbone.cls_token"} <= kept_names
+    assert {"backbone.blocks.0.norm1.weight", "backbone.blocks.0.attn.qkv.bias"} <= kept_names
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    assert {"backbone.patch_embed.proj.weight", "backbone.blocks.0.attn.qkv.weight",
+            "projection_head.layers.0.weight"} <= decayed_names
+    assert len(decayed_names) + len(kept_names) == len(names)
+    # AdamW (--optimizer adam) takes the same two groups.
+    adamw = build_optimizer(model, "adam", 1e-3, 0.9, 0.05)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0]
+    assert any(p is model.backbone.pos_embed for p in adamw.param_groups[1]["params"])
+
+
+@pytest.mark.parametrize("size, stem, kwargs", [
+    (32, "cifar", {"img_size": 32, "patch_size": 4}),
+    (64, "cifar", {"img_size": 64, "patch_size": 8}),
+    (96, "imagenet", {"img_size": 96}),
+])
+def test_vit_small_image_rule(size, stem, kwargs):
+    assert resolve_stem("auto", size, VIT) == stem
+    assert backbone_kwargs(VIT, stem, size) == kwargs
+    # --init imagenet keeps the model's own 16 px patches at any size.
+    assert backbone_kwargs(VIT, "imagenet", size) == {"img_size": size}
+
+
+def test_stem_rule_for_other_timm_models():
+    assert resolve_stem("auto", 32, "timm/resnet18") == "cifar"
+    assert resolve_stem("auto", 96, "timm/resnet18") == "imagenet"
+    cifar = build_backbone("timm/resnet18", "cifar")
+    assert cifar.conv1.stride == (1, 1) and isinstance(cifar.maxpool, nn.Identity)
+    # ConvNeXt (a patchify stem) and ResNet-D (a deep stem) keep their own stems.
+    assert resolve_stem("auto", 32, "timm/convnext_atto") == "imagenet"
+    assert resolve_stem("auto", 32, "timm/resnet18d") == "imagenet"
+    with pytest.raises(UserError, match="has no CIFAR stem"):
+        build_backbone("timm/convnext_atto", "cifar")
+
+
+def test_imagenet_init_reads_the_local_cache_only(tmp_path, monkeypatch):
+    from simclr_kit import timm_backbones
+
+    monkeypatch.setattr(timm_backbones, "cached_weights_file", lambda name: None)
+    with pytest.raises(UserError, match="not in the local cache"):
+        build_backbone("timm/resnet18", "imagenet", weights="imagenet")
+    # With a weights file in the cache (here a stand-in), those weights are the backbone's.
+    torch.manual_seed(1)
+    full = timm.create_model("resnet18", num_classes=1000)
+    file = tmp_path / "model.safetensors"
+    save_file(full.state_dict(), str(file))
+    monkeypatch.setattr(timm_backbones, "cached_weights_file", lambda name: str(file))
+    model = build_backbone("timm/resnet18", "imagenet", weights="imagenet")
+    assert torch.equal(model.conv1.weight, full.conv1.weight)
+
+
+def test_missing_timm_is_one_line_and_exit_2(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "r"),
+                 "--backbone", "timm/resnet18", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'simclr-kit[timm]'" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_timm_name_is_one_line_and_exit_2(data, tmp_path, capsys):
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "r"),
+                 "--backbone", "timm/resnet_nineteen", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown timm model 'resnet_nineteen'" in err
+
+
+def test_exported_convnext_keeps_its_head_norm(tmp_path):
+    """A timm model's own ``head.*`` (ConvNeXt's final norm) is backbone, not a classifier."""
+    from simclr_kit.checkpoint import save_weights
+
+    backbone = build_backbone("timm/convnext_atto", "imagenet")
+    assert any(k.startswith("head.norm.") for k in backbone.state_dict())
+    file = tmp_path / "convnext.safetensors"
+    save_weights(file, backbone.state_dict(), {"backbone": "timm/convnext_atto",
+                                               "stem": "imagenet", "image_size": 32,
+                                               "create_model_kwargs": {}})
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(load_encoder(file)(x), backbone.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_check_distributed_passes_for_a_vit():
+    from simclr_kit.check_distributed import CheckConfig, run_check
+
+    result = run_check(CheckConfig(device="cpu", backbone=VIT, image_size=SIZE))
+    assert result.passed, result.report()
