@@ -196,3 +196,14 @@ def test_check_distributed_passes_for_a_vit():
 
     result = run_check(CheckConfig(device="cpu", backbone=VIT, image_size=SIZE))
     assert result.passed, result.report()
+
+
+def test_feature_size_is_probed_and_checked_against_what_timm_declares():
+    # MobileNetV3 pools 576 channels through a head convolution: 1024 features (head_hidden_size).
+    assert build_simclr("timm/mobilenetv3_small_100", "auto", 32, 16).feature_dim == 1024
+    from simclr_kit.timm_backbones import check_num_features
+
+    model = nn.Linear(2, 3)
+    model.num_features = 5
+    with pytest.raises(UserError, match="declares 5 features but its forward gives 3"):
+        check_num_features("timm/x", model, 3)

@@ -165,12 +165,15 @@ def build_timm_backbone(name: str, stem: str, kwargs: dict[str, Any],
 
 
 def check_num_features(name: str, model: nn.Module, probed: int) -> int:
-    """The feature size timm declares (``num_features``), which the dummy forward must match."""
-    declared = int(getattr(model, "num_features", probed))
-    if declared != probed:
-        raise UserError(f"{name} declares {declared} features but its forward gives {probed}: "
-                        "its pooled output is not a feature vector")
-    return declared
+    """``probed`` (the dummy forward's feature size) after checking it against the size timm
+    declares: ``num_features``, or ``head_hidden_size`` for models whose pooled output passes a
+    head convolution first (MobileNetV3: 576 channels, 1024 pooled features)."""
+    declared = {int(v) for v in (getattr(model, "num_features", None),
+                                 getattr(model, "head_hidden_size", None)) if v is not None}
+    if declared and probed not in declared:
+        raise UserError(f"{name} declares {max(declared)} features but its forward gives "
+                        f"{probed}: its pooled output is not a feature vector")
+    return probed
 
 
 __all__ = ["INSTALL_HINT", "timm_model_name", "import_timm",
