@@ -99,7 +99,7 @@ def _bool_list(text: str) -> list[bool | None]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--backbone", default="resnet18", help="torchvision model name")
+    p.add_argument("--backbone", default="resnet18", help="torchvision model name or timm/NAME")
     p.add_argument("--image-size", type=int, default=32, help="pixels (CIFAR stem at <= 64)")
     p.add_argument("--batch-size", type=int, default=512, help="images per step (2x views)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
