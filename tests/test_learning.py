@@ -150,3 +150,19 @@ def test_api_on_digits_uses_the_demo_recipe_like_the_cli():
     assert with_data_recipe(chosen) == (chosen, [])
     other = from_dict(PretrainConfig, {"data": {"data": "some/folder"}})
     assert with_data_recipe(other) == (other, [])
+
+
+def test_built_in_recipes_by_name_on_the_command_line(capsys):
+    """``--config cifar10`` is the packaged GPU recipe (no file path needed); flags still
+    override it; ``--config digits`` is the demo's recipe."""
+    import yaml
+
+    from simclr_kit.cli import main
+
+    assert main(["pretrain", "--config", "cifar10", "--epochs", "7", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    cifar = recipe("cifar10")
+    assert printed["epochs"] == 7 and printed["batch_size"] == cifar["batch_size"] == 512
+    assert printed["temperature"] == cifar["temperature"] and printed["data"]["data"] == "cifar10"
+    assert main(["pretrain", "--config", "digits", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["lr"] == recipe("digits")["lr"]

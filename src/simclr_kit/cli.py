@@ -17,7 +17,8 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from simclr_kit import __version__
 from simclr_kit.config import (AugmentConfig, ClassifierConfig, DataConfig, EvalConfig,
-                               PretrainConfig, from_dict, load_yaml, merge, recipe)
+                               PretrainConfig, from_dict, load_yaml, merge, recipe,
+                               recipe_names)
 from simclr_kit.errors import UserError
 
 P, D, A, E, K = PretrainConfig, DataConfig(), AugmentConfig(), EvalConfig(), ClassifierConfig()
@@ -227,7 +228,9 @@ def _overrides(args: argparse.Namespace, flags: list) -> dict[str, Any]:
 def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
     """YAML file (or the digits recipe when no data is named), then the flags on top."""
     given = _overrides(args, DATA_FLAGS + PRETRAIN_FLAGS)
-    if args.config:
+    if args.config and not Path(args.config).exists() and args.config in recipe_names():
+        base = recipe(args.config)  # a built-in recipe by name: --config cifar10
+    elif args.config:
         base = load_yaml(args.config, PretrainConfig)
     elif given.get("data", {}).get("data", "digits") == "digits":
         base = recipe("digits")
@@ -428,8 +431,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of pretraining fields, as --print-config writes "
-                   "them; flags override it (default: the digits recipe when --data is digits "
-                   "or absent)")
+                   "them, or a built-in recipe by name (digits, cifar10); flags override it "
+                   "(default: the digits recipe when --data is digits or absent)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as "
                    "YAML (what --config reads and the run saves as config.yaml) and exit")
 

@@ -427,14 +427,24 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _recipe_folder() -> Any:
+    from importlib import resources
+
+    return resources.files("simclr_kit").joinpath("recipes")
+
+
+def recipe_names() -> list[str]:
+    """The built-in recipes: ``recipes/NAME.yaml`` in the package."""
+    return sorted(f.name.removesuffix(".yaml") for f in _recipe_folder().iterdir()
+                  if f.name.endswith(".yaml"))
+
+
 def recipe(name: str) -> dict[str, Any]:
     """A built-in recipe (``recipes/NAME.yaml`` in the package) as a dict of config fields."""
     import yaml
-    from importlib import resources
 
-    folder = resources.files("simclr_kit").joinpath("recipes")
-    known = sorted(f.name.removesuffix(".yaml") for f in folder.iterdir()
-                   if f.name.endswith(".yaml"))
+    folder = _recipe_folder()
+    known = recipe_names()
     if name not in known:
         raise ConfigError(f"unknown recipe {name!r}; built-in recipes: {known}")
     return yaml.safe_load(folder.joinpath(f"{name}.yaml").read_text()) or {}
