@@ -34,7 +34,8 @@ def test_pretrain_writes_run_directory(run):
     records = read_metrics(run / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) == 3 and all(r["loss"] > 0 for r in train)  # 24 images / batch 8
-    assert records[0]["effective_lr"] == pytest.approx(0.3 * 8 / 256)
+    # the default rate, 2.83 per 256 images, scaled by the square root of 8 / 256
+    assert records[0]["effective_lr"] == pytest.approx(2.83 * (8 / 256) ** 0.5)
 
 
 def test_resume_continues_to_more_epochs(run, tmp_path):

@@ -10,7 +10,8 @@ import torch
 from simclr_kit.config import (AugmentConfig, ConfigError, PretrainConfig, from_dict, load_yaml,
                                merge)
 from simclr_kit.errors import UserError
-from simclr_kit.optim import LARS, effective_lr, parameter_groups, warmup_cosine
+from simclr_kit.optim import (LARS, effective_lr, parameter_groups, set_lr, warmup_cosine,
+                             warmup_epochs_within)
 
 
 @pytest.mark.parametrize("field,value", [("temperature", 0.0), ("batch_size", 1), ("lr", -1.0),
@@ -67,3 +68,22 @@ def test_lars_matches_hand_computed_step_and_skips_bias_and_norm():
     trust = 1e-3 * w0.norm() / g.norm()
     torch.testing.assert_close(model[0].weight.detach(), w0 - 0.5 * trust * g)
     torch.testing.assert_close(model[0].bias.detach(), b0 - 0.5 * gb)  # plain SGD, no decay
+
+
+def test_learning_rate_scaling_rules_and_capped_warmup():
+    # the paper's square-root rule, 0.075 x sqrt(B), is 1.2 per 256 images
+    assert effective_lr(1.2, 4096, "sqrt") == pytest.approx(0.075 * math.sqrt(4096))
+    assert effective_lr(2.83, 128, "sqrt") == pytest.approx(2.0, abs=2e-3)
+    assert effective_lr(1.0, 512, "linear") == pytest.approx(2.0)
+    with pytest.raises(ConfigError, match="lr_scaling"):
+        PretrainConfig(lr_scaling="cubic")
+    assert warmup_epochs_within(10.0, 5, 0.1) == 0.5  # a 5-epoch run warms up for half an epoch
+    assert warmup_epochs_within(10.0, 500, 0.1) == 10.0
+
+
+def test_set_lr_keeps_each_groups_multiple():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    opt = torch.optim.SGD([{"params": net[0].parameters()},
+                           {"params": net[1].parameters(), "lr_mult": 0.1}], lr=1.0)
+    set_lr(opt, 0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.5, pytest.approx(0.05)]
