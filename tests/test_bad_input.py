@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from simclr_kit.cli import main
-from simclr_kit.config import DataConfig
+from simclr_kit.config import DataConfig, PretrainConfig
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import decode_split
 
@@ -299,7 +299,8 @@ def test_debug_shows_the_traceback_otherwise_one_line(capsys):
 def test_resume_refuses_flags_it_would_ignore(tiny_run, capsys):
     assert main(["pretrain", "--resume", str(tiny_run), "--lr", "0.01"]) == 2
     line = _one_error_line(capsys)
-    assert "lr (0.3 in its config.yaml, 0.01 now): cannot change when resuming" in line
+    saved = PretrainConfig().lr  # the run was made with the default rate
+    assert f"lr ({saved} in its config.yaml, 0.01 now): cannot change when resuming" in line
 
 
 def test_predict_on_image_files_follows_the_bad_image_policy(tiny_run, tmp_path, capsys):

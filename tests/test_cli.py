@@ -144,7 +144,7 @@ def test_module_entry_point_and_help_show_defaults():
     proc = subprocess.run([sys.executable, "-m", "simclr_kit", "pretrain", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    assert "(default: 0.1" in proc.stdout and "--temperature" in proc.stdout
+    assert "(default: 0.2)" in proc.stdout and "--temperature" in proc.stdout
     assert torch.__version__  # the same interpreter has torch
 
 
@@ -274,7 +274,7 @@ def test_api_resume_refuses_what_the_command_line_refuses(run):
 
     before = _files(run)
     saved = from_dict(PretrainConfig, load_yaml(run / "config.yaml"))
-    with pytest.raises(UserError, match=r"lr \(0\.3 in its config.yaml, 0\.01 now\): cannot "
+    with pytest.raises(UserError, match=r"lr \(2\.83 in its config.yaml, 0\.01 now\): cannot "
                                         r"change when resuming"):
         pretrain(dataclasses.replace(saved, lr=0.01, epochs=9), resume=run)
     with pytest.raises(UserError, match="is complete"):
