@@ -144,7 +144,7 @@ def test_module_entry_point_and_help_show_defaults():
     proc = subprocess.run([sys.executable, "-m", "simclr_kit", "pretrain", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    assert "(default: 0.2)" in proc.stdout and "--temperature" in proc.stdout
+    assert "(default: 0.1)" in proc.stdout and "--temperature" in proc.stdout
     assert torch.__version__  # the same interpreter has torch
 
 
