@@ -481,8 +481,6 @@ def with_data_recipe(cfg: PretrainConfig) -> tuple[PretrainConfig, list[str]]:
             if here != default:
                 return cfg, []  # the caller chose at least one of them: keep the config whole
             taken.append(key if sub is None else f"{key}.{sub}")
-    if not taken:
-        return cfg, []
     return from_dict(PretrainConfig, merge(current, {k: v for k, v in demo.items()
                                                      if k not in _RUN_LENGTH})), taken
 
