@@ -26,40 +26,11 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from simclr_kit import faults
+from simclr_kit.atomic import atomic_file, atomic_write_text, fsync_dir, fsync_file
 from simclr_kit.errors import UserError
 
 META_KEY = "simclr_kit"
 FORMAT = "simclr-kit/1"
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def _sha256(path: Path) -> str:
@@ -81,27 +52,14 @@ def _fingerprint(path: Path) -> dict[str, Any]:
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
-def umask_mode() -> int:
-    """The mode ``open()`` gives a new file under the process umask (0o644 under umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """safetensors file with ``meta`` in its header and a JSON sidecar (size and hash added)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     meta = dict(meta, format=FORMAT)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-        # safetensors creates its files 0600; the JSON beside it follows the umask, so must it.
-        os.chmod(tmp, umask_mode())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
     except (OSError, SafetensorError) as err:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {_write_error(err)}") from None
     atomic_write_text(path.with_suffix(".json"),
                       json.dumps(dict(meta, **_fingerprint(path)), indent=2) + "\n")
@@ -180,8 +138,7 @@ def _write_checkpoint_dir(tmp: Path, model: nn.Module, meta: dict[str, Any],
     if train_state is not None:
         state = tmp / "state.pt"
         torch.save(train_state, str(state))
-        with open(state, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(state)
         atomic_write_text(tmp / "state.json", json.dumps(_fingerprint(state), indent=2) + "\n")
     if keep:
         (tmp / "KEEP").touch()

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from simclr_kit import __version__
 from simclr_kit.augment import normalize
-from simclr_kit.checkpoint import atomic_write_text, load_weights, read_metadata, save_weights
+from simclr_kit.atomic import atomic_write_text
+from simclr_kit.checkpoint import load_weights, read_metadata, save_weights
 from simclr_kit.config import ClassifierConfig, DataConfig
 from simclr_kit.data.sources import Split, open_splits, whole_split
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split

@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from simclr_kit.augment import normalize
-from simclr_kit.checkpoint import atomic_write_text
+from simclr_kit.atomic import atomic_file, atomic_write_text
 from simclr_kit.config import DataConfig
 from simclr_kit.data.sources import Split, whole_split
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
@@ -153,9 +153,8 @@ def write_parquet(emb: Embeddings, path: Path) -> None:
         columns["projection"] = _fixed_lists(emb.projections)
     table = pa.table(columns).replace_schema_metadata(
         {"simclr_kit": json.dumps(dict(emb.meta, class_names=emb.class_names))})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_npy(emb: Embeddings, path: Path) -> list[Path]:
@@ -171,7 +170,8 @@ def write_npy(emb: Embeddings, path: Path) -> list[Path]:
     written = []
     for suffix, array in arrays.items():
         target = Path(f"{stem}{suffix}.npy")
-        np.save(target, array)
+        with atomic_file(target) as tmp, open(tmp, "wb") as f:  # a file object: no suffix added
+            np.save(f, array)
         written.append(target)
     sidecar = dict(emb.meta, class_names=emb.class_names, rows=int(emb.features.shape[0]),
                    files={k.lstrip(".") or "features": Path(f"{stem}{k}.npy").name for k in arrays})

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from simclr_kit import __version__, distributed, faults
 from simclr_kit.augment import SimCLRAugment, channel_stats
 from simclr_kit.budget import TimeBudget, describe
-from simclr_kit.checkpoint import (atomic_write_text, latest_checkpoint, load_train_state,
-                                   load_weights, save_checkpoint)
+from simclr_kit.atomic import atomic_write_text
+from simclr_kit.checkpoint import latest_checkpoint, load_train_state, load_weights, save_checkpoint
 from simclr_kit.config import PretrainConfig, to_dict, to_yaml, with_data_recipe
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, skipped_report

@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from simclr_kit import distributed
+from simclr_kit.atomic import atomic_file
 from simclr_kit.data.sources import Split
 from simclr_kit.errors import UserError
 
@@ -258,17 +259,16 @@ def decode_split(split: Split, image_size: int | None = None, bad_images: str = 
 
 def _write_cache(path: Path, decoded: Decoded) -> None:
     hwc, keep, files, skipped = decoded
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, images=hwc, rows=np.asarray(keep, dtype=np.int64),
-                 files=np.asarray(files, dtype=str),
-                 skipped_rows=np.asarray([r for r, _, _ in skipped], dtype=np.int64),
-                 skipped_files=np.asarray([p for _, p, _ in skipped], dtype=str),
-                 skipped_reasons=np.asarray([m for _, _, m in skipped], dtype=str))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a file object: no suffix added
+            np.savez(f, images=hwc, rows=np.asarray(keep, dtype=np.int64),
+                     files=np.asarray(files, dtype=str),
+                     skipped_rows=np.asarray([r for r, _, _ in skipped], dtype=np.int64),
+                     skipped_files=np.asarray([p for _, p, _ in skipped], dtype=str),
+                     skipped_reasons=np.asarray([m for _, _, m in skipped], dtype=str))
     except OSError:  # the cache is an optimisation: a read-only or full disk must not stop a run
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def skipped_summary(store: ImageStore) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from simclr_kit import distributed
-from simclr_kit.checkpoint import umask_mode
+from simclr_kit.atomic import atomic_file
 from simclr_kit.data.store import ImageStore
 from simclr_kit.encoder import Encoder
 from simclr_kit.evaluation.features import extract_features
@@ -112,17 +111,14 @@ def _read(path: Path, key: str, rows: int) -> Tensor | None:
 
 def _write(path: Path, features: Tensor, key: str, split: str) -> bool:
     """Write atomically; False (and nothing left behind) when the disk refuses."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     meta = {"key": key, "split": split, "format": CACHE_FORMAT, "shape": list(features.shape)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"features": features.contiguous()}, str(tmp),
-                  metadata={_META_KEY: json.dumps(meta)})
-        os.chmod(tmp, umask_mode())  # safetensors writes 0600; the run follows the umask
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file({"features": features.contiguous()}, str(tmp),
+                      metadata={_META_KEY: json.dumps(meta)})
         return True
     except (OSError, SafetensorError):
-        tmp.unlink(missing_ok=True)
         return False
 
 

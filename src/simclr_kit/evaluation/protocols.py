@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from simclr_kit import __version__, distributed
-from simclr_kit.checkpoint import atomic_write_text
+from simclr_kit.atomic import atomic_write_text
 from simclr_kit.config import DataConfig, EvalConfig
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from simclr_kit import __version__
-from simclr_kit.checkpoint import atomic_write_text
+from simclr_kit.atomic import atomic_write_text
 from simclr_kit.config import DataConfig
 from simclr_kit.errors import UserError
 
