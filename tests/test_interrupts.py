@@ -130,11 +130,11 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_weights(data, tmp_p
 def test_a_second_signal_stops_at_once():
     from types import SimpleNamespace
 
-    from simclr_kit.training import _install_signal_handlers
+    from simclr_kit.loop_events import install_signal_handlers
 
     trainer = SimpleNamespace(stop_signal=None)
     before = signal.getsignal(signal.SIGTERM)
-    restore = _install_signal_handlers(trainer)  # type: ignore[arg-type]
+    restore = install_signal_handlers(trainer)  # type: ignore[arg-type]
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # the first asks the loop to save and stop
         assert trainer.stop_signal == signal.SIGTERM

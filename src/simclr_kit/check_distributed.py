@@ -31,6 +31,7 @@ from torch import Tensor
 from simclr_kit import distributed, training
 from simclr_kit.augment import SimCLRAugment, channel_stats
 from simclr_kit.config import PretrainConfig
+from simclr_kit.data.loader import ResidentBatches
 from simclr_kit.data.store import ImageStore
 from simclr_kit.errors import UserError
 from simclr_kit.loss import nt_xent
@@ -207,9 +208,11 @@ def _trainer(cfg: CheckConfig, inputs: dict[str, Any], device: torch.device,
     optimizer = build_optimizer(model, "lars", base_lr, pcfg.momentum, pcfg.weight_decay)
     store = ImageStore(images, None, None, torch.arange(len(images)), cfg.image_size)
     augment = SimCLRAugment(pcfg.augment, cfg.image_size, inputs["mean"], inputs["std"], cfg.seed)
-    return training.Trainer(pcfg, folder, device, store, None, images.to(device), model, ddp_model,
-                            augment, optimizer, {}, MetricsLog(None), base_lr, steps_per_epoch=1,
-                            total_epochs=1)
+    return training.Trainer(
+        config=pcfg, run_dir=folder, device=device, store=store, eval_store=None,
+        batches=ResidentBatches(images, device, cfg.global_batch, cfg.seed), model=model,
+        ddp_model=ddp_model, augment=augment, optimizer=optimizer, meta={},
+        log=MetricsLog(None), base_lr=base_lr, steps_per_epoch=1, total_epochs=1)
 
 
 def _use_gather(gather: str) -> None:

@@ -35,7 +35,7 @@ from simclr_kit.evaluation.fractions import stratified_fraction
 from simclr_kit.evaluation.knn import knn_accuracy
 
 if TYPE_CHECKING:
-    from simclr_kit.training import Trainer
+    from simclr_kit.trainer import Trainer
 
 MONITOR_MAX_KEYS = 50_000
 _DEFAULTS = EvalConfig()

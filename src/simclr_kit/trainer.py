@@ -1,0 +1,247 @@
+"""One training run's state and how it is built: :class:`Trainer` and :func:`prepare`.
+
+:func:`prepare` does everything before the first step, in this order: check a resumed run's
+config, start the process group, check the batch splits over the processes, name the run
+directory, decode the data, build the model (and wrap it for DDP and ``torch.compile``), the
+optimizer, the augmentation, the batch source and the logs, then restore a resumed run's
+checkpoint or write a new run's ``config.yaml``. The loop itself is :mod:`simclr_kit.training`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from simclr_kit import __version__, distributed
+from simclr_kit.atomic import atomic_write_text
+from simclr_kit.augment import SimCLRAugment, channel_stats
+from simclr_kit.budget import TimeBudget
+from simclr_kit.config import PretrainConfig, to_dict, to_yaml
+from simclr_kit.data.loader import ResidentBatches
+from simclr_kit.data.sources import open_splits
+from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, skipped_report
+from simclr_kit.devices import compile_by_default, grad_scaler, resolve_device, tune_backends
+from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone, read_weights
+from simclr_kit.errors import UserError
+from simclr_kit.models import (SimCLR, backbone_feature_dim, backbone_kwargs, build_simclr,
+                               is_timm_name, resolve_stem)
+from simclr_kit.optim import build_optimizer, effective_lr, warmup_cosine, warmup_epochs_within
+from simclr_kit.report.loggers import open_loggers
+from simclr_kit.report.metrics import MetricsLog
+from simclr_kit.report.system import hardware_info
+from simclr_kit.resume import check_resume
+from simclr_kit.run_checkpoints import restore
+
+
+@dataclass
+class Trainer:
+    """Everything one training run holds; built by :func:`prepare`.
+
+    The first fields are fixed for the run; ``epoch``, ``step_in_epoch`` and ``global_step``
+    are its position (what a checkpoint saves), the rest is what the loop's events keep.
+    """
+
+    config: PretrainConfig
+    run_dir: Path
+    device: torch.device
+    store: ImageStore
+    eval_store: ImageStore | None
+    batches: ResidentBatches  # where each step's images come from (data/loader.py)
+    model: SimCLR
+    ddp_model: nn.Module
+    augment: SimCLRAugment
+    optimizer: torch.optim.Optimizer
+    meta: dict[str, Any]
+    log: MetricsLog
+    base_lr: float
+    steps_per_epoch: int
+    total_epochs: int
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    stop_signal: int | None = None  # a signal this process received
+    stopping: bool = False  # the ranks agreed to stop after the current step
+    unchecked_loss: Tensor | None = None  # sum of the losses not yet tested for NaN/inf
+    last_save: float = field(default_factory=time.monotonic)
+    hooks: list[Callable[[Trainer], None]] = field(default_factory=list)
+    # With --time-budget: times the first steps, chooses the length, then guards the end.
+    # None on a resumed run whose length the budget already chose.
+    budget: TimeBudget | None = None
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (devices.grad_scaler)
+
+    @property
+    def images(self) -> Tensor:
+        """The training set's uint8 images ``(N, 3, S, S)``, where the batch source keeps them."""
+        return self.batches.images
+
+    def learning_rate(self) -> float:
+        """The schedule's rate for the step at ``global_step``: linear warm-up, then cosine to 0
+        over the run's steps (the run's length may change once, when a time budget fits it)."""
+        total_steps = self.total_epochs * self.steps_per_epoch
+        warmup = round(warmup_epochs_within(self.config.warmup_epochs, self.total_epochs,
+                                            self.config.warmup_fraction) * self.steps_per_epoch)
+        return warmup_cosine(self.global_step, total_steps, min(warmup, total_steps), self.base_lr)
+
+
+def _new_run_dir(cfg: PretrainConfig) -> Path:
+    """Rank 0 names and checks the directory and every rank takes its answer: a clock or a
+    check on another rank could differ (a rank that starts late would find rank 0's files)."""
+    decision: tuple[str, str | None] = ("", None)
+    if distributed.is_main():
+        run_dir = Path(cfg.out or f"runs/simclr-{time.strftime('%Y%m%d-%H%M%S')}")
+        error = None
+        if run_dir.exists() and any(run_dir.iterdir()):
+            error = (f"run directory {run_dir} already exists and is not empty: use "
+                     f"--resume {run_dir} to continue it, or choose another --out")
+        decision = (str(run_dir), error)
+    path, error = distributed.broadcast_object(decision)
+    if error is not None:
+        raise UserError(error)
+    return Path(path)
+
+
+def _check_world(cfg: PretrainConfig) -> None:
+    """Before any data is read: the global batch must split evenly over the processes."""
+    world = distributed.world_size()
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible "
+                        f"by the number of processes ({world})")
+    if cfg.batch_size // world < 2 and world > 1:
+        raise UserError(f"--batch-size {cfg.batch_size} gives fewer than 2 images per process")
+
+
+def _check_batch(cfg: PretrainConfig, n_images: int) -> PretrainConfig:
+    """The config to train with: a set smaller than one batch is an error, unless the user
+    allowed a smaller batch (then the whole set, rounded down to split over the processes)."""
+    if n_images >= cfg.batch_size:
+        return cfg
+    world = distributed.world_size()
+    smaller = n_images - n_images % world
+    if not cfg.allow_smaller_batch or smaller < 2 * world:
+        hint = (f"lower --batch-size to at most {n_images}, or pass --allow-smaller-batch true"
+                if smaller >= 2 * world else "NT-Xent needs at least 2 images per process")
+        raise UserError(f"only {n_images} images, fewer than one batch of {cfg.batch_size}: "
+                        f"{hint}")
+    if distributed.is_main():
+        tqdm.write(f"only {n_images} images: training with a batch of {smaller} instead of "
+                   f"{cfg.batch_size} (--allow-smaller-batch); the learning rate scales with it")
+    return dataclasses.replace(cfg, batch_size=smaller)
+
+
+def _load_data(cfg: PretrainConfig) -> tuple[ImageStore, ImageStore | None]:
+    """Every rank holds the whole decoded set; each node's first rank downloads and decodes it
+    (into the disk cache), the node's other ranks then read that cache."""
+    with distributed.local_main_first():
+        train, evaluation = open_splits(cfg.data, need_eval=cfg.monitor_knn > 0)
+        # Labels only for --monitor-knn (the kNN keys): pretraining itself needs none.
+        store = decode_split(train, cfg.data.image_size, cfg.data.bad_images,
+                             progress=cfg.progress and distributed.is_main(),
+                             labels=cfg.monitor_knn > 0)
+        eval_store = None
+        if evaluation is not None:
+            eval_store = decode_split(evaluation, store.image_size, cfg.data.bad_images,
+                                      progress=cfg.progress and distributed.is_main())
+    return store, eval_store
+
+
+def _build_model(cfg: PretrainConfig, image_size: int) -> tuple[SimCLR, dict[str, Any]]:
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    init_meta: dict[str, Any] = {}
+    if cfg.init in ("scratch", "imagenet"):
+        weights = "imagenet" if cfg.init == "imagenet" else None
+        stem = "imagenet" if weights else resolve_stem(cfg.stem, image_size, cfg.backbone)
+        model = build_simclr(cfg.backbone, stem, image_size, cfg.projection_dim,
+                             cfg.projection_hidden_dim, weights)
+        kwargs = backbone_kwargs(cfg.backbone, stem, image_size)
+    else:
+        loaded = read_weights(cfg.init, cfg.backbone)
+        stem, kwargs = loaded.meta["stem"], loaded.meta.get("create_model_kwargs", {})
+        backbone = build_loaded_backbone(loaded)
+        model = SimCLR(backbone, backbone_feature_dim(cfg.backbone, backbone, image_size),
+                       cfg.projection_dim, cfg.projection_hidden_dim)
+        init_meta = {"init_from": str(loaded.path)}
+    if is_timm_name(cfg.backbone):  # what timm.create_model needs to rebuild it
+        init_meta["create_model_kwargs"] = kwargs
+    return model, dict(init_meta, stem=stem)
+
+
+def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
+    """Build data, model, optimizer and run directory (or reopen ``resume``)."""
+    if resume is not None:
+        check_resume(resume, cfg)  # a changed config or a finished run: refused, nothing touched
+    device = distributed.init(resolve_device(cfg.device))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    tune_backends(device, cfg.deterministic)
+    _check_world(cfg)
+    run_dir = resume if resume is not None else _new_run_dir(cfg)
+    store, eval_store = _load_data(cfg)
+    cfg = _check_batch(cfg, len(store))
+    announce_skipped(store, f"; listed in {run_dir / 'skipped.txt'}")
+
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.init == "imagenet" else channel_stats(store.images)
+    model, init_meta = _build_model(cfg, store.image_size)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model = distributed.wrap_model(model, device, cfg.sync_bn)
+    if cfg.compile if cfg.compile is not None else compile_by_default(device):
+        # The wrapper's state_dict keys gain an ``_orig_mod.`` prefix: checkpoints save
+        # ``Trainer.model``, the plain module, so their keys stay clean.
+        ddp_model = torch.compile(ddp_model)  # type: ignore[assignment]
+
+    base_lr = effective_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+    optimizer = build_optimizer(model, cfg.optimizer, base_lr, cfg.momentum, cfg.weight_decay,
+                                cfg.lars_eta, cfg.lars_clip)
+    meta = {
+        "backbone": cfg.backbone, "stem": init_meta["stem"], "feature_dim": model.feature_dim,
+        "projection_dim": cfg.projection_dim,
+        "projection_hidden_dim": cfg.projection_hidden_dim or model.feature_dim,
+        "image_size": store.image_size, "mean": list(mean), "std": list(std),
+        "dataset": store.provenance, "config": to_dict(cfg), "package_version": __version__,
+        **{k: v for k, v in init_meta.items() if k != "stem"},
+    }
+    is_main = distributed.is_main()
+    log = MetricsLog(run_dir / "metrics.jsonl" if is_main else None,
+                     open_loggers(cfg.loggers, run_dir, to_dict(cfg)) if is_main else None)
+    trainer = Trainer(
+        config=cfg, run_dir=run_dir, device=device, store=store, eval_store=eval_store,
+        batches=ResidentBatches(store.images, device, cfg.batch_size, cfg.seed),
+        model=model, ddp_model=ddp_model,
+        augment=SimCLRAugment(cfg.augment, store.image_size, mean, std, cfg.seed),
+        optimizer=optimizer, meta=meta, log=log, base_lr=base_lr,
+        steps_per_epoch=len(store) // cfg.batch_size, total_epochs=cfg.epochs)
+    trainer.scaler = grad_scaler(cfg.precision, device)
+    if cfg.time_budget is not None:
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        trainer.budget = TimeBudget(cfg.time_budget, trainer.steps_per_epoch, sync)
+    if cfg.monitor_knn:
+        from simclr_kit.evaluation.monitor import knn_monitor
+
+        trainer.hooks.append(knn_monitor(trainer, cfg.monitor_knn))
+    if resume is not None:
+        restore(trainer)
+    elif distributed.is_main():
+        _write_run_files(trainer)
+    return trainer
+
+
+def _write_run_files(t: Trainer) -> None:
+    t.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(t.run_dir / "config.yaml", to_yaml(t.config))
+    if t.store.skipped:
+        atomic_write_text(t.run_dir / "skipped.txt", skipped_report(t.store))
+    t.log.write("run", device=str(t.device), world_size=distributed.world_size(),
+                images=len(t.store), image_size=t.store.image_size, effective_lr=t.base_lr,
+                steps_per_epoch=t.steps_per_epoch, dataset=t.store.provenance,
+                version=__version__, hardware=hardware_info(t.device))
+
+
