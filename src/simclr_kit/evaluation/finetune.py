@@ -5,8 +5,8 @@ Shared by ``simclr train-classifier --finetune`` and the ``finetune`` protocol o
 (Adam, two parameter groups): a small multiplier keeps the pretrained features from being
 overwritten by the first large gradients of a random head. The views are random resized crops
 (scale 0.5-1) and horizontal flips, drawn per sample on the device (``SimCLRAugment`` with
-``FINETUNE_AUGMENT``, keyed by seed, epoch and row); no colour distortion, which would only
-blur the class evidence a classifier is being taught.
+``FINETUNE_AUGMENT``, keyed by seed, epoch and row), the only ops it keeps; no colour
+distortion, which would only blur the class evidence a classifier is being taught.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from simclr_kit.augment import SimCLRAugment, normalize
-from simclr_kit.config import AugmentConfig, EvalConfig
+from simclr_kit.augment import SimCLRAugment, normalize, only
+from simclr_kit.config import EvalConfig
 from simclr_kit.data.store import ImageStore
 from simclr_kit.encoder import Encoder
 from simclr_kit.models import Classifier
 
-# Fine-tuning augmentation: crops and flips only, no colour distortion.
-FINETUNE_AUGMENT = AugmentConfig(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+# Fine-tuning augmentation: the ops it keeps, crops and flips; every other op (colour
+# distortion, blur, solarize, and any op added to the recipe later) is off.
+FINETUNE_AUGMENT = only(("crop", "flip"), crop_scale_min=0.5)
 
 
 @torch.no_grad()
