@@ -126,7 +126,8 @@ class SimCLRAugment:
         """One view per image from parameters: uint8 ``(N, 3, H, W)`` -> float32 ``(N, 3, S, S)``.
 
         Deterministic given ``params`` (as from :meth:`sample_params`). Operations that are off
-        under the config (probability, or jitter range, 0) are skipped, whatever their flags say.
+        under the config (probability, or jitter range, 0) are skipped, whatever their flags say;
+        the flip is the crop's doing, so its flags always count.
         """
         p = {k: v.to(images.device) for k, v in params.items()}
         if images.device.type != "cpu":
