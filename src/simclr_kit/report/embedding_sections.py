@@ -14,8 +14,8 @@ from simclr_kit.config import EvalConfig
 from simclr_kit.data.store import ImageStore
 from simclr_kit.errors import UserError
 from simclr_kit.report import analysis, plots
-from simclr_kit.report.html import Section, caption, esc, image
-from simclr_kit.report.sections import Missing, ReportContext
+from simclr_kit.report.page import Missing, Section, caption, esc, image
+from simclr_kit.report.sections import ReportContext
 
 QUERIES, NEIGHBOURS = 6, 8
 

@@ -2,7 +2,7 @@
 
 The sections that embed whole splits live in ``embedding_sections.py``.
 
-Every builder returns a :class:`~simclr_kit.report.html.Section`; an input that is missing
+Every builder returns a :class:`~simclr_kit.report.page.Section`; an input that is missing
 (no evaluation yet, no monitored kNN, no labels, the dataset not reachable) gives a note that
 says what is missing and how to get it, never an exception.
 """
@@ -14,7 +14,7 @@ import statistics
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -23,17 +23,13 @@ from simclr_kit.encoder import Encoder
 from simclr_kit.evaluation.tables import side_by_side
 from simclr_kit.errors import UserError
 from simclr_kit.report import plots
-from simclr_kit.report.html import (Section, caption, esc, image, key_values, note, preformatted,
-                                    table)
+from simclr_kit.report.page import (Missing, Section, caption, esc, image, key_values, note,
+                                    preformatted, table)
 from simclr_kit.report.loggers import scalars
 from simclr_kit.report.metrics import read_metrics
 
 VIEW_IMAGES = 6
 _KNOWN_KINDS = {"run", "resume", "train", "done", "knn"}
-
-
-class Missing(Exception):
-    """An input a section needs is not there; the message says what to do."""
 
 
 @dataclass
@@ -96,17 +92,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     loaded = yaml.safe_load(path.read_text())
     return loaded if isinstance(loaded, dict) else {}
-
-
-def guard(build: Callable[[], Section], sid: str, title: str) -> Section:
-    """Run a builder; a missing input or a failure becomes a note in that section only."""
-    try:
-        return build()
-    except Missing as err:
-        return Section(sid, title, note(str(err)))
-    except Exception as err:  # noqa: BLE001 - one broken picture must not hide the others
-        return Section(sid, title, note(f"this section could not be drawn: "
-                                        f"{type(err).__name__}: {err}"))
 
 
 def config_section(ctx: ReportContext) -> Section:
