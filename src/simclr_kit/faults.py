@@ -8,7 +8,8 @@ after a power cut or the OOM killer. Points:
 - ``step``: an optimiser step has finished (mid-epoch, nothing saved for it);
 - ``save-weights``: a checkpoint's weights are in its temporary directory, the rest is not;
 - ``save-renamed``: the checkpoint directory is in place, ``latest`` still names the old one;
-- ``save-latest``: ``latest`` names the new checkpoint, the previous one is not yet removed.
+- ``save-latest``: ``latest`` names the new checkpoint, the previous one is not yet removed;
+- ``decode-chunk``: a decoding process is half-way through a chunk of rows (data/store.py).
 
 Unset (always, outside tests) a point costs one environment lookup.
 """

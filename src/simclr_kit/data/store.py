@@ -7,6 +7,12 @@ as they are. Augmentation then works on the device from these bytes, so nothing 
 Unreadable items (corrupt, truncated or empty files, files that are not images) follow the
 ``bad_images`` policy: ``skip`` counts and lists them (:func:`skipped_report`), ``error`` stops at
 the first one, naming it. A split where nothing decodes is always an error.
+
+A split read from files (it has a fingerprint) is decoded once per machine, in chunks of rows
+spread over ``--decode-workers`` processes, into a memory-mapped ``.npy`` that every process of
+the machine maps (:mod:`simclr_kit.data.mapped`); ``ImageStore.images`` is a tensor over that
+map, so the pixels take page cache, not process memory. Training images may be stored larger
+than the training size (:func:`training_sizes`), for random resized crops from more of each image.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -26,8 +33,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from simclr_kit import distributed
-from simclr_kit.atomic import atomic_file
+from simclr_kit import distributed, faults
+from simclr_kit.data import decode_pool, mapped
 from simclr_kit.data.sources import Split
 from simclr_kit.errors import UserError
 
@@ -154,6 +161,28 @@ def working_size(split: Split, requested: int | None, probe: int = 2048) -> int:
     return MAX_DEFAULT_SIZE
 
 
+def training_sizes(split: Split, image_size: int | None,
+                   store_size: int | None) -> tuple[int, int]:
+    """``(S, stored)``: the training size (:func:`working_size`) and the side the training
+    images are stored at, from which the random resized crops are taken.
+
+    ``store_size`` when given (at least S); else S at 64 px and below (small images are kept
+    whole), and S when S is the images' own common size (nothing more to keep); else
+    ``8 * ceil(S / 7)``, the smallest multiple of 8 at or above S / 0.875 (256 for 224: the
+    resize-256 / centre-crop-224 ratio of ImageNet evaluation, so the crops see the border that a
+    centre crop at S cuts off).
+    """
+    size = working_size(split, image_size)
+    if store_size is not None:
+        if store_size < size:
+            raise UserError(f"--store-size {store_size} is below the training size {size} px: "
+                            "the stored images must be at least as large as the views")
+        return size, store_size
+    if size <= 64 or (image_size is None and size < MAX_DEFAULT_SIZE):
+        return size, size
+    return size, -(-size // 7) * 8
+
+
 def _labels(split: Split, keep: list[int], missing_labels: str) -> Tensor | None:
     if split.label_column is None:
         return None
@@ -169,11 +198,11 @@ def _labels(split: Split, keep: list[int], missing_labels: str) -> Tensor | None
     return torch.tensor(picked, dtype=torch.int64)
 
 
-def _cache_path(split: Split, size: int) -> Path | None:
+def _cache_dir(split: Split, size: int) -> Path | None:
     if not split.dataset.cache_files:  # in-memory datasets have no stable fingerprint
         return None
-    key = f"{split.dataset._fingerprint}|{split.image_column}|{size}|v3"
-    return cache_root() / "decoded" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
+    key = f"{split.dataset._fingerprint}|{split.image_column}|{size}|v{mapped.VERSION}"
+    return cache_root() / "decoded" / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 def _bad_image(split: Split, row: int, name: str, reason: str) -> UserError:
@@ -182,93 +211,144 @@ def _bad_image(split: Split, row: int, name: str, reason: str) -> UserError:
                      "--bad-images skip to skip such images")
 
 
-# (images (N, S, S, 3) uint8, kept rows, their files, skipped (row, file, reason))
-Decoded = tuple[np.ndarray, list[int], list[str], list[tuple[int, str, str]]]
+def _reason(err: Exception) -> str:
+    text = str(err).splitlines()[0] if str(err).strip() else ""
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "embedded bytes", text)
+    return f"{type(err).__name__}: {text}".strip()
 
 
-def _decode_all(split: Split, size: int, bad_images: str, progress: bool) -> Decoded:
+class ChunkDecoder:
+    """Decode rows ``[start, stop)`` of ``raw`` into the same rows of ``out``: an ``(N, 3, S, S)``
+    uint8 array in RAM, or the path of a ``.npy`` that each process maps shared on first use.
+
+    Returns a chunk record ``{start, stop, files, skipped}``; a skipped row's slot keeps zeros.
+    """
+
+    def __init__(self, raw: datasets.Dataset, column: str, size: int,
+                 out: np.ndarray | Path) -> None:
+        self.raw, self.column, self.size, self.out = raw, column, size, out
+        self._map: tuple[int, Any] | None = None  # (pid, (mmap, array, offset))
+
+    def _rows(self) -> np.ndarray:
+        if isinstance(self.out, np.ndarray):
+            return self.out
+        if self._map is None or self._map[0] != os.getpid():  # a forked worker maps its own
+            self._map = (os.getpid(), mapped.map_rows(self.out))
+        return self._map[1][1]
+
+    def _items(self, start: int, stop: int) -> list[Any]:
+        try:  # one Arrow read per slice; a row that cannot be read fails alone, below
+            return list(self.raw[start:stop][self.column])
+        except Exception:
+            return [None] * (stop - start)
+
+    def __call__(self, start: int, stop: int) -> dict:
+        out, files, skipped = self._rows(), [], []
+        half = (start + stop) // 2
+        for first in range(start, stop, 64):
+            items = self._items(first, min(first + 64, stop))
+            for row, item in enumerate(items, first):
+                if row == half:
+                    faults.point("decode-chunk")
+                try:
+                    item = self.raw[row][self.column] if item is None else item
+                    with _open(item) as img:
+                        hwc = resize_center_crop(to_rgb_array(img), self.size)
+                    out[row] = hwc.transpose(2, 0, 1)  # (3, S, S): see data/mapped.py
+                    files.append(_item_name(item))
+                except Exception as err:  # PIL raises many types for bad bytes; each is one bad row
+                    skipped.append((row, _item_name(item), _reason(err)))
+        if self._map is not None:
+            mm, array, offset = self._map[1]
+            mapped.flush_rows(mm, offset, array[0].nbytes, start, stop)
+        return {"start": start, "stop": stop, "files": files, "skipped": skipped}
+
+    def close(self) -> None:
+        if self._map is not None and self._map[0] == os.getpid():
+            mm, array, _ = self._map[1]
+            del array
+            self._map = None
+            mm.close()
+
+
+def _decode(split: Split, size: int, bad_images: str, progress: bool,
+            workers: int) -> mapped.Decoded:
+    """Decode (or map from the cache) every image of ``split`` at ``size``, in chunks of rows
+    spread over ``workers`` processes; see :mod:`simclr_kit.data.mapped` for the file."""
+    final = _cache_dir(split, size)
+    if final is not None:
+        done = mapped.open_complete(final, size)
+        if done is not None:
+            return done
     raw = _raw_column(split).select_columns([split.image_column])
     n = len(raw)
-    out = np.empty((n, size, size, 3), dtype=np.uint8)
-    keep: list[int] = []
-    files: list[str] = []
-    skipped: list[tuple[int, str, str]] = []
-    rows = tqdm(range(n), desc=f"decoding {split.split}", unit="img", disable=not progress,
-                mininterval=1.0)
-    for row in rows:
-        item = None
-        try:
-            item = raw[row][split.image_column]
-            with _open(item) as img:
-                out[len(keep)] = resize_center_crop(to_rgb_array(img), size)
-            keep.append(row)
-            files.append(_item_name(item))
-        except Exception as err:  # PIL raises many types for bad bytes; each is one bad row
-            text = str(err).splitlines()[0] if str(err).strip() else ""
-            text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "embedded bytes", text)
-            reason = f"{type(err).__name__}: {text}".strip()
-            if bad_images == "error":
-                raise _bad_image(split, row, _item_name(item), reason) from None
-            skipped.append((row, _item_name(item), reason))
-    if not keep:
-        first = f"row {skipped[0][0]} {skipped[0][1]}: {skipped[0][2]}" if skipped else "empty split"
+    if n == 0:
+        raise UserError(f"none of the 0 images in {split.split!r} could be decoded, so there "
+                        "is nothing to train on (first problem: empty split)")
+    tmp = mapped.begin(final, n, size) if final is not None else None
+    decoder = ChunkDecoder(raw, split.image_column, size, tmp / "images.npy" if tmp else
+                           np.zeros((n, 3, size, size), np.uint8))
+    records = mapped.done_chunks(tmp) if tmp is not None else {}
+    chunks = [(s, min(s + mapped.CHUNK_ROWS, n)) for s in range(0, n, mapped.CHUNK_ROWS)]
+    todo = [c for c in chunks if c[0] not in records]
+    bar = tqdm(total=n, initial=n - sum(e - s for s, e in todo), desc=f"decoding {split.split}",
+               unit="img", disable=not progress, mininterval=1.0)
+    # Forked workers write into a shared map; an array in RAM would be each worker's own copy.
+    results = decode_pool.run_in_order(decoder, todo, workers if tmp is not None else 1)
+    try:
+        for start, stop in chunks:
+            if start not in records:
+                records[start] = next(results)
+                if tmp is not None:
+                    mapped.record_chunk(tmp, records[start])
+            bar.update(stop - start)
+            if bad_images == "error" and records[start]["skipped"]:
+                raise _bad_image(split, *records[start]["skipped"][0])
+    finally:
+        results.close()
+        bar.close()
+        decoder.close()
+    ordered = [records[s] for s, _ in chunks]
+    skipped = [tuple(x) for rec in ordered for x in rec["skipped"]]
+    if len(skipped) == n:
+        first = f"row {skipped[0][0]} {skipped[0][1]}: {skipped[0][2]}"
         raise UserError(f"none of the {n} images in {split.split!r} could be decoded, so there "
                         f"is nothing to train on (first problem: {first})")
-    return out[:len(keep)], keep, files, skipped
-
-
-def _read_cache(path: Path) -> Decoded | None:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            skipped = [(int(r), str(p), str(m)) for r, p, m in
-                       zip(f["skipped_rows"], f["skipped_files"], f["skipped_reasons"])]
-            return f["images"], f["rows"].tolist(), [str(p) for p in f["files"]], skipped
-    except Exception:  # a damaged cache file is only a lost optimisation: decode again
-        return None
+    if tmp is not None and final is not None:
+        return mapped.publish(tmp, final, n, size, ordered)
+    keep = np.setdiff1d(np.arange(n, dtype=np.int64), [r for r, _, _ in skipped])
+    images = decoder.out
+    assert isinstance(images, np.ndarray)
+    mapped.compact_rows(images.reshape(n, -1), keep)
+    return mapped.Decoded(images[:len(keep)], keep, [f for rec in ordered for f in rec["files"]],
+                          skipped)  # type: ignore[arg-type]
 
 
 def decode_split(split: Split, image_size: int | None = None, bad_images: str = "skip",
                  progress: bool = True, labels: bool = True,
-                 missing_labels: str = "error") -> ImageStore:
-    """Decode every image of ``split`` once to ``(N, 3, S, S) uint8`` (cached on disk by fingerprint).
+                 missing_labels: str = "error", workers: int | None = None) -> ImageStore:
+    """Decode every image of ``split`` once to ``(N, 3, S, S) uint8`` (cached on disk).
 
+    A split with a fingerprint (anything read from files) is decoded into a memory-mapped file
+    shared by every process of the machine, and ``images`` is a tensor over that map (no copy);
+    ``workers`` decoding processes (default: the machine's cores) fill it.
     ``labels=False`` leaves the labels out (pretraining needs none, so rows without one are fine).
     ``missing_labels="keep"`` gives rows without a label the label -1 instead of an error.
     """
     size = working_size(split, image_size)
-    cache = _cache_path(split, size)
-    cached = _read_cache(cache) if cache is not None and cache.is_file() else None
-    if cached is not None:
-        hwc, keep, files, skipped = cached
-    else:
-        hwc, keep, files, skipped = _decode_all(split, size, bad_images, progress)
-        if cache is not None:
-            _write_cache(cache, (hwc, keep, files, skipped))
+    decoded = _decode(split, size, bad_images, progress, max(1, workers or os.cpu_count() or 1))
+    skipped = decoded.skipped
     if skipped and bad_images == "error":
         raise _bad_image(split, *skipped[0])
+    keep = decoded.rows
     provenance = dict(split.provenance, images=len(keep), image_size=size, skipped=len(skipped),
                       ignored=len(split.ignored))
     skipped = skipped + [(-1, name, "not an image file (by its suffix): ignored")
                          for name in split.ignored]
-    images = torch.from_numpy(np.ascontiguousarray(hwc)).permute(0, 3, 1, 2).contiguous()
-    return ImageStore(images=images,
-                      labels=_labels(split, keep, missing_labels) if labels else None,
-                      class_names=split.class_names, row_ids=torch.tensor(keep, dtype=torch.int64),
-                      image_size=size, provenance=provenance, skipped=skipped, files=files)
-
-
-def _write_cache(path: Path, decoded: Decoded) -> None:
-    hwc, keep, files, skipped = decoded
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a file object: no suffix added
-            np.savez(f, images=hwc, rows=np.asarray(keep, dtype=np.int64),
-                     files=np.asarray(files, dtype=str),
-                     skipped_rows=np.asarray([r for r, _, _ in skipped], dtype=np.int64),
-                     skipped_files=np.asarray([p for _, p, _ in skipped], dtype=str),
-                     skipped_reasons=np.asarray([m for _, _, m in skipped], dtype=str))
-    except OSError:  # the cache is an optimisation: a read-only or full disk must not stop a run
-        pass
+    return ImageStore(images=torch.from_numpy(decoded.images),
+                      labels=_labels(split, keep.tolist(), missing_labels) if labels else None,
+                      class_names=split.class_names, row_ids=torch.from_numpy(keep),
+                      image_size=size, provenance=provenance, skipped=skipped, files=decoded.files)
 
 
 def skipped_summary(store: ImageStore) -> str:

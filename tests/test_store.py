@@ -1,0 +1,202 @@
+"""The decoded store as a memory-mapped file: same pixels as in memory, parallel decoding,
+atomic publication, a killed decode never read as complete and resumed; the stored size."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simclr_kit.data import mapped, store
+from simclr_kit.data.sources import Split
+from simclr_kit.data.store import (ChunkDecoder, decode_split, resize_center_crop, to_rgb_array,
+                                   training_sizes)
+from simclr_kit.errors import UserError
+
+SIZE = 16
+BAD = {5, 14}  # rows whose bytes are not an image
+
+
+def _rows(n: int = 23) -> list[dict]:
+    """JPEGs and PNGs of several sizes and modes, two rows of junk bytes."""
+    rng = np.random.default_rng(0)
+    shapes = [(20, 30), (40, 40), (16, 50), (SIZE, SIZE), (33, 21)]
+    rows = []
+    for i in range(n):
+        h, w = shapes[i % len(shapes)]
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        img = img.convert("L") if i % 7 == 3 else img
+        buf = io.BytesIO()
+        img.save(buf, "JPEG" if i % 2 else "PNG")
+        data = b"not an image at all" if i in BAD else buf.getvalue()
+        rows.append({"bytes": data, "path": f"img{i}.{'jpg' if i % 2 else 'png'}"})
+    return rows
+
+
+def _split(dataset: datasets.Dataset) -> Split:
+    return Split(dataset, "image", None, None, "test", "train")
+
+
+@pytest.fixture
+def on_disk(tmp_path: Path) -> Split:
+    """A split read from Parquet: it has a fingerprint, so it is decoded to a mapped file."""
+    features = datasets.Features({"image": datasets.Image()})
+    datasets.Dataset.from_dict({"image": _rows()}, features=features).to_parquet(
+        str(tmp_path / "train.parquet"))
+    ds = datasets.Dataset.from_parquet(str(tmp_path / "train.parquet"),
+                                       cache_dir=str(tmp_path / "hf"))
+    assert ds.cache_files
+    return _split(ds)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mapped, "CHUNK_ROWS", 4)  # 23 rows: 6 chunks
+
+
+def _in_memory() -> store.ImageStore:
+    features = datasets.Features({"image": datasets.Image()})
+    ds = datasets.Dataset.from_dict({"image": _rows()}, features=features)
+    assert not ds.cache_files
+    return decode_split(_split(ds), SIZE, progress=False, labels=False)
+
+
+def _cache_dir(split: Split) -> Path:
+    final = store._cache_dir(split, SIZE)
+    assert final is not None
+    return final
+
+
+def assert_same_store(a: store.ImageStore, b: store.ImageStore) -> None:
+    assert torch.equal(a.images, b.images)
+    assert torch.equal(a.row_ids, b.row_ids)
+    assert a.files == b.files and a.skipped == b.skipped
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_mapped_store_has_the_in_memory_pixels(on_disk, small_chunks, workers):
+    memory = _in_memory()
+    assert memory.row_ids.tolist() == [r for r in range(23) if r not in BAD]
+    raw = on_disk.dataset.cast_column("image", datasets.Image(decode=False))
+    for k, row in enumerate(memory.row_ids.tolist()):  # the pixels themselves, independently
+        with Image.open(io.BytesIO(raw[row]["image"]["bytes"])) as img:
+            expected = resize_center_crop(to_rgb_array(img), SIZE).transpose(2, 0, 1)
+        assert np.array_equal(memory.images[k].numpy(), expected)
+
+    decoded = decode_split(on_disk, SIZE, progress=False, labels=False, workers=workers)
+    assert_same_store(decoded, memory)
+    final = _cache_dir(on_disk)
+    assert sorted(p.name for p in final.iterdir()) == ["images.npy", "meta.json"]
+    assert np.load(final / "images.npy", mmap_mode="r").shape == (21, 3, SIZE, SIZE)
+    assert not list(final.parent.glob(".*tmp*")), "the temporary directory was renamed"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_the_store_tensor_is_a_map_of_the_file(on_disk, small_chunks):
+    decoded = decode_split(on_disk, SIZE, progress=False, labels=False, workers=1)
+    path = str(_cache_dir(on_disk) / "images.npy")
+    ptr = decoded.images.data_ptr()
+    spans = [line.split()[0].split("-") for line in Path("/proc/self/maps").read_text().splitlines()
+             if line.endswith(path)]
+    assert any(int(a, 16) <= ptr < int(b, 16) for a, b in spans), "the tensor lies in the map"
+    decoded.images[0, 0, 0, 0] += 1  # copy-on-write: the file keeps its pixels
+    again = decode_split(on_disk, SIZE, progress=False, labels=False)
+    assert torch.equal(again.images[1:], decoded.images[1:])
+    assert again.images[0, 0, 0, 0] != decoded.images[0, 0, 0, 0]
+
+
+def test_a_published_decode_is_read_back_without_decoding(on_disk, small_chunks, monkeypatch):
+    first = decode_split(on_disk, SIZE, progress=False, labels=False, workers=2)
+
+    def refuse(self, start, stop):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(ChunkDecoder, "__call__", refuse)
+    assert_same_store(decode_split(on_disk, SIZE, progress=False, labels=False), first)
+    with pytest.raises(UserError, match="row 5 of 'train' .*img5.jpg.* is not a readable image"):
+        decode_split(on_disk, SIZE, bad_images="error", progress=False, labels=False)
+
+
+def test_a_killed_worker_leaves_no_complete_cache_and_the_next_decode_finishes_it(
+        on_disk, small_chunks, monkeypatch):
+    monkeypatch.setenv("SIMCLR_KIT_FAULT", "decode-chunk@2")  # each worker dies in its 2nd chunk
+    with pytest.raises(UserError, match="a decoding process died"):
+        decode_split(on_disk, SIZE, progress=False, labels=False, workers=2)
+    final = _cache_dir(on_disk)
+    assert not final.exists() and mapped.open_complete(final, SIZE) is None
+    temps = list(final.parent.glob(f".{final.name}.tmp-*"))
+    assert len(temps) == 1 and not (temps[0] / "meta.json").exists()
+    monkeypatch.delenv("SIMCLR_KIT_FAULT")
+    assert_same_store(decode_split(on_disk, SIZE, progress=False, labels=False, workers=2),
+                      _in_memory())
+    assert not list(final.parent.glob(f".{final.name}.tmp-*"))
+
+
+def test_an_interrupted_decode_resumes_from_its_recorded_chunks(on_disk, small_chunks,
+                                                                monkeypatch):
+    reference = _in_memory()
+    calls: list[int] = []
+    real = ChunkDecoder.__call__
+
+    def failing(self, start, stop):
+        calls.append(start)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the third chunk: two are recorded
+        return real(self, start, stop)
+
+    monkeypatch.setattr(ChunkDecoder, "__call__", failing)
+    with pytest.raises(KeyboardInterrupt):
+        decode_split(on_disk, SIZE, progress=False, labels=False, workers=1)
+    assert not _cache_dir(on_disk).exists()
+    calls.clear()
+    monkeypatch.setattr(ChunkDecoder, "__call__",
+                        lambda self, a, b: calls.append(a) or real(self, a, b))
+    assert_same_store(decode_split(on_disk, SIZE, progress=False, labels=False, workers=1),
+                      reference)
+    assert calls == [8, 12, 16, 20], "only the chunks without a record are decoded again"
+
+
+def test_a_decode_killed_while_compacting_starts_over(on_disk, small_chunks, monkeypatch):
+    real = mapped.compact_rows
+
+    def half(images, keep):
+        images[: len(keep) // 2] = images[-(len(keep) // 2):]  # half the rows moved wrongly
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mapped, "compact_rows", half)
+    with pytest.raises(KeyboardInterrupt):
+        decode_split(on_disk, SIZE, progress=False, labels=False, workers=1)
+    monkeypatch.setattr(mapped, "compact_rows", real)
+    assert_same_store(decode_split(on_disk, SIZE, progress=False, labels=False, workers=1),
+                      _in_memory())
+
+
+def test_a_damaged_cache_is_decoded_again(on_disk, small_chunks):
+    first = decode_split(on_disk, SIZE, progress=False, labels=False, workers=1)
+    images_file = _cache_dir(on_disk) / "images.npy"
+    del first
+    with open(images_file, "r+b") as f:  # cut short, as a full disk would leave it
+        f.truncate(images_file.stat().st_size - 100)
+    assert_same_store(decode_split(on_disk, SIZE, progress=False, labels=False), _in_memory())
+
+
+def test_bad_images_error_stops_at_the_first_bad_row_in_row_order(on_disk, small_chunks):
+    with pytest.raises(UserError, match="row 5 of 'train'"):
+        decode_split(on_disk, SIZE, bad_images="error", progress=False, labels=False, workers=2)
+    assert not _cache_dir(on_disk).exists()
+
+
+def test_stored_size_rule(on_disk):
+    assert training_sizes(on_disk, 32, None) == (32, 32)
+    assert training_sizes(on_disk, 64, None) == (64, 64)
+    assert training_sizes(on_disk, 224, None) == (224, 256)
+    assert training_sizes(on_disk, 96, None) == (96, 112)
+    assert training_sizes(on_disk, 96, 96) == (96, 96)
+    assert training_sizes(on_disk, None, None) == (224, 256)  # mixed sizes: 224 px
+    with pytest.raises(UserError, match="--store-size 30 is below the training size 32"):
+        training_sizes(on_disk, 32, 30)
