@@ -11,6 +11,7 @@ from torchvision.transforms import RandomResizedCrop
 
 from simclr_kit.augment import SimCLRAugment
 from simclr_kit.config import AugmentConfig
+from simclr_kit.data.rows_view import rows_at_size
 from simclr_kit.data.store import resize_center_crop
 
 TRAIN, STORED, N = 32, 48, 64
@@ -63,3 +64,24 @@ def test_crop_boxes_follow_random_resized_crop_on_the_stored_image():
     # On the stored image, not on a training-size one: the mean box side follows the stored side.
     assert abs(a[:, 0].mean() - r[:, 0].mean()) < 0.02
     assert abs(box[:, 2].mean() / STORED - ref[:, 2].mean() / STORED) < 0.02
+
+
+def test_monitor_keys_see_the_stored_images_at_the_training_size():
+    """Keys of the kNN monitor: rows of the stored set, resized to the training size batch by
+    batch, show what evaluation's centre crop at the training size shows."""
+    yy, xx = np.mgrid[0:55, 0:70].astype(np.float32)
+    photos = [np.stack([xx * 3.6, yy * 4.6, (xx + yy) * 2.0 + 10 * k], -1).clip(0, 255)
+              .astype(np.uint8) for k in range(4)]  # smooth: resampling twice costs little
+    stored = torch.from_numpy(np.stack([resize_center_crop(p, STORED).transpose(2, 0, 1)
+                                        for p in photos]))
+    rows = torch.tensor([3, 1])
+    view = rows_at_size(stored, rows, TRAIN)
+    assert view.shape == (2, 3, TRAIN, TRAIN) and len(view) == 2
+    keys = torch.cat([view[0:1], view[torch.tensor([1])]])
+    for key, row in zip(keys, rows.tolist()):
+        evaluation = np.array(resize_center_crop(photos[row], TRAIN)).transpose(2, 0, 1)
+        # 0.7 levels here; a 32-px centre crop of the stored 48 px would be 16 levels off.
+        assert (key.float() - torch.from_numpy(evaluation).float()).abs().mean() < 1.5
+    assert rows_at_size(stored, None, STORED) is stored  # all rows, stored at the size: as is
+    same = rows_at_size(stored, rows, STORED)
+    assert torch.equal(same[0:2], stored[rows])

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from simclr_kit import distributed
 from simclr_kit.config import EvalConfig
+from simclr_kit.data.rows_view import rows_at_size
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.features import extract_features
 from simclr_kit.evaluation.fractions import stratified_fraction
@@ -72,7 +73,8 @@ def knn_monitor(t: Trainer, every: int, k: int = _DEFAULTS.knn_k[0],
         started = time.perf_counter()
         backbone = trainer.model.backbone
         mean, std = trainer.meta["mean"], trainer.meta["std"]
-        images = trainer.images if rows is None else trainer.images[rows.to(trainer.images.device)]
+        # Keys at the training size, read batch by batch (no copy of a mapped store).
+        images = rows_at_size(trainer.images, rows, trainer.meta["image_size"])
         keys = extract_features(backbone, images, mean, std, trainer.device, batch_size)
         queries = extract_features(backbone, trainer.eval_store.images, mean, std,  # type: ignore[union-attr]
                                    trainer.device, batch_size)
