@@ -161,3 +161,35 @@ def test_min_steps_default_trains_small_label_subsets_to_convergence() -> None:
     assert starved.steps == 100 and floor.steps == 2000
     assert starved.val_accuracy < 80.0 < 85.0 < floor.val_accuracy, (starved.val_accuracy,
                                                                      floor.val_accuracy)
+
+
+def test_a_given_head_is_redrawn_from_the_seed_and_folds_into_its_first_layer() -> None:
+    """train-classifier hands its own head (linear or mlp) to the same trainer: the head's
+    init comes from the probe's seed, not from how it was built, and the saved head (the
+    standardisation folded into its first layer) computes what the probe scored."""
+    x_train, y_train = _separable(300, 6, 3, seed=8)
+    x_train = x_train * torch.tensor([1.0, 50.0, 0.1, 1.0, 3.0, 1.0]) + 20.0
+    x_val, y_val = x_train[:60] + 0.5, y_train[:60]
+    args = (x_train, y_train, x_val, y_val, 3)
+
+    def mlp() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(inplace=True),
+                                   torch.nn.Linear(16, 3))
+
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        runs.append(train_linear_probe(*args, epochs=3, min_steps=0, head=mlp()))
+    for p, q in zip(runs[0].head.parameters(), runs[1].head.parameters()):
+        assert torch.equal(p, q)
+    result = runs[0]
+    folded = result.folded_head()
+    with torch.no_grad():
+        expected = result.head((x_val - result.mean) / result.std)
+        torch.testing.assert_close(folded(x_val), expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(folded(x_val).argmax(1), result.val_predictions)
+    # A linear head handed in trains to the very numbers of the default one.
+    given = train_linear_probe(*args, epochs=3, min_steps=0, head=torch.nn.Linear(6, 3))
+    default = train_linear_probe(*args, epochs=3, min_steps=0)
+    assert torch.equal(given.head.weight, default.head.weight)
+    assert torch.equal(given.val_predictions, default.val_predictions)
