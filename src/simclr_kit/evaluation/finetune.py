@@ -12,7 +12,6 @@ distortion, which would only blur the class evidence a classifier is being taugh
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,30 +20,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from simclr_kit.augment import SimCLRAugment, normalize, only
+from simclr_kit.augment import SimCLRAugment, only
 from simclr_kit.config import EvalConfig
 from simclr_kit.data.store import ImageStore
 from simclr_kit.encoder import Encoder
+from simclr_kit.evaluation.features import forward_images
 from simclr_kit.models import Classifier
+from simclr_kit.optim import warmup_cosine
 
 # Fine-tuning augmentation: the ops it keeps, crops and flips; every other op (colour
 # distortion, blur, solarize, and any op added to the recipe later) is off.
 FINETUNE_AUGMENT = only(("crop", "flip"), crop_scale_min=0.5)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, mean: Sequence[float],
              std: Sequence[float], device: torch.device | str,
              batch_size: int = 512) -> float:
-    """Top-1 accuracy in percent of ``model`` (put in eval mode) on ``images: (N, 3, S, S) uint8``
-    with ``labels: (N,)``."""
-    model.eval()
-    correct = 0
-    for start in range(0, images.shape[0], batch_size):
-        x = normalize(images[start:start + batch_size].to(device), mean, std)
-        pred = model(x).argmax(1).cpu()
-        correct += int((pred == labels[start:start + batch_size].cpu()).sum())
-    return 100.0 * correct / max(1, images.shape[0])
+    """Top-1 accuracy in percent of ``model`` (run in eval mode) on ``images: (N, 3, S, S)
+    uint8`` with ``labels: (N,)``."""
+    if images.shape[0] == 0:
+        return 0.0
+    predictions = forward_images(model, images, mean, std, device, batch_size).argmax(1)
+    return 100.0 * int((predictions == labels.cpu()).sum()) / images.shape[0]
 
 
 def finetune_optimizer(model: Classifier, lr: float, backbone_lr_mult: float,
@@ -93,9 +90,8 @@ def finetune(model: Classifier, images: Tensor, labels: Tensor, mean: Sequence[f
             if idx.numel() < 2:
                 continue
             if cosine:
-                factor = 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
                 for group, base in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base * factor
+                    group["lr"] = warmup_cosine(step, total, 0, base)
             x, _ = augment(images[idx].to(device), idx.to(device), epoch)
             loss = F.cross_entropy(model(x), labels[idx.to(device)])
             optimizer.zero_grad(set_to_none=True)
