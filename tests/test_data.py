@@ -168,3 +168,19 @@ def test_unreachable_hub_id_is_one_clear_error():
     # conftest sets HF_HUB_OFFLINE=1, so nothing is requested.
     with pytest.raises(UserError, match="hub dataset could not be reached"):
         open_splits(DataConfig(data="someone/some-images"), need_eval=False)
+
+
+def test_one_split_rule_with_each_commands_preference():
+    from simclr_kit.data.sources import EVAL_SPLITS, PREDICT_SPLITS, TRAIN_SPLITS, pick_split
+
+    names = ["train", "test"]
+    assert pick_split(names, None, TRAIN_SPLITS, "--train-split") == "train"
+    assert pick_split(names, None, PREDICT_SPLITS, "--split") == "test"
+    assert pick_split(names, None, EVAL_SPLITS, "--eval-split", required=False) == "test"
+    assert pick_split(names, "train", PREDICT_SPLITS, "--split") == "train"  # named wins
+    assert pick_split(["photos"], None, PREDICT_SPLITS, "--split") == "photos"  # the only one
+    assert pick_split(["a", "b"], None, EVAL_SPLITS, "--eval-split", required=False) is None
+    with pytest.raises(UserError, match="no 'train' split among .* choose one with --train-split"):
+        pick_split(["a", "b"], None, TRAIN_SPLITS, "--train-split")
+    with pytest.raises(UserError, match=r"split 'x' not found; .* \(choose with --split\)"):
+        pick_split(names, "x", PREDICT_SPLITS, "--split")

@@ -25,16 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from simclr_kit.augment import normalize
 from simclr_kit.atomic import atomic_file, atomic_write_text
 from simclr_kit.config import DataConfig
-from simclr_kit.data.sources import Split, whole_split
+from simclr_kit.data.sources import TRAIN_SPLITS, whole_split
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
 from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, Weights, encoder_from_weights, read_weights
 from simclr_kit.errors import UserError
+from simclr_kit.evaluation.features import forward_images
 from simclr_kit.models import ProjectionHead
 
 FORMATS = ("parquet", "npy")
@@ -53,15 +52,6 @@ class Embeddings:
     files: list[str] | None = None  # the file of each image, when they came from files
 
 
-def embedding_split(cfg: DataConfig) -> Split:
-    """Every row of ``cfg.train_split`` (``--split``), else of the only split, else of 'train'.
-
-    Unlike :func:`open_splits` nothing is carved off for validation: all rows are embedded.
-    """
-    return whole_split(cfg, ("train",))
-
-
-@torch.no_grad()
 def backbone_features(encoder: Encoder, images: Tensor, device: torch.device | str = "cpu",
                       batch_size: int = 256, progress: bool = False,
                       desc: str = "embedding") -> Tensor:
@@ -72,12 +62,9 @@ def backbone_features(encoder: Encoder, images: Tensor, device: torch.device | s
     single process (rank 0 writing a report) may call it alone.
     """
     encoder = encoder.to(device).eval()
-    out = [torch.empty(0, encoder.feature_dim)]
-    for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, unit="batch",
-                      disable=not progress, leave=False):
-        x = normalize(images[start:start + batch_size].to(device), encoder.mean, encoder.std)
-        out.append(encoder(x).float().cpu())
-    return torch.cat(out)
+    features = forward_images(encoder, images, encoder.mean, encoder.std, device, batch_size,
+                              progress=progress, desc=desc)
+    return features if len(features) else torch.empty(0, encoder.feature_dim)
 
 
 def projection_head(weights: Weights) -> ProjectionHead:
@@ -108,13 +95,15 @@ def _project(head: ProjectionHead, features: Tensor, batch_size: int) -> Tensor:
 def compute_embeddings(checkpoint: str | Path, data: DataConfig, projections: bool = False,
                        device: str = "auto", batch_size: int = 256,
                        progress: bool = True) -> Embeddings:
-    """Embed every row of the split :func:`embedding_split` picks with ``checkpoint``'s encoder."""
+    """Embed every row of one split with ``checkpoint``'s encoder: ``--split``, else the only
+    split, else 'train' (:func:`~simclr_kit.data.sources.whole_split`; nothing is carved off
+    for validation)."""
     dev = resolve_device(device)
     weights = read_weights(checkpoint)
     encoder = encoder_from_weights(weights).to(dev).eval()
     head = projection_head(weights) if projections else None  # fails before any decoding
-    store: ImageStore = decode_split(embedding_split(data), encoder.image_size, data.bad_images,
-                                     progress, missing_labels="keep")
+    store: ImageStore = decode_split(whole_split(data, TRAIN_SPLITS), encoder.image_size,
+                                     data.bad_images, progress, missing_labels="keep")
     announce_skipped(store, ": they get no embedding")
     features = backbone_features(encoder, store.images, dev, batch_size, progress)
     projected = _project(head, features, batch_size) if head is not None else None

@@ -11,6 +11,7 @@ import difflib
 import glob
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,15 +275,42 @@ def _make_split(ds: datasets.Dataset, cfg: DataConfig, split: str) -> Split:
     return Split(ds, image_column, label_column, _class_names(ds, label_column), cfg.data, split)
 
 
-def whole_split(cfg: DataConfig, preferred: tuple[str, ...]) -> Split:
-    """Every row of one split, nothing carved off for validation: ``cfg.train_split`` (the
-    ``--split`` of embed and predict), else the only split, else the first of ``preferred``
-    the source has. Labels and class names come with it when the split has a label column."""
+# Which split each command reads when none is named, in order of preference.
+TRAIN_SPLITS = ("train",)  # pretraining, evaluation's train side, embed
+EVAL_SPLITS = ("validation", "valid", "val", "test")  # evaluation's held-out side
+PREDICT_SPLITS = ("test", "train")  # predict
+
+
+def pick_split(names: Sequence[str], requested: str | None, preferred: Sequence[str],
+               flag: str, required: bool = True) -> str | None:
+    """The split rule of every command: ``requested`` (the command's ``flag``), else the only
+    split, else the first of ``preferred`` that ``names`` holds.
+
+    Without any of them: a UserError naming ``flag`` when ``required``, else None.
+    """
+    names = list(names)
+    if requested is not None:
+        if requested not in names:
+            raise UserError(f"split {requested!r} not found; splits: {names} (choose with "
+                            f"{flag})")
+        return requested
+    if len(names) == 1:
+        return names[0]
+    name = next((n for n in preferred if n in names), None)
+    if name is None and required:
+        wanted = " or ".join(repr(n) for n in preferred)
+        raise UserError(f"no {wanted} split among {names}: choose one with {flag}")
+    return name
+
+
+def whole_split(cfg: DataConfig, preferred: Sequence[str]) -> Split:
+    """Every row of one split, nothing carved off for validation: the :func:`pick_split` of
+    ``cfg.train_split`` (the ``--split`` of embed and predict) and the command's ``preferred``
+    (:data:`TRAIN_SPLITS`, :data:`PREDICT_SPLITS`). Labels and class names come with it when
+    the split has a label column."""
     dd = open_source(cfg)
-    name = cfg.train_split or (next(iter(dd)) if len(dd) == 1 else
-                               next((n for n in preferred if n in dd), None))
-    if name is None or name not in dd:
-        raise UserError(f"split {name!r} not found; splits: {list(dd)} (choose with --split)")
+    name = pick_split(list(dd), cfg.train_split, preferred, "--split")
+    assert name is not None
     return _make_split(dd[name], cfg, name)
 
 
@@ -303,28 +331,17 @@ def _carve_validation(ds: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.D
 def open_splits(cfg: DataConfig, need_eval: bool) -> tuple[Split, Split | None]:
     """The pretraining/train split and, if ``need_eval``, the evaluation split.
 
-    Train: ``cfg.train_split``, else ``train``, else the only split. Evaluation: ``cfg.eval_split``,
-    else ``validation``, else ``test``; with a single split, a stratified ``cfg.val_fraction`` part
-    is split off with ``cfg.split_seed`` (and pretraining uses only the rest).
+    Both by :func:`pick_split`. Train: ``cfg.train_split``, else the only split, else ``train``.
+    Evaluation: ``cfg.eval_split``, else ``validation``, else ``test`` (:data:`EVAL_SPLITS`);
+    with a single split, a stratified ``cfg.val_fraction`` part is split off with
+    ``cfg.split_seed`` (and pretraining uses only the rest).
     """
     dd = open_source(cfg)
-    names = list(dd)
-    if cfg.train_split is not None:
-        if cfg.train_split not in dd:
-            raise UserError(f"split {cfg.train_split!r} not found; splits: {names}")
-        train_name = cfg.train_split
-    elif "train" in dd:
-        train_name = "train"
-    elif len(names) == 1:
-        train_name = names[0]
-    else:
-        raise UserError(f"no 'train' split among {names}: choose one with --train-split")
-
-    eval_name = cfg.eval_split
-    if eval_name is not None and eval_name not in dd:
-        raise UserError(f"evaluation split {eval_name!r} not found; splits: {names}")
-    if eval_name is None:
-        eval_name = next((n for n in ("validation", "valid", "val", "test") if n in dd), None)
+    train_name = pick_split(list(dd), cfg.train_split, TRAIN_SPLITS, "--train-split")
+    assert train_name is not None
+    # A single split is its own evaluation split, which means: carve one off it (below).
+    eval_name = pick_split(list(dd), cfg.eval_split, EVAL_SPLITS, "--eval-split",
+                           required=False)
     train_ds = dd[train_name]
     has_labels = find_label_column(train_ds.features, cfg.label_column) is not None
     if (eval_name is None or eval_name == train_name) and not has_labels:
