@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from simclr_kit.data.store import ImageStore
+from simclr_kit.evaluation.fractions import stratified_fraction
 from simclr_kit.evaluation.knn import knn_predict
 
 
@@ -50,22 +51,20 @@ def knn_confusion(train_features: Tensor, train_labels: Tensor, eval_features: T
 def stratified_subsample(labels: Tensor | None, n: int, max_points: int, seed: int = 0) -> Tensor:
     """Sorted indices of at most ``max_points`` of ``n`` rows, classes in proportion.
 
-    Each class keeps ``ceil(share)`` of its rows in a seeded random order, so a small class
-    still shows on the map.
+    The label-fraction sampler (:func:`~simclr_kit.evaluation.fractions.stratified_fraction`)
+    at fraction ``max_points / n``: every class keeps its share of rows, and at least one, so
+    a small class still shows on the map. Where those minimums overshoot ``max_points``, a
+    seeded random ``max_points`` of the draw are kept.
     """
     g = torch.Generator().manual_seed(seed)
     if n <= max_points:
         return torch.arange(n)
-    if labels is None:
+    if labels is None or max_points < 1:
         return torch.randperm(n, generator=g)[:max_points].sort().values
-    keep = []
-    for c in labels.unique():
-        members = (labels == c).nonzero().flatten()
-        take = max(1, int(round(max_points * members.numel() / n)))
-        keep.append(members[torch.randperm(members.numel(), generator=g)[:take]])
-    chosen = torch.cat(keep)
-    chosen = chosen[torch.randperm(chosen.numel(), generator=g)[:max_points]]
-    return chosen.sort().values
+    chosen = stratified_fraction(labels.cpu(), max_points / n, seed)
+    if chosen.numel() > max_points:
+        chosen = chosen[torch.randperm(chosen.numel(), generator=g)[:max_points]].sort().values
+    return chosen
 
 
 def tsne_map(features: Tensor, seed: int = 0) -> np.ndarray:
