@@ -188,8 +188,8 @@ def test_boolean_flags_are_bare_negated_or_valued(argv, value):
 
 def test_every_boolean_option_has_a_bare_and_a_no_form():
     """Generic: every true/false row of every flag table, present and future."""
-    from simclr_kit.cli import (CLASSIFIER_FLAGS, DATA_FLAGS, EVAL_FLAGS, PRETRAIN_FLAGS,
-                                _bool)
+    from simclr_kit.cli import CLASSIFIER_FLAGS, DATA_FLAGS, EVAL_FLAGS, PRETRAIN_FLAGS
+    from simclr_kit.flags import parse_bool as _bool
 
     tables = {"pretrain": DATA_FLAGS + PRETRAIN_FLAGS, "evaluate": DATA_FLAGS + EVAL_FLAGS,
               "train-classifier": CLASSIFIER_FLAGS}
@@ -242,6 +242,152 @@ def test_config_file_in_flag_spellings_and_print_config(tmp_path, capsys):
     (tmp_path / "twice.yaml").write_text("batch-size: 64\nbatch_size: 32\n")
     assert main(["pretrain", "--config", str(tmp_path / "twice.yaml")]) == 2
     assert "'batch_size' is given twice ('batch-size' and 'batch_size')" in capsys.readouterr().err
+
+
+# ---- flags derived from the config dataclasses ---------------------------------------------
+
+def _sections():
+    """(config class, dest prefix, flag table) for every config class the commands expose."""
+    from simclr_kit.cli import CLASSIFIER_FLAGS, DATA_FLAGS, EVAL_FLAGS, PRETRAIN_FLAGS
+    from simclr_kit.config import (AugmentConfig, ClassifierConfig, DataConfig, EvalConfig,
+                                   PretrainConfig)
+
+    return [(DataConfig, "data.", DATA_FLAGS), (PretrainConfig, "", PRETRAIN_FLAGS),
+            (AugmentConfig, "augment.", PRETRAIN_FLAGS), (EvalConfig, "eval.", EVAL_FLAGS),
+            (ClassifierConfig, "", CLASSIFIER_FLAGS)]
+
+
+def _options(command):
+    """{option string: action} of a sub-command, the hidden --no-x forms left out."""
+    from simclr_kit.cli import _command_parser, build_parser
+
+    parser = _command_parser(build_parser(), command)
+    return {o: a for a in parser._actions for o in a.option_strings if a.help != "==SUPPRESS=="}
+
+
+def test_every_config_field_is_a_flag_or_marked_not_one():
+    import typing
+
+    without_flag = set()
+    for cls, prefix, table in _sections():
+        dests = {f.dest for f in table}
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[field.name]):
+                continue  # a section (data, augment): its fields are checked as their class
+            unflagged = field.metadata.get("flag") is False
+            assert (prefix + field.name in dests) != unflagged, f"{cls.__name__}.{field.name}"
+            assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help"
+            if unflagged:
+                without_flag.add(prefix + field.name)
+        fields = {prefix + f.name for f in dataclasses.fields(cls)}
+        assert {d for d in dests if d.startswith(prefix) and "." not in d[len(prefix):]} <= fields
+    assert without_flag == {"data.cache_dir", "progress"}
+
+
+def test_each_command_has_its_flags_and_no_two_write_the_same_value():
+    from simclr_kit.cli import CLASSIFIER_FLAGS, DATA_FLAGS, EVAL_FLAGS, PRETRAIN_FLAGS
+
+    def flags(table):
+        return {f.flag for f in table}
+
+    data, pretrain = flags(DATA_FLAGS), flags(PRETRAIN_FLAGS)
+    augment = {f.flag for f in PRETRAIN_FLAGS if f.dest.startswith("augment.")}
+    assert len(augment) == 13 and {"--flip-p", "--grayscale-p", "--solarize-threshold"} <= augment
+    by_name = {"--data", "--data-config", "--revision", "--image-column", "--label-column",
+               "--bad-images"}
+    expected = {"run": data | pretrain | flags(EVAL_FLAGS), "pretrain": data | pretrain,
+                "evaluate": data | flags(EVAL_FLAGS), "report": data,
+                "train-classifier": data | flags(CLASSIFIER_FLAGS), "predict": by_name,
+                "embed": by_name, "show-augment": data | augment | {"--seed"}}
+    every = data | pretrain | flags(EVAL_FLAGS) | flags(CLASSIFIER_FLAGS)
+    table = DATA_FLAGS + PRETRAIN_FLAGS + EVAL_FLAGS + CLASSIFIER_FLAGS
+    for command, wanted in expected.items():
+        options = _options(command)  # a command's own --out or --device has its own help
+        derived = {o for o, a in options.items() for f in table
+                   if o == f.flag and a.help.split("; --no-")[0] == f.help}
+        assert derived == wanted, command
+        dests = [a.dest for a in {id(a): a for a in options.values()}.values()]
+        assert len(dests) == len(set(dests)), f"{command}: two options write one value"
+    assert {"--eval-seed", "--eval-batch-size", "--baseline", "--logger"} <= every
+    args = _parsed(["run", "--eval-seed", "7", "--eval-batch-size", "32", "--batch-size", "64"])
+    from simclr_kit.cli import eval_flags, pretrain_config
+
+    assert eval_flags(args) == {"seed": 7, "batch_size": 32}
+    assert (pretrain_config(args).seed, pretrain_config(args).batch_size) == (0, 64)
+
+
+def test_help_states_each_default_as_the_dataclass_has_it():
+    """The "(default: X)" of every flag, read back by the flag's own parser, is the field's
+    default; a None default is explained in words."""
+    for cls, prefix, table in _sections():
+        defaults = {prefix + f.name: f.default for f in dataclasses.fields(cls)}
+        options = _options("train-classifier" if cls.__name__ == "ClassifierConfig" else "run")
+        for flag in (f for f in table if f.dest in defaults):
+            text, default = options[flag.flag].help, defaults[flag.dest]
+            if flag.flag == "--data":  # the command's group says it: digits, or the run's own
+                assert "(default:" not in text
+                continue
+            start = text.rindex("(default: ") + len("(default: ")
+            shown = text[start:text.index(")", start)]
+            if default is None:
+                assert shown and "None" not in shown, flag.flag
+                continue
+            first = shown.split(" ")[0].rstrip(",;")
+            value = () if first == "none" else options[flag.flag].type(first)
+            if any(isinstance(v, float) for v in (default if isinstance(default, tuple)
+                                                  else (default,))):
+                assert value == pytest.approx(default, rel=1e-5), flag.flag
+            else:
+                assert value == default, flag.flag
+
+
+def test_a_new_field_is_one_line():
+    """What a field's declaration alone gives its flag: name, type, help and default."""
+    from simclr_kit.config import setting, unflagged
+    from simclr_kit.flags import config_flags, parse_bool
+
+    @dataclasses.dataclass(frozen=True)
+    class Demo:
+        rate: float = setting(0.25, "a rate per step")
+        sizes: tuple[int, ...] = setting((1, 2), "sizes in pixels")
+        names: tuple[str, ...] = setting((), "names", flag="--name")
+        on: bool = setting(True, "switch")
+        limit: int | None = setting(None, "most items", shown="no limit")
+        hidden: str = unflagged("x", "set by the API")
+
+    flags = {f.dest: f for f in config_flags(Demo, "demo.")}
+    assert list(flags) == ["demo.rate", "demo.sizes", "demo.names", "demo.on", "demo.limit"]
+    assert flags["demo.rate"].flag == "--rate" and flags["demo.rate"].kind("0.5") == 0.5
+    assert flags["demo.rate"].help == "a rate per step (default: 0.25)"
+    assert flags["demo.sizes"].kind("3,4") == (3, 4) and "(default: 1,2)" in flags["demo.sizes"].help
+    assert flags["demo.names"].flag == "--name" and "(default: none)" in flags["demo.names"].help
+    assert flags["demo.on"].kind is parse_bool and "(default: True)" in flags["demo.on"].help
+    assert flags["demo.limit"].kind("7") == 7 and flags["demo.limit"].help.endswith("(default: no limit)")
+
+    @dataclasses.dataclass(frozen=True)
+    class Unexplained:
+        limit: int | None = setting(None, "most items")
+
+    @dataclasses.dataclass(frozen=True)
+    class Undocumented:
+        size: int = 3
+
+    for cls, message in ((Unexplained, "None default needs shown="), (Undocumented, "no help")):
+        with pytest.raises(TypeError, match=message):
+            config_flags(cls)
+
+
+def test_new_augment_flags_reach_the_config(capsys):
+    import yaml
+
+    assert main(["pretrain", "--grayscale-p", "0", "--blur-sigma-max", "1.5", "--crop-ratio-min",
+                 "0.5", "--momentum", "0.8", "--print-config"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert (config["augment"]["grayscale_p"], config["augment"]["blur_sigma_max"]) == (0.0, 1.5)
+    assert config["augment"]["crop_ratio_min"] == 0.5 and config["momentum"] == 0.8
+    assert main(["pretrain", "--jitter-p", "2", "--print-config"]) == 2
+    assert "augment.jitter_p = 2.0 is out of range" in capsys.readouterr().err
 
 
 # ---- resuming ------------------------------------------------------------------------------

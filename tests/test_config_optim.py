@@ -16,9 +16,19 @@ from simclr_kit.optim import (LARS, effective_lr, parameter_groups, set_lr, warm
 
 @pytest.mark.parametrize("field,value", [("temperature", 0.0), ("batch_size", 1), ("lr", -1.0),
                                          ("epochs", 0), ("backbone", "nope")])
-def test_bad_values_name_the_field(field, value):
-    with pytest.raises(UserError, match=field if field != "backbone" else "unknown backbone"):
-        PretrainConfig(**{field: value})
+def test_bad_values_name_the_field(field, value, tmp_path):
+    if field != "backbone":
+        with pytest.raises(UserError, match=field):
+            PretrainConfig(**{field: value})
+        return
+    # Whether this machine can build a backbone is asked where the run is set up, before any
+    # data is read (the data here does not exist), not by the config itself.
+    from simclr_kit.config import DataConfig
+    from simclr_kit.training import prepare
+
+    cfg = PretrainConfig(backbone=value, data=DataConfig(data=str(tmp_path / "absent")))
+    with pytest.raises(UserError, match="unknown backbone"):
+        prepare(cfg)
 
 
 def test_yaml_unknown_key_and_nested_sections(tmp_path):
@@ -87,3 +97,21 @@ def test_set_lr_keeps_each_groups_multiple():
                            {"params": net[1].parameters(), "lr_mult": 0.1}], lr=1.0)
     set_lr(opt, 0.5)
     assert [g["lr"] for g in opt.param_groups] == [0.5, pytest.approx(0.05)]
+
+
+def test_config_and_report_modules_import_only_downward():
+    """config knows nothing of models or the report (their checks run where a run is set up),
+    and the report's sections build on page.py without importing html.py, which imports them."""
+    import subprocess
+    import sys
+
+    def loaded(code):
+        code += "\nimport sys; print(sorted(m for m in sys.modules if m.startswith('simclr_kit')))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout
+
+    config = loaded("from simclr_kit.config import PretrainConfig\n"
+                    "PretrainConfig(backbone='no-such-model', loggers=('no-such-logger',))")
+    assert "simclr_kit.models" not in config and "simclr_kit.report" not in config
+    report = loaded("import simclr_kit.report.sections, simclr_kit.report.embedding_sections")
+    assert "simclr_kit.report.page" in report and "simclr_kit.report.html" not in report

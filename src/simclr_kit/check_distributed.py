@@ -35,7 +35,7 @@ from simclr_kit.data.loader import ResidentBatches
 from simclr_kit.data.store import ImageStore
 from simclr_kit.errors import UserError
 from simclr_kit.loss import nt_xent
-from simclr_kit.models import SimCLR, build_simclr
+from simclr_kit.models import SimCLR, build_simclr, check_backbone_name
 from simclr_kit.optim import build_optimizer, effective_lr, set_lr
 from simclr_kit.report.metrics import MetricsLog
 
@@ -143,7 +143,7 @@ def _validate(cfg: CheckConfig) -> None:
                         f"{torch.cuda.device_count()}: lower --nproc or use --device cpu")
     if not 8 <= cfg.image_size <= 1024:
         raise UserError(f"--image-size {cfg.image_size}: use 8 to 1024 pixels")
-    PretrainConfig(backbone=cfg.backbone)  # validates the backbone name
+    check_backbone_name(cfg.backbone)
 
 
 def _pretrain_config(cfg: CheckConfig) -> PretrainConfig:

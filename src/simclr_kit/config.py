@@ -1,28 +1,30 @@
-"""Frozen, validated configuration: dataclass defaults, YAML files and command-line overrides.
+"""The configs: frozen, validated dataclasses for pretraining, data, augmentation, evaluation
+and the downstream classifier.
 
-Every field is checked in ``__post_init__`` so a bad value fails with one line naming the field
-and its allowed range before any data is read.
+Each field is declared once, here: its type, its default and (with
+:func:`~simclr_kit.config_fields.setting`) what it means, with its units; the command-line
+flags are derived from these declarations (:mod:`simclr_kit.flags`), and YAML files and recipes
+are read into them by :mod:`simclr_kit.config_fields` (whose functions are importable from
+here too). Every value is range-checked in ``__post_init__`` so that a bad one
+fails with one line naming the field and its allowed range before any data is read. Whether the
+machine can serve a value (a backbone that torchvision or timm knows, a logger's library) is
+checked where the run is set up (:func:`simclr_kit.trainer.prepare`, before any data is read),
+not here: this module depends on nothing above it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
-import typing
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
-from simclr_kit.errors import UserError
+from simclr_kit.config_fields import (  # noqa: F401 - the config API: simclr_kit.config.*
+    ConfigError, flatten, from_dict, load_yaml, merge, normalize_keys, recipe, recipe_names,
+    setting, to_dict, to_yaml, unflagged)
 
 # How the rate for a batch of 256 becomes the run's rate (see optim.effective_lr).
 LR_SCALINGS = ("linear", "sqrt")
-
-
-class ConfigError(UserError):
-    """A configuration value outside its allowed range."""
 
 
 def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
@@ -44,19 +46,22 @@ class AugmentConfig:
     Blur is off at <= 32 px (it destroys tiny images) and p=0.5 above.
     """
 
-    crop_scale_min: float = 0.08
-    crop_scale_max: float = 1.0
-    crop_ratio_min: float = 3 / 4
-    crop_ratio_max: float = 4 / 3
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    jitter_strength: float | None = None
-    grayscale_p: float = 0.2
-    blur_p: float | None = None
-    blur_sigma_min: float = 0.1
-    blur_sigma_max: float = 2.0
-    solarize_p: float = 0.0
-    solarize_threshold: float = 0.5
+    crop_scale_min: float = setting(0.08, "smallest crop area, a fraction of the image's")
+    crop_scale_max: float = setting(1.0, "largest crop area, a fraction of the image's")
+    crop_ratio_min: float = setting(3 / 4, "smallest crop aspect ratio, width / height")
+    crop_ratio_max: float = setting(4 / 3, "largest crop aspect ratio, width / height")
+    flip_p: float = setting(0.5, "horizontal flip probability")
+    jitter_p: float = setting(0.8, "colour jitter probability")
+    jitter_strength: float | None = setting(
+        None, "colour strength s: brightness, contrast, saturation 0.8 s, hue 0.2 s",
+        shown="0.5 at <= 64 px, 1.0 above")
+    grayscale_p: float = setting(0.2, "grayscale probability")
+    blur_p: float | None = setting(None, "Gaussian blur probability",
+                                   shown="0 at <= 32 px, 0.5 above")
+    blur_sigma_min: float = setting(0.1, "smallest blur sigma, in pixels")
+    blur_sigma_max: float = setting(2.0, "largest blur sigma, in pixels")
+    solarize_p: float = setting(0.0, "solarize probability")
+    solarize_threshold: float = setting(0.5, "solarize inverts pixels >= this, on a 0-1 scale")
 
     def __post_init__(self) -> None:
         _check(0 < self.crop_scale_min <= self.crop_scale_max <= 1, "augment.crop_scale_min/max",
@@ -94,18 +99,25 @@ class AugmentConfig:
 class DataConfig:
     """Where the images come from and how they are read."""
 
-    data: str = "digits"
-    data_config: str | None = None
-    revision: str | None = None
-    train_split: str | None = None
-    eval_split: str | None = None
-    image_column: str | None = None
-    label_column: str | None = None
-    image_size: int | None = None
-    val_fraction: float = 0.2
-    split_seed: int = 0
-    bad_images: str = "skip"
-    cache_dir: str | None = None
+    data: str = setting("digits", "images: 'digits' (embedded), a hub id, a save_to_disk folder, "
+                        "a Parquet folder or glob, or an image folder", shown="")
+    data_config: str | None = setting(None, "hub dataset configuration name", shown="none")
+    revision: str | None = setting(None, "hub dataset revision: branch, tag or commit",
+                                   shown="the main branch")
+    train_split: str | None = setting(None, "split to train on",
+                                      shown="'train' or the only split")
+    eval_split: str | None = setting(None, "split to evaluate on", shown="'validation', else "
+                                     "'test', else a stratified part of train")
+    image_column: str | None = setting(None, "image column", shown="the Image feature")
+    label_column: str | None = setting(None, "label column", shown="the ClassLabel feature")
+    image_size: int | None = setting(None, "working size in pixels", shown="the images' own "
+                                     "size when they share one, up to 224")
+    val_fraction: float = setting(0.2, "part split off for validation when there is a single "
+                                       "split")
+    split_seed: int = setting(0, "seed of that split")
+    bad_images: str = setting("skip", "unreadable images: 'skip' (counted and listed) or 'error'")
+    cache_dir: str | None = unflagged(None, "not read by anything; accepted so that config "
+                                            "files that name it still load")
 
     def __post_init__(self) -> None:
         if self.image_size is not None:
@@ -126,26 +138,39 @@ class EvalConfig:
     ``evaluation/linear.py``). 0 keeps the plain epoch count.
     """
 
-    protocols: tuple[str, ...] = ("linear", "knn")
-    knn_k: tuple[int, ...] = (200,)
-    knn_temperature: float = 0.1
-    linear_epochs: int = 100
-    linear_lr: float = 1e-3
-    linear_batch_size: int = 256
-    linear_weight_decay: float = 0.0
-    linear_min_steps: int = 2000
-    probe_augment: bool = False
-    finetune_epochs: int = 30
-    finetune_lr: float = 1e-3
-    finetune_backbone_lr_mult: float = 0.1
-    finetune_batch_size: int = 128
-    finetune_weight_decay: float = 0.0
-    seeds: int = 3
-    fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
-    shots: tuple[int, ...] = (1, 5, 10)
-    baselines: tuple[str, ...] = ()
-    batch_size: int = 512
-    seed: int = 0
+    protocols: tuple[str, ...] = setting(("linear", "knn"),
+                                         "comma list of knn, linear, finetune, fractions")
+    knn_k: tuple[int, ...] = setting((200,), "neighbours, a comma list to sweep")
+    knn_temperature: float = setting(0.1, "kNN vote temperature")
+    linear_epochs: int = setting(100, "linear probe epochs")
+    linear_lr: float = setting(1e-3, "linear probe Adam rate")
+    linear_batch_size: int = setting(256, "linear probe: features per step")
+    linear_weight_decay: float = setting(0.0, "linear probe: Adam weight decay")
+    linear_min_steps: int = setting(
+        2000, "train every linear probe (label fractions too) for at least this many steps, "
+        "adding epochs: 100 epochs of a 500-image subset are only 200 steps, too few to "
+        "converge; 0 keeps the epochs")
+    probe_augment: bool = setting(
+        False, "train the linear probe on augmented views (crop + flip) through the frozen "
+        "backbone instead of cached features: a backbone forward per batch, much slower")
+    finetune_epochs: int = setting(30, "fine-tune protocol: epochs over the train split")
+    finetune_lr: float = setting(1e-3, "fine-tune: Adam rate of the new head, cosine to 0")
+    finetune_backbone_lr_mult: float = setting(
+        0.1, "fine-tune: backbone rate = head rate x this; lower it if accuracy falls during "
+        "the first epochs")
+    finetune_batch_size: int = setting(128, "fine-tune: images per step")
+    finetune_weight_decay: float = setting(0.0, "fine-tune: Adam weight decay")
+    seeds: int = setting(3, "runs per label-fraction subset, reported as mean and std")
+    fractions: tuple[float, ...] = setting((0.01, 0.1, 1.0), "comma list of label fractions for "
+                                           "the fractions protocol, class-stratified")
+    shots: tuple[int, ...] = setting((1, 5, 10), "comma list of examples per class for the "
+                                     "fractions protocol's k-shot subsets")
+    baselines: tuple[str, ...] = setting(
+        (), "also evaluate 'random' and/or 'imagenet' encoders under the same protocols",
+        flag="--baseline", shown="none for evaluate, random for run")
+    batch_size: int = setting(512, "feature extraction: images per forward pass",
+                              flag="--eval-batch-size")
+    seed: int = setting(0, "seed of the probes", flag="--eval-seed")
 
     def __post_init__(self) -> None:
         allowed = {"knn", "linear", "finetune", "fractions"}
@@ -193,39 +218,69 @@ class PretrainConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    out: str | None = None
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 2.83
-    lr_scaling: str = "sqrt"
-    optimizer: str = "lars"
-    momentum: float = 0.9
-    weight_decay: float = 1e-6
-    lars_eta: float = 0.001
-    lars_clip: bool = False
-    warmup_epochs: float = 10.0
-    warmup_fraction: float = 0.1
-    temperature: float = 0.1
-    backbone: str = "resnet18"
-    stem: str = "auto"
-    init: str = "scratch"
-    projection_dim: int = 256
-    projection_hidden_dim: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: bool = True
-    compile: bool | None = None  # None: on with CUDA (see devices.compile_by_default)
-    sync_bn: bool = True
-    seed: int = 0
-    checkpoint_every: int = 10
-    checkpoint_every_steps: int = 0
-    log_every: int = 10
-    monitor_knn: int = 0
-    time_budget: float | None = None
-    deterministic: bool = False
-    progress: bool = True
-    loggers: tuple[str, ...] = ()
-    allow_smaller_batch: bool = False
+    out: str | None = setting(None, "run directory; must not exist",
+                              shown="runs/simclr-DATE-TIME")
+    epochs: int = setting(100, "passes over the data")
+    batch_size: int = setting(256, "global batch in images, divided over processes")
+    lr: float = setting(2.83, "learning rate for a batch of 256, scaled to the global batch by "
+                              "--lr-scaling")
+    lr_scaling: str = setting("sqrt", "'linear' (lr x B/256) or 'sqrt' (lr x sqrt(B/256), "
+                                      "SimCLR's choice for small batches)")
+    optimizer: str = setting("lars", "'lars' (SimCLR), 'sgd' or 'adam'; warm-up then cosine, "
+                                     "stepped per batch")
+    momentum: float = setting(0.9, "momentum of lars and sgd")
+    weight_decay: float = setting(1e-6, "weight decay; 5e-4 suits sgd")
+    lars_eta: float = setting(0.001, "LARS trust coefficient: a layer moves by about lr x eta "
+                                     "of its norm per step; larger learns faster, too large "
+                                     "diverges")
+    lars_clip: bool = setting(False, "cap each layer's LARS rate at the global rate "
+                                     "(solo-learn's clip_lr)")
+    warmup_epochs: float = setting(10.0, "linear warm-up length in epochs, at most "
+                                         "--warmup-fraction of the run")
+    warmup_fraction: float = setting(0.1, "longest warm-up as a fraction of the run: a 5-epoch "
+                                          "run warms up for at most 0.5 epochs at 0.1")
+    temperature: float = setting(0.1, "NT-Xent temperature; SimCLR's 0.1 learned best in short "
+                                      "CPU runs at batch 128, 0.2 was level and 0.5 6-8 points "
+                                      "worse")
+    backbone: str = setting("resnet18", "any torchvision classification model, or timm/NAME for "
+                                        "a timm model (pip install 'simclr-kit[timm]')")
+    stem: str = setting("auto", "'auto' (CIFAR stem at <= 64 px), 'cifar' or 'imagenet'")
+    init: str = setting("scratch", "'scratch', 'imagenet' (torchvision's or timm's weights) or "
+                                   "a weights path")
+    projection_dim: int = setting(256, "output size of the head")
+    projection_hidden_dim: int | None = setting(None, "hidden size of the head",
+                                                shown="the backbone's feature size")
+    device: str = setting("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'mps'")
+    precision: str = setting("auto", "'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'fp32', "
+                                     "'bf16', 'fp16'")
+    channels_last: bool = setting(True, "channels_last memory format")
+    compile: bool | None = setting(  # None: devices.compile_by_default
+        None, "torch.compile the model; the first step then takes up to a minute longer",
+        shown="on with CUDA and Triton, off elsewhere")
+    sync_bn: bool = setting(True, "SyncBatchNorm across GPUs under torchrun")
+    seed: int = setting(0, "seed of weights, order and augmentation")
+    checkpoint_every: int = setting(10, "epochs between kept checkpoints, 0 for only the last")
+    checkpoint_every_steps: int = setting(
+        0, "steps between rolling checkpoints, which replace each other; for long epochs on "
+        "machines that may be taken away", shown="0, a rolling one every 5 minutes only")
+    log_every: int = setting(10, "steps between metric lines")
+    monitor_knn: int = setting(
+        0, "run the kNN protocol every N epochs and after the last (k=200, T=0.1; keys: the "
+        "labelled pretraining split, clean; queries: the evaluation split), logged as 'knn' "
+        "records in metrics.jsonl and drawn in the report; costs about a sixth of an epoch "
+        "each time", shown="0, off")
+    time_budget: float | None = setting(
+        None, "minutes of training (data decoding and evaluation not counted): the first steps "
+        "are timed, then the epochs and the schedule are set to end inside it, replacing "
+        "--epochs", shown="off")
+    deterministic: bool = setting(False, "deterministic algorithms, slower")
+    progress: bool = unflagged(True, "progress bars; the command line always shows them")
+    loggers: tuple[str, ...] = setting(
+        (), "comma list of tensorboard, wandb, mlflow: copies of the metrics for those tools "
+        "(metrics.jsonl is always written; each needs its library, e.g. pip install "
+        "'simclr-kit[tensorboard]')", flag="--logger")
+    allow_smaller_batch: bool = setting(False, "with fewer images than --batch-size, train on "
+                                               "batches of all of them instead of stopping")
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
@@ -262,11 +317,6 @@ class PretrainConfig:
             _check(self.time_budget > 0, "time_budget", "> 0 minutes", self.time_budget)
         _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                "device", "'auto', 'cpu', 'cuda[:N]' or 'mps'", self.device)
-        from simclr_kit.models import check_backbone_name
-        from simclr_kit.report.loggers import check_loggers
-
-        check_backbone_name(self.backbone)
-        check_loggers(self.loggers)  # a missing library fails now, not after data decoding
 
     @classmethod
     def from_recipe(cls, name: str, **overrides: Any) -> PretrainConfig:
@@ -281,15 +331,15 @@ class PretrainConfig:
 class ClassifierConfig:
     """The downstream classifier: a new head on the extracted backbone, cross-entropy and Adam."""
 
-    head: str = "linear"
-    finetune: bool = False
-    epochs: int = 30
-    lr: float = 1e-3
-    backbone_lr_mult: float = 0.1
-    batch_size: int = 64
-    weight_decay: float = 0.0
-    hidden_dim: int = 512
-    seed: int = 0
+    head: str = setting("linear", "'linear' or 'mlp'")
+    finetune: bool = setting(False, "train the whole network", shown="False, a frozen backbone")
+    epochs: int = setting(30, "passes over the training split")
+    lr: float = setting(1e-3, "Adam rate of the head")
+    backbone_lr_mult: float = setting(0.1, "backbone rate = lr x this, with --finetune")
+    batch_size: int = setting(64, "images per step")
+    weight_decay: float = setting(0.0, "Adam weight decay")
+    hidden_dim: int = setting(512, "hidden units of the mlp head")
+    seed: int = setting(0, "seed of the head's weights and of the batch order")
 
     def __post_init__(self) -> None:
         _check(self.head in ("linear", "mlp"), "head", "'linear' or 'mlp'", self.head)
@@ -298,164 +348,6 @@ class ClassifierConfig:
         _check(self.backbone_lr_mult > 0, "backbone_lr_mult", "> 0", self.backbone_lr_mult)
         _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         _check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
-
-
-C = TypeVar("C")
-_NESTED: dict[str, type] = {"data": DataConfig, "augment": AugmentConfig}
-
-
-def _typed(value: Any, hint: Any) -> tuple[bool, Any]:
-    """(whether ``value`` fits the annotation ``hint``, the value converted to it)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        for arm in typing.get_args(hint):
-            ok, converted = (value is None, None) if arm is type(None) else _typed(value, arm)
-            if ok:
-                return True, converted
-        return False, value
-    if typing.get_origin(hint) is tuple:
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        checked = [_typed(v, typing.get_args(hint)[0]) for v in value]
-        return all(ok for ok, _ in checked), tuple(v for _, v in checked)
-    if hint is float and isinstance(value, str):
-        try:  # PyYAML reads 3e-4 (no dot) as text, not as a number
-            return True, float(value)
-        except ValueError:
-            return False, value
-    if hint is float:
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return number, float(value) if number else value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint in (bool, str):
-        return isinstance(value, hint), value
-    return True, value
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]  # type: ignore[arg-type]
-
-
-def normalize_keys(cls: type, values: dict[str, Any], where: str = "config") -> dict[str, Any]:
-    """``values`` with the keys spelled as the dataclass fields, for files written like flags.
-
-    A key may use the flag's dashes (``batch-size``). In a pretraining config the data and
-    augmentation fields may also stand at the top level, as their flags do (``image_size: 32``,
-    ``flip_p: 0``), and ``data: NAME`` means ``data: {data: NAME}``. A field given twice
-    (``batch-size`` and ``batch_size``, or ``image_size`` and ``data.image_size``) is an error
-    rather than a guess. Unknown keys are left for :func:`from_dict` to name.
-    """
-    if not isinstance(values, dict):
-        return values
-    out: dict[str, Any] = {}
-    spelled: dict[str, str] = {}
-    for key, value in values.items():
-        name = key.replace("-", "_") if isinstance(key, str) else key
-        if name in out:
-            raise ConfigError(f"{where}: {name!r} is given twice ({spelled[name]!r} and {key!r})")
-        out[name], spelled[name] = value, key
-    if cls is not PretrainConfig:
-        return out
-    if isinstance(out.get("data"), str):
-        out["data"] = {"data": out["data"]}
-    for section, nested in _NESTED.items():
-        if isinstance(out.get(section), dict):
-            out[section] = normalize_keys(nested, out[section], f"{where}.{section}")
-    top = set(_field_names(PretrainConfig))
-    for name in [k for k in out if k not in top]:
-        sections = [s for s, nested in _NESTED.items() if name in _field_names(nested)]
-        if len(sections) != 1 or not isinstance(out.get(sections[0], {}), dict):
-            continue  # unknown, or a section of the wrong type: from_dict names the problem
-        section = out.setdefault(sections[0], {})
-        if name in section:
-            raise ConfigError(f"{where}: {name!r} is given twice (as {sections[0]}.{name} too)")
-        section[name] = out.pop(name)
-    return out
-
-
-def _unknown_keys(where: str, unknown: list[str], known: list[str]) -> ConfigError:
-    hints = [f"{u!r} -> {m[0]!r}" for u in unknown
-             if (m := difflib.get_close_matches(u.replace("-", "_"), known, n=1, cutoff=0.75))]
-    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-    return ConfigError(f"{where}: unknown key(s) {unknown}{hint}; known keys: {sorted(known)}")
-
-
-def from_dict(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
-    """Build a (nested) config dataclass from a plain dict; unknown keys and values of the wrong
-    type are one-line errors naming the field. Keys may be spelled as :func:`normalize_keys`
-    accepts."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of field names to values")
-    values = normalize_keys(cls, values, where)
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise _unknown_keys(where, unknown, list(known))
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for name, value in values.items():
-        if cls is PretrainConfig and name in _NESTED:
-            value = from_dict(_NESTED[name], value, f"{where}.{name}")
-        else:
-            ok, value = _typed(value, hints[name])
-            if not ok:
-                label = name if where == "config" else f"{where}.{name}"
-                hint = hints[name]
-                expected = hint.__name__ if isinstance(hint, type) else \
-                    str(hint).replace("typing.", "").replace("NoneType", "None")
-                raise ConfigError(f"{label} = {value!r} has the wrong type: expected {expected}")
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """A JSON/YAML-safe dict of a config, nested dataclasses included."""
-    return dataclasses.asdict(config)
-
-
-def to_yaml(config: Any) -> str:
-    """The config as the YAML that ``config.yaml`` holds and ``--config`` reads, fields in
-    declaration order."""
-    import yaml
-
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"data": {"data": "digits"}}`` -> ``{"data.data": "digits"}``."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _recipe_folder() -> Any:
-    from importlib import resources
-
-    return resources.files("simclr_kit").joinpath("recipes")
-
-
-def recipe_names() -> list[str]:
-    """The built-in recipes: ``recipes/NAME.yaml`` in the package."""
-    return sorted(f.name.removesuffix(".yaml") for f in _recipe_folder().iterdir()
-                  if f.name.endswith(".yaml"))
-
-
-def recipe(name: str) -> dict[str, Any]:
-    """A built-in recipe (``recipes/NAME.yaml`` in the package) as a dict of config fields."""
-    import yaml
-
-    folder = _recipe_folder()
-    known = recipe_names()
-    if name not in known:
-        raise ConfigError(f"unknown recipe {name!r}; built-in recipes: {known}")
-    return yaml.safe_load(folder.joinpath(f"{name}.yaml").read_text()) or {}
 
 
 # Fields of a recipe that say how long to train, not how: a config that sets only these (or
@@ -501,34 +393,3 @@ def layered_data(recorded: dict[str, Any] | None,
     if "data" not in base and "data" not in overrides:
         return None
     return from_dict(DataConfig, merge(base, overrides), "data")
-
-
-def load_yaml(path: str | Path, cls: type | None = None) -> dict[str, Any]:
-    """Read a YAML config file into a dict (validated when turned into a dataclass); with
-    ``cls``, its keys spelled as that dataclass's fields (:func:`normalize_keys`), so that flags
-    merged on top of it meet the same keys."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {p} does not exist")
-    import yaml  # lazily: the training step and the benchmarks need no YAML
-
-    try:
-        values = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"config file {p} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"config file {p} must hold a mapping of field names to values")
-    return normalize_keys(cls, values) if cls is not None else values
-
-
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Recursively overlay ``overrides`` (None values ignored) on ``base``."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out

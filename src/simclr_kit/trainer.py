@@ -32,9 +32,9 @@ from simclr_kit.devices import compile_by_default, grad_scaler, resolve_device, 
 from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone, read_weights
 from simclr_kit.errors import UserError
 from simclr_kit.models import (SimCLR, backbone_feature_dim, backbone_kwargs, build_simclr,
-                               is_timm_name, resolve_stem)
+                               check_backbone_name, is_timm_name, resolve_stem)
 from simclr_kit.optim import build_optimizer, effective_lr, warmup_cosine, warmup_epochs_within
-from simclr_kit.report.loggers import open_loggers
+from simclr_kit.report.loggers import check_loggers, open_loggers
 from simclr_kit.report.metrics import MetricsLog
 from simclr_kit.report.system import hardware_info
 from simclr_kit.resume import check_resume
@@ -175,6 +175,8 @@ def _build_model(cfg: PretrainConfig, image_size: int) -> tuple[SimCLR, dict[str
 
 def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
     """Build data, model, optimizer and run directory (or reopen ``resume``)."""
+    check_backbone_name(cfg.backbone)  # what this machine lacks fails before any data is read
+    check_loggers(cfg.loggers)
     if resume is not None:
         check_resume(resume, cfg)  # a changed config or a finished run: refused, nothing touched
     device = distributed.init(resolve_device(cfg.device))
