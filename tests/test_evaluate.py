@@ -339,3 +339,59 @@ def test_feature_cache_under_two_ranks(tmp_path):
         assert saved["hits"].tolist() == [False, True]
         torch.testing.assert_close(saved["first"], reference, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(saved["second"], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_train_classifier_linear_head_is_evaluates_linear_probe(run, data, tmp_path, capsys):
+    """The downstream classifier's frozen linear head and evaluate's linear probe are one
+    thing: with both commands' defaults, the same accuracy printed, and the saved classifier
+    predicts (from images, through predict's path) what the probe predicts."""
+    from simclr_kit.classifier import load_classifier
+    from simclr_kit.config import DataConfig
+    from simclr_kit.data.sources import open_splits
+    from simclr_kit.data.store import decode_split
+    from simclr_kit.evaluation.features import forward_images
+
+    assert main(["evaluate", str(run), "--data", str(data), "--out", str(tmp_path / "ev"),
+                 "--protocols", "linear", "--device", "cpu"]) == 0
+    probe_row = _rows(tmp_path / "ev")[0]
+    assert probe_row["hyperparameters"]["steps"] == 2000  # the default recipe, step floor on
+    assert f"{probe_row['value']:.2f}%" in capsys.readouterr().out
+    assert main(["train-classifier", str(run), "--data", str(data), "--out", str(tmp_path / "c"),
+                 "--head", "linear", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    meta = json.loads((tmp_path / "c" / "classifier.json").read_text())
+    assert meta["val_accuracy"] == probe_row["value"]
+    assert f"validation accuracy {probe_row['value']:.2f}%" in printed
+    assert 0 < probe_row["value"] < 100  # noisy labels: agreement is not by saturation
+    assert meta["config"]["epochs"] == 100 and meta["config"]["batch_size"] == 256
+
+    encoder = load_encoder(run)
+    train_split, val_split = open_splits(DataConfig(data=str(data)), need_eval=True)
+    train, val = (decode_split(s, 8, progress=False) for s in (train_split, val_split))
+    f_train, f_val = (extract_features(encoder, s.images, encoder.mean, encoder.std)
+                      for s in (train, val))
+    probe = train_linear_probe(f_train, train.labels, f_val, val.labels, 3)
+    model, _ = load_classifier(tmp_path / "c", torch.device("cpu"))
+    predicted = forward_images(model, val.images, encoder.mean, encoder.std).argmax(1)
+    assert torch.equal(predicted, probe.val_predictions)
+
+
+def test_train_classifier_mlp_head_folds_the_standardisation(run, data, tmp_path):
+    """An mlp head goes through the same trainer; the saved model, fed raw images, scores
+    what the trainer reported."""
+    from simclr_kit.classifier import load_classifier, train_classifier
+    from simclr_kit.config import ClassifierConfig, DataConfig
+    from simclr_kit.data.sources import open_splits
+    from simclr_kit.data.store import decode_split
+    from simclr_kit.evaluation.finetune import accuracy
+
+    train_classifier(run, DataConfig(data=str(data)), tmp_path / "m",
+                     ClassifierConfig(head="mlp", hidden_dim=16, min_steps=50), device="cpu",
+                     progress=False)
+    meta = json.loads((tmp_path / "m" / "classifier.json").read_text())
+    assert meta["config"]["min_steps"] == 50
+    model, _ = load_classifier(tmp_path / "m", torch.device("cpu"))
+    _, val_split = open_splits(DataConfig(data=str(data)), need_eval=True)
+    val = decode_split(val_split, 8, progress=False)
+    acc = accuracy(model, val.images, val.labels, meta["mean"], meta["std"], "cpu")
+    assert acc == pytest.approx(meta["val_accuracy"], abs=1e-4)  # a count / 30, in float32 there

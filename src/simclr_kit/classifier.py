@@ -2,53 +2,73 @@
 
 Frozen (default): the backbone is in eval mode and gets no gradient, so its features are fixed;
 they are computed once and the head trains on them (the same result as a forward per epoch, far
-faster). ``finetune=True`` trains the whole network, backbone at ``lr x backbone_lr_mult``, with
-random crops and flips.
+faster), by the linear probe's trainer and recipe (``evaluation/linear.py``): standardised
+features, Adam, a per-batch cosine, at least ``min_steps`` steps. So ``train-classifier --head
+linear`` and ``evaluate``'s linear probe give the same accuracy on the same data and seed. The
+standardisation is then folded into the head's first layer, so the saved classifier is
+``head(backbone(x))`` on raw features, as before. ``finetune=True`` trains the whole network,
+backbone at ``lr x backbone_lr_mult``, with random crops and flips.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
-from tqdm.auto import tqdm
 
 from simclr_kit import __version__
-from simclr_kit.augment import normalize
 from simclr_kit.atomic import atomic_write_text
 from simclr_kit.checkpoint import load_weights, read_metadata, save_weights
-from simclr_kit.config import ClassifierConfig, DataConfig
-from simclr_kit.data.sources import Split, open_splits, whole_split
+from simclr_kit.config import ClassifierConfig, DataConfig, EvalConfig
+from simclr_kit.data.sources import PREDICT_SPLITS, open_splits, whole_split
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
 from simclr_kit.devices import resolve_device
-from simclr_kit.encoder import load_encoder
+from simclr_kit.encoder import Encoder, load_encoder
 from simclr_kit.errors import UserError
-from simclr_kit.evaluation.features import extract_features
+from simclr_kit.evaluation.features import extract_features, forward_images
 from simclr_kit.evaluation.finetune import FINETUNE_AUGMENT, accuracy, finetune
+from simclr_kit.evaluation.linear import train_linear_probe
 from simclr_kit.models import Classifier, build_backbone
 from simclr_kit.provenance import data_for, run_directory
 
 __all__ = ["FINETUNE_AUGMENT", "accuracy", "load_classifier", "predict", "train_classifier"]
 
 
-def _train_head_on_features(model: Classifier, f_train: Tensor, y_train: Tensor,
-                            cfg: ClassifierConfig, progress: bool) -> None:
-    optimizer = torch.optim.Adam(model.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    g = torch.Generator().manual_seed(cfg.seed)
-    model.head.train()
-    for _ in tqdm(range(cfg.epochs), desc="head", unit="epoch", disable=not progress, leave=False):
-        perm = torch.randperm(f_train.shape[0], generator=g)
-        for start in range(0, f_train.shape[0], cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
-            loss = F.cross_entropy(model.head(f_train[idx]), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+# What ClassifierConfig's epochs and batch_size left at None mean: a frozen head trains as
+# evaluate's linear probe does (EvalConfig.linear_*); fine-tuning has its own.
+_PROBE = EvalConfig()
+FINETUNE_EPOCHS, FINETUNE_BATCH_SIZE = 30, 64
+
+
+def _recipe(cfg: ClassifierConfig) -> ClassifierConfig:
+    """``cfg`` with the epochs and batch size it leaves to the mode filled in."""
+    epochs, batch_size = ((FINETUNE_EPOCHS, FINETUNE_BATCH_SIZE) if cfg.finetune else
+                          (_PROBE.linear_epochs, _PROBE.linear_batch_size))
+    return dataclasses.replace(cfg, epochs=cfg.epochs or epochs,
+                               batch_size=cfg.batch_size or batch_size)
+
+
+def _train_head_on_features(model: Classifier, encoder: Encoder, train: ImageStore,
+                            val: ImageStore, num_classes: int, cfg: ClassifierConfig,
+                            device: torch.device, progress: bool) -> float:
+    """Train ``model.head`` on the frozen features of ``train`` exactly as ``evaluate``'s linear
+    probe does (same features, recipe, seed); fold the standardisation into it; return the
+    val accuracy (percent)."""
+    assert train.labels is not None and val.labels is not None
+    f_train, f_val = (extract_features(encoder, store.images, encoder.mean, encoder.std, device,
+                                       _PROBE.batch_size, progress, f"{role} features")
+                      for store, role in ((train, "train"), (val, "validation")))
+    probe = train_linear_probe(f_train.to(device), train.labels.to(device), f_val.to(device),
+                               val.labels.to(device), num_classes, epochs=cfg.epochs, lr=cfg.lr,
+                               batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                               seed=cfg.seed, progress=progress, min_steps=cfg.min_steps,
+                               head=model.head)
+    model.head = probe.folded_head()  # reads raw backbone features, as predict feeds it
+    return probe.val_accuracy
 
 
 def _finetune(model: Classifier, train: ImageStore, mean, std, cfg: ClassifierConfig,
@@ -84,17 +104,22 @@ def train_classifier(checkpoint: str | Path, data: DataConfig | str | dict[str, 
     if int(train.labels.unique().numel()) < 2:  # type: ignore[union-attr]
         raise UserError(f"the train split {train.provenance.get('split')!r} has a single class: "
                         "a classifier needs at least two")
-    class_names = train.class_names or [str(i) for i in range(int(train.labels.max()) + 1)]
+    cfg = _recipe(cfg)
+    assert train.labels is not None and val.labels is not None
+    # As many classes as evaluate counts (a label past the names gets its number as its name),
+    # so the head, and its seeded initialisation, is the probe's.
+    names = train.class_names or []
+    num_classes = max(len(names), int(train.labels.max()) + 1, int(val.labels.max()) + 1)
+    class_names = names + [str(i) for i in range(len(names), num_classes)]
     torch.manual_seed(cfg.seed)
-    model = Classifier(encoder.backbone, encoder.feature_dim, len(class_names), cfg.head,
+    model = Classifier(encoder.backbone, encoder.feature_dim, num_classes, cfg.head,
                        cfg.hidden_dim, frozen=not cfg.finetune).to(dev)
     if cfg.finetune:
         _finetune(model, train, encoder.mean, encoder.std, cfg, dev, progress)
+        val_acc = accuracy(model, val.images, val.labels, encoder.mean, encoder.std, dev)
     else:
-        f_train = extract_features(encoder, train.images, encoder.mean, encoder.std, dev,
-                                   progress=progress, desc="train features")
-        _train_head_on_features(model, f_train.to(dev), train.labels.to(dev), cfg, progress)
-    val_acc = accuracy(model, val.images, val.labels, encoder.mean, encoder.std, dev)
+        val_acc = _train_head_on_features(model, encoder, train, val, num_classes, cfg, dev,
+                                          progress)
     meta = {"kind": "classifier", "class_names": class_names, "image_size": encoder.image_size,
             "mean": list(encoder.mean), "std": list(encoder.std),
             "backbone": encoder.meta.get("backbone", "resnet18"),
@@ -125,12 +150,6 @@ def load_classifier(cls_dir: str | Path, device: torch.device) -> tuple[Classifi
     return model.to(device).eval(), meta
 
 
-def prediction_split(cfg: DataConfig) -> Split:
-    """Every row of ``cfg.train_split`` (``--split``), else of the only split, else of 'test',
-    else of 'train'."""
-    return whole_split(cfg, ("test", "train"))
-
-
 def _ids_and_labels(store: ImageStore) -> tuple[list[str], list[str] | None]:
     """CSV ids (the file path for images read from files on this machine, else the row of the
     split) and true class names ('' for a row without a label; None for an unlabelled split)."""
@@ -150,26 +169,23 @@ def predict(cls_dir: str | Path, data: str, out: str | Path, device: str = "auto
     has labels), ``predicted`` (class name) and ``probability``; returns the rows written.
 
     ``data``: anything ``--data`` takes, image files, globs and folders of images included,
-    read as pretraining reads it (the same skipped-images line). ``id`` is the file for images
-    read from files on this machine, else the row of the split.
+    read as pretraining reads it (the same skipped-images line), every row of ``--split``, else
+    of the only split, else of 'test', else of 'train'. ``id`` is the file for images read from
+    files on this machine, else the row of the split.
     """
     dev = resolve_device(device)
     model, meta = load_classifier(cls_dir, dev)
     cfg = data_config or DataConfig(data=data)
-    store = decode_split(prediction_split(cfg), meta["image_size"], cfg.bad_images,
+    store = decode_split(whole_split(cfg, PREDICT_SPLITS), meta["image_size"], cfg.bad_images,
                          progress=False, missing_labels="keep")
     announce_skipped(store, ": they get no prediction")
     ids, labels = _ids_and_labels(store)
-    images = store.images
     rows = []
-    with torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            x = normalize(images[start:start + batch_size].to(dev), meta["mean"], meta["std"])
-            prob = model(x).softmax(1).cpu()
-            p, c = prob.max(1)
-            rows += [[ids[start + i]] + ([] if labels is None else [labels[start + i]])
-                     + [meta["class_names"][int(c[i])], f"{float(p[i]):.6f}"]
-                     for i in range(len(c))]
+    if len(store):
+        logits = forward_images(model, store.images, meta["mean"], meta["std"], dev, batch_size)
+        p, c = logits.softmax(1).max(1)
+        rows = [[ids[i]] + ([] if labels is None else [labels[i]])
+                + [meta["class_names"][int(c[i])], f"{float(p[i]):.6f}"] for i in range(len(c))]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = ["id"] + ([] if labels is None else ["label"]) + ["predicted", "probability"]

@@ -333,21 +333,28 @@ class ClassifierConfig:
 
     head: str = setting("linear", "'linear' or 'mlp'")
     finetune: bool = setting(False, "train the whole network", shown="False, a frozen backbone")
-    epochs: int = setting(30, "passes over the training split")
+    epochs: int | None = setting(None, "passes over the training split",
+                                 shown="100 frozen, as evaluate's linear probe; 30 with --finetune")
     lr: float = setting(1e-3, "Adam rate of the head")
     backbone_lr_mult: float = setting(0.1, "backbone rate = lr x this, with --finetune")
-    batch_size: int = setting(64, "images per step")
+    batch_size: int | None = setting(None, "images per step",
+                                     shown="256 frozen, as evaluate's linear probe; 64 with "
+                                     "--finetune")
     weight_decay: float = setting(0.0, "Adam weight decay")
     hidden_dim: int = setting(512, "hidden units of the mlp head")
     seed: int = setting(0, "seed of the head's weights and of the batch order")
+    min_steps: int = setting(2000, "frozen backbone: train at least this many Adam steps, adding "
+                             "epochs, as evaluate's --linear-min-steps; 0 keeps the epochs")
 
     def __post_init__(self) -> None:
         _check(self.head in ("linear", "mlp"), "head", "'linear' or 'mlp'", self.head)
-        _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        _check(self.epochs is None or self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
         _check(self.lr > 0, "lr", "> 0", self.lr)
         _check(self.backbone_lr_mult > 0, "backbone_lr_mult", "> 0", self.backbone_lr_mult)
-        _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        _check(self.batch_size is None or self.batch_size >= 1, "batch_size", "an integer >= 1",
+               self.batch_size)
         _check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        _check(self.min_steps >= 0, "min_steps", "an integer >= 0 (0: off)", self.min_steps)
 
 
 # Fields of a recipe that say how long to train, not how: a config that sets only these (or
