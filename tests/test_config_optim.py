@@ -10,8 +10,8 @@ import torch
 from simclr_kit.config import (AugmentConfig, ConfigError, PretrainConfig, from_dict, load_yaml,
                                merge)
 from simclr_kit.errors import UserError
-from simclr_kit.optim import (LARS, effective_lr, parameter_groups, set_lr, warmup_cosine,
-                             warmup_epochs_within)
+from simclr_kit.optim import (LARS, build_optimizer, effective_lr, parameter_groups, set_lr,
+                             warmup_cosine, warmup_epochs_within)
 
 
 @pytest.mark.parametrize("field,value", [("temperature", 0.0), ("batch_size", 1), ("lr", -1.0),
@@ -115,3 +115,22 @@ def test_config_and_report_modules_import_only_downward():
     assert "simclr_kit.models" not in config and "simclr_kit.report" not in config
     report = loaded("import simclr_kit.report.sections, simclr_kit.report.embedding_sections")
     assert "simclr_kit.report.page" in report and "simclr_kit.report.html" not in report
+
+
+def test_every_optimizer_the_config_accepts_is_built_and_steps():
+    """config.OPTIMIZERS and optim.BUILDERS name the same optimizers (adding one is both places,
+    and a name in one but not the other fails here); each keeps biases and norms undecayed."""
+    from simclr_kit.config import OPTIMIZERS
+    from simclr_kit.optim import BUILDERS
+
+    assert set(OPTIMIZERS) == set(BUILDERS)
+    with pytest.raises(ConfigError, match="optimizer"):
+        PretrainConfig(optimizer="rmsprop")
+    for name in OPTIMIZERS:
+        net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        opt = build_optimizer(net, name, lr=0.1, momentum=0.9, weight_decay=0.5)
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
+        before = net[0].weight.detach().clone()
+        net(torch.randn(8, 3)).square().mean().backward()
+        opt.step()
+        assert not torch.equal(before, net[0].weight), name

@@ -25,6 +25,8 @@ from simclr_kit.config_fields import (  # noqa: F401 - the config API: simclr_ki
 
 # How the rate for a batch of 256 becomes the run's rate (see optim.effective_lr).
 LR_SCALINGS = ("linear", "sqrt")
+# The optimizers optim.BUILDERS builds, by name.
+OPTIMIZERS = ("lars", "sgd", "adam")
 
 
 def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
@@ -287,7 +289,7 @@ class PretrainConfig:
         _check(self.batch_size >= 2, "batch_size", "an integer >= 2 (NT-Xent needs negatives)",
                self.batch_size)
         _check(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite number > 0", self.lr)
-        _check(self.optimizer in ("lars", "sgd", "adam"), "optimizer", "'lars', 'sgd' or 'adam'",
+        _check(self.optimizer in OPTIMIZERS, "optimizer", " or ".join(map(repr, OPTIMIZERS)),
                self.optimizer)
         _check(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
         _check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -134,23 +135,46 @@ def _fast_kwargs(cls: type[torch.optim.Optimizer], params: list[Tensor]) -> dict
     return {"foreach": True}
 
 
+def _lars(groups: list[dict], lr: float, momentum: float, weight_decay: float, eta: float,
+          clip: bool) -> torch.optim.Optimizer:
+    return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip)
+
+
+def _sgd(groups: list[dict], lr: float, momentum: float, **_: Any) -> torch.optim.Optimizer:
+    groups = _without_lars(groups)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False,
+                           **_fast_kwargs(torch.optim.SGD, _params(groups)))
+
+
+def _adam(groups: list[dict], lr: float, **_: Any) -> torch.optim.Optimizer:
+    groups = _without_lars(groups)
+    return torch.optim.AdamW(groups, lr=lr, **_fast_kwargs(torch.optim.AdamW, _params(groups)))
+
+
+def _without_lars(groups: list[dict]) -> list[dict]:
+    return [{k: v for k, v in g.items() if k != "lars"} for g in groups]
+
+
+def _params(groups: list[dict]) -> list[Tensor]:
+    return [p for g in groups for p in g["params"]]
+
+
+# Every --optimizer by name (config.OPTIMIZERS lists the same names, for validation). A builder
+# gets parameter_groups(model, weight_decay) (weights to decay and LARS-adapt; biases and norms
+# to leave alone) and the rate; the schedule then sets each group's "lr" every step (set_lr).
+BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "lars": _lars,  # SimCLR: trust coefficient eta, optionally clipped
+    "sgd": _sgd,  # momentum, biases and norms not decayed
+    "adam": _adam,  # AdamW
+}
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
                     weight_decay: float, lars_eta: float = 0.001,
                     lars_clip: bool = False) -> torch.optim.Optimizer:
-    """'lars' (SimCLR; trust coefficient ``lars_eta``, optionally clipped), 'sgd' (momentum,
-    biases and norms not decayed) or 'adam' (AdamW)."""
-    groups = parameter_groups(model, weight_decay)
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta,
-                    clip=lars_clip)
-    for g in groups:
-        g.pop("lars")
-    params = [p for g in groups for p in g["params"]]
-    if name == "sgd":
-        cls: type[torch.optim.Optimizer] = torch.optim.SGD
-        return cls(groups, lr=lr, momentum=momentum, nesterov=False,
-                   **_fast_kwargs(cls, params))
-    return torch.optim.AdamW(groups, lr=lr, **_fast_kwargs(torch.optim.AdamW, params))
+    """The optimizer ``name`` (a key of :data:`BUILDERS`) over ``model``'s parameter groups."""
+    return BUILDERS[name](parameter_groups(model, weight_decay), lr=lr, momentum=momentum,
+                          weight_decay=weight_decay, eta=lars_eta, clip=lars_clip)
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float,
