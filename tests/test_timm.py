@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 
 import pytest
 import torch
@@ -210,3 +211,21 @@ def test_feature_size_is_probed_and_checked_against_what_timm_declares():
     model.num_features = 5
     with pytest.raises(UserError, match="declares 5 features but its forward gives 3"):
         check_num_features("timm/x", model, 3)
+
+
+def test_the_readme_example_of_a_backbone_of_ones_own_trains(tmp_path, monkeypatch):
+    """README, "Extending": the network registered with timm, as the README writes it,
+    pretrains as ``timm/tiny_net`` on the embedded digits and is saved with its feature size."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**A backbone**"):readme.index("**An augmentation**")]
+    code = section.split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    module = types.ModuleType("readme_example")  # timm's registry looks the module up
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    meta = _meta(tmp_path / module.run_dir)
+    assert meta["backbone"] == "timm/tiny_net" and meta["feature_dim"] == 32
+    encoder = load_encoder(tmp_path / module.run_dir)
+    assert encoder(torch.rand(2, 3, 8, 8)).shape == (2, 32)
