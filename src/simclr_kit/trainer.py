@@ -27,7 +27,9 @@ from simclr_kit.budget import TimeBudget
 from simclr_kit.config import PretrainConfig, to_dict, to_yaml
 from simclr_kit.data.loader import ResidentBatches
 from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, skipped_report
+from simclr_kit.data.store import (ImageStore, announce_skipped, decode_split, skipped_report,
+                                   training_sizes)
+from simclr_kit.data.stream import StreamedBatches, batch_source
 from simclr_kit.devices import compile_by_default, grad_scaler, resolve_device, tune_backends
 from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone, read_weights
 from simclr_kit.errors import UserError
@@ -54,7 +56,7 @@ class Trainer:
     device: torch.device
     store: ImageStore
     eval_store: ImageStore | None
-    batches: ResidentBatches  # where each step's images come from (data/loader.py)
+    batches: ResidentBatches | StreamedBatches  # each step's images (data/loader.py, stream.py)
     model: SimCLR
     ddp_model: nn.Module
     augment: SimCLRAugment
@@ -136,20 +138,22 @@ def _check_batch(cfg: PretrainConfig, n_images: int) -> PretrainConfig:
     return dataclasses.replace(cfg, batch_size=smaller)
 
 
-def _load_data(cfg: PretrainConfig) -> tuple[ImageStore, ImageStore | None]:
-    """Every rank holds the whole decoded set; each node's first rank downloads and decodes it
-    (into the disk cache), the node's other ranks then read that cache."""
+def _load_data(cfg: PretrainConfig) -> tuple[ImageStore, ImageStore | None, int]:
+    """The training store (at the stored size), the evaluation store and the training size.
+    Each node's first rank downloads and decodes the set into the disk cache; the node's other
+    ranks then map that same file (data/mapped.py): one copy of the pixels per machine."""
     with distributed.local_main_first():
         train, evaluation = open_splits(cfg.data, need_eval=cfg.monitor_knn > 0)
+        size, stored = training_sizes(train, cfg.data.image_size, None)
         # Labels only for --monitor-knn (the kNN keys): pretraining itself needs none.
-        store = decode_split(train, cfg.data.image_size, cfg.data.bad_images,
+        store = decode_split(train, stored, cfg.data.bad_images,
                              progress=cfg.progress and distributed.is_main(),
                              labels=cfg.monitor_knn > 0)
         eval_store = None
-        if evaluation is not None:
-            eval_store = decode_split(evaluation, store.image_size, cfg.data.bad_images,
+        if evaluation is not None:  # evaluation sees the centre crop at the training size
+            eval_store = decode_split(evaluation, size, cfg.data.bad_images,
                                       progress=cfg.progress and distributed.is_main())
-    return store, eval_store
+    return store, eval_store, size
 
 
 def _build_model(cfg: PretrainConfig, image_size: int) -> tuple[SimCLR, dict[str, Any]]:
@@ -185,12 +189,12 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
     tune_backends(device, cfg.deterministic)
     _check_world(cfg)
     run_dir = resume if resume is not None else _new_run_dir(cfg)
-    store, eval_store = _load_data(cfg)
+    store, eval_store, image_size = _load_data(cfg)
     cfg = _check_batch(cfg, len(store))
     announce_skipped(store, f"; listed in {run_dir / 'skipped.txt'}")
 
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.init == "imagenet" else channel_stats(store.images)
-    model, init_meta = _build_model(cfg, store.image_size)
+    model, init_meta = _build_model(cfg, image_size)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -207,7 +211,7 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
         "backbone": cfg.backbone, "stem": init_meta["stem"], "feature_dim": model.feature_dim,
         "projection_dim": cfg.projection_dim,
         "projection_hidden_dim": cfg.projection_hidden_dim or model.feature_dim,
-        "image_size": store.image_size, "mean": list(mean), "std": list(std),
+        "image_size": image_size, "mean": list(mean), "std": list(std),
         "dataset": store.provenance, "config": to_dict(cfg), "package_version": __version__,
         **{k: v for k, v in init_meta.items() if k != "stem"},
     }
@@ -216,9 +220,9 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
                      open_loggers(cfg.loggers, run_dir, to_dict(cfg)) if is_main else None)
     trainer = Trainer(
         config=cfg, run_dir=run_dir, device=device, store=store, eval_store=eval_store,
-        batches=ResidentBatches(store.images, device, cfg.batch_size, cfg.seed),
+        batches=batch_source(store.images, device, cfg.batch_size, cfg.seed, "auto"),
         model=model, ddp_model=ddp_model,
-        augment=SimCLRAugment(cfg.augment, store.image_size, mean, std, cfg.seed),
+        augment=SimCLRAugment(cfg.augment, image_size, mean, std, cfg.seed),
         optimizer=optimizer, meta=meta, log=log, base_lr=base_lr,
         steps_per_epoch=len(store) // cfg.batch_size, total_epochs=cfg.epochs)
     trainer.scaler = grad_scaler(cfg.precision, device)
@@ -242,7 +246,7 @@ def _write_run_files(t: Trainer) -> None:
     if t.store.skipped:
         atomic_write_text(t.run_dir / "skipped.txt", skipped_report(t.store))
     t.log.write("run", device=str(t.device), world_size=distributed.world_size(),
-                images=len(t.store), image_size=t.store.image_size, effective_lr=t.base_lr,
+                images=len(t.store), image_size=t.meta["image_size"], effective_lr=t.base_lr,
                 steps_per_epoch=t.steps_per_epoch, dataset=t.store.provenance,
                 version=__version__, hardware=hardware_info(t.device))
 

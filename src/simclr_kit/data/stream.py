@@ -164,10 +164,11 @@ class StreamedBatches:
 def batch_source(images: Tensor, device: torch.device, global_batch: int, seed: int,
                  mode: str = "auto") -> ResidentBatches | StreamedBatches:
     """The training batches of ``images (N, 3, S, S) uint8``: held whole (on the device when it
-    fits) or streamed from the map, as ``mode`` ("auto", "on", "off") and :func:`choose` decide;
-    the choice is printed once."""
+    fits) or streamed from the map, as ``mode`` ("auto", "on", "off") and :func:`choose` decide.
+    The choice is printed, on a CPU device only when it streams (held whole, the set is still
+    the shared map, indexed by each step)."""
     streamed, why = choose(mode, images, torch.device(device))
-    if distributed.is_main():
+    if distributed.is_main() and (streamed or torch.device(device).type != "cpu"):
         where = "streamed from the decoded file" if streamed else "held whole"
         if not streamed and torch.device(device).type == "cuda":
             where += " on the device"
