@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from simclr_kit.augment import channel_stats
 from simclr_kit.data import mapped, store
 from simclr_kit.data.sources import Split
 from simclr_kit.data.store import (ChunkDecoder, decode_split, resize_center_crop, to_rgb_array,
@@ -76,6 +77,9 @@ def assert_same_store(a: store.ImageStore, b: store.ImageStore) -> None:
     assert torch.equal(a.images, b.images)
     assert torch.equal(a.row_ids, b.row_ids)
     assert a.files == b.files and a.skipped == b.skipped
+    assert torch.equal(a.channel_counts, b.channel_counts)
+    # The histograms counted while decoding are those of the kept images: the same statistics.
+    assert store.store_channel_stats(a) == channel_stats(a.images)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

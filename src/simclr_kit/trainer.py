@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 
 from simclr_kit import __version__, distributed
 from simclr_kit.atomic import atomic_write_text
-from simclr_kit.augment import SimCLRAugment, channel_stats
+from simclr_kit.augment import SimCLRAugment
 from simclr_kit.budget import TimeBudget
 from simclr_kit.config import PretrainConfig, to_dict, to_yaml
 from simclr_kit.data.loader import ResidentBatches
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import (ImageStore, announce_skipped, decode_split, skipped_report,
-                                   training_sizes)
+                                   store_channel_stats, training_sizes)
 from simclr_kit.data.stream import StreamedBatches, batch_source
 from simclr_kit.devices import compile_by_default, grad_scaler, resolve_device, tune_backends
 from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone, read_weights
@@ -193,7 +193,8 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
     cfg = _check_batch(cfg, len(store))
     announce_skipped(store, f"; listed in {run_dir / 'skipped.txt'}")
 
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.init == "imagenet" else channel_stats(store.images)
+    mean, std = ((IMAGENET_MEAN, IMAGENET_STD) if cfg.init == "imagenet"
+                 else store_channel_stats(store))  # counted while decoding: no pass over pixels
     model, init_meta = _build_model(cfg, image_size)
     model = model.to(device)
     if cfg.channels_last:

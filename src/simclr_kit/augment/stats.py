@@ -28,8 +28,8 @@ def channel_stats(images: Tensor, batch_size: int = 4096
     """Per-channel mean and (population) std of uint8 ``(N, 3, H, W)`` images on the [0, 1] scale.
 
     Chunks of ``batch_size`` images are counted into per-channel 256-bin histograms (exact), from
-    which the moments follow in float64, the variance around the mean (no cancellation). Memory
-    stays at one chunk and the result does not depend on ``batch_size``.
+    which the moments follow (:func:`stats_from_counts`). Memory stays at one chunk and the
+    result does not depend on ``batch_size``.
     """
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:
         raise ValueError(f"expected a non-empty (N, 3, H, W) batch, got {tuple(images.shape)}")
@@ -37,7 +37,16 @@ def channel_stats(images: Tensor, batch_size: int = 4096
     for chunk in images.split(batch_size):
         for c in range(3):
             counts[c] += torch.bincount(chunk[:, c].reshape(-1), minlength=256).to(torch.float64)
-    values = torch.arange(256, dtype=torch.float64, device=images.device) / 255.0
+    return stats_from_counts(counts)
+
+
+def stats_from_counts(counts: Tensor) -> tuple[tuple[float, float, float],
+                                               tuple[float, float, float]]:
+    """Mean and std on the [0, 1] scale from per-channel histograms ``counts (3, 256)`` of uint8
+    values: in float64, the variance around the mean (no cancellation). The decoded store keeps
+    these counts, so a large set's statistics need no pass over its pixels."""
+    counts = counts.to(torch.float64)
+    values = torch.arange(256, dtype=torch.float64, device=counts.device) / 255.0
     total = counts.sum(dim=1)
     mean = (counts * values).sum(dim=1) / total
     std = ((counts * (values - mean[:, None]).square()).sum(dim=1) / total).sqrt()

@@ -45,12 +45,19 @@ _MOVE_ROWS = 256  # rows moved per copy while compacting: bounds the temporary n
 @dataclass
 class Decoded:
     """A decoded split: ``images (K, 3, S, S) uint8`` (a map or an array), the ``rows (K,)``
-    of the split they came from, their ``files`` and the ``skipped`` ``(row, file, reason)``."""
+    of the split they came from, their ``files``, the ``skipped`` ``(row, file, reason)`` and
+    the images' per-channel histograms ``counts (3, 256)`` (None in an older cache)."""
 
     images: np.ndarray
     rows: np.ndarray
     files: list[str]
     skipped: list[tuple[int, str, str]]
+    counts: np.ndarray | None = None
+
+
+def total_counts(records: list[dict]) -> np.ndarray:
+    """The summed ``counts`` (3, 256) of chunk records."""
+    return np.sum([np.asarray(r["counts"], np.int64) for r in records], axis=0)
 
 
 def npy_offset(path: Path) -> tuple[tuple[int, ...], int]:
@@ -124,11 +131,12 @@ def open_complete(final: Path, size: int) -> Decoded | None:
         rows = np.setdiff1d(np.arange(int(meta["rows"]), dtype=np.int64),
                             np.asarray([r for r, _, _ in skipped], dtype=np.int64))
         files = [str(f) for f in meta["files"]] or [""] * len(rows)
+        counts = np.asarray(meta["counts"], np.int64) if "counts" in meta else None
     except (OSError, ValueError, KeyError, TypeError):  # a damaged cache is decoded again
         return None
     if len(rows) != shape[0] or len(files) != shape[0]:
         return None
-    return Decoded(images, rows, files, skipped)
+    return Decoded(images, rows, files, skipped, counts)
 
 
 def _alive(pid: int) -> bool:
@@ -183,7 +191,8 @@ def done_chunks(tmp: Path) -> dict[int, dict]:
     for path in (tmp / "chunks").glob("*.json"):
         try:
             record = json.loads(path.read_text())
-            records[int(record["start"])] = record
+            if set(record) >= {"start", "stop", "files", "skipped", "counts"}:
+                records[int(record["start"])] = record
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return records
@@ -214,7 +223,8 @@ def publish(tmp: Path, final: Path, n: int, size: int, records: list[dict]) -> D
             f.truncate(offset + len(keep) * 3 * size * size)
     fsync_file(path)
     meta = {"version": VERSION, "rows": n, "shape": [len(keep), 3, size, size],
-            "files": files if any(files) else [], "skipped": skipped}
+            "files": files if any(files) else [], "skipped": skipped,
+            "counts": total_counts(records).tolist()}
     atomic_write_text(tmp / "meta.json", json.dumps(meta))
     (tmp / "compacting").unlink(missing_ok=True)
     shutil.rmtree(tmp / "chunks", ignore_errors=True)

@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from simclr_kit import distributed, faults
+from simclr_kit.augment.stats import channel_stats, stats_from_counts
 from simclr_kit.data import decode_pool, mapped
 from simclr_kit.data.sources import Split
 from simclr_kit.errors import UserError
@@ -63,6 +64,7 @@ class ImageStore:
     provenance: dict = field(default_factory=dict)
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    channel_counts: Tensor | None = None  # (3, 256) histograms of the images' uint8 values
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -221,7 +223,8 @@ class ChunkDecoder:
     """Decode rows ``[start, stop)`` of ``raw`` into the same rows of ``out``: an ``(N, 3, S, S)``
     uint8 array in RAM, or the path of a ``.npy`` that each process maps shared on first use.
 
-    Returns a chunk record ``{start, stop, files, skipped}``; a skipped row's slot keeps zeros.
+    Returns a chunk record ``{start, stop, files, skipped, counts}`` (``counts``: the kept
+    images' per-channel histograms, 3 x 256); a skipped row's slot keeps zeros.
     """
 
     def __init__(self, raw: datasets.Dataset, column: str, size: int,
@@ -244,6 +247,7 @@ class ChunkDecoder:
 
     def __call__(self, start: int, stop: int) -> dict:
         out, files, skipped = self._rows(), [], []
+        counts = np.zeros((3, 256), np.int64)
         half = (start + stop) // 2
         for first in range(start, stop, 64):
             items = self._items(first, min(first + 64, stop))
@@ -255,13 +259,16 @@ class ChunkDecoder:
                     with _open(item) as img:
                         hwc = resize_center_crop(to_rgb_array(img), self.size)
                     out[row] = hwc.transpose(2, 0, 1)  # (3, S, S): see data/mapped.py
+                    for c in range(3):
+                        counts[c] += np.bincount(hwc[..., c].ravel(), minlength=256)
                     files.append(_item_name(item))
                 except Exception as err:  # PIL raises many types for bad bytes; each is one bad row
                     skipped.append((row, _item_name(item), _reason(err)))
         if self._map is not None:
             mm, array, offset = self._map[1]
             mapped.flush_rows(mm, offset, array[0].nbytes, start, stop)
-        return {"start": start, "stop": stop, "files": files, "skipped": skipped}
+        return {"start": start, "stop": stop, "files": files, "skipped": skipped,
+                "counts": counts.tolist()}
 
     def close(self) -> None:
         if self._map is not None and self._map[0] == os.getpid():
@@ -321,7 +328,7 @@ def _decode(split: Split, size: int, bad_images: str, progress: bool,
     assert isinstance(images, np.ndarray)
     mapped.compact_rows(images.reshape(n, -1), keep)
     return mapped.Decoded(images[:len(keep)], keep, [f for rec in ordered for f in rec["files"]],
-                          skipped)  # type: ignore[arg-type]
+                          skipped, mapped.total_counts(ordered))  # type: ignore[arg-type]
 
 
 def decode_split(split: Split, image_size: int | None = None, bad_images: str = "skip",
@@ -348,7 +355,18 @@ def decode_split(split: Split, image_size: int | None = None, bad_images: str = 
     return ImageStore(images=torch.from_numpy(decoded.images),
                       labels=_labels(split, keep.tolist(), missing_labels) if labels else None,
                       class_names=split.class_names, row_ids=torch.from_numpy(keep),
-                      image_size=size, provenance=provenance, skipped=skipped, files=decoded.files)
+                      image_size=size, provenance=provenance, skipped=skipped, files=decoded.files,
+                      channel_counts=None if decoded.counts is None
+                      else torch.from_numpy(decoded.counts))
+
+
+def store_channel_stats(store: ImageStore) -> tuple[tuple[float, float, float],
+                                                    tuple[float, float, float]]:
+    """:func:`~simclr_kit.augment.channel_stats` of ``store.images``, from the histograms
+    counted while decoding when the store has them (no pass over a large set's pixels)."""
+    if store.channel_counts is not None:
+        return stats_from_counts(store.channel_counts)
+    return channel_stats(store.images)
 
 
 def skipped_summary(store: ImageStore) -> str:
