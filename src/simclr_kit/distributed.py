@@ -184,13 +184,22 @@ def local_main_first() -> Iterator[None]:
     releases the others, which then meet the same error themselves.
     """
     first = local_rank() == 0
+    # Decoding a large set takes longer than the process group's 30-minute timeout (ImageNet:
+    # tens of minutes): the waiting is done in a gloo group of its own with a day's timeout.
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24)) \
+        if is_initialized() else None
     if not first:
-        barrier()
+        _wait(group)
     try:
         yield
     finally:
         if first:
-            barrier()
+            _wait(group)
+
+
+def _wait(group: Any) -> None:
+    if group is not None:
+        dist.barrier(group=group)
 
 
 def shard_rows(n: int) -> Tensor:
