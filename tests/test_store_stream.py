@@ -86,3 +86,14 @@ def test_automatic_choice_and_the_forcing_flag(monkeypatch, capsys):
     assert isinstance(batch_source(images, cpu, BATCH, SEED, "auto"), StreamedBatches)
     assert "streamed from the decoded file (--stream auto" in capsys.readouterr().out
     assert isinstance(batch_source(images, cpu, BATCH, SEED, "off"), ResidentBatches)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streamed_batches_on_cuda_are_the_resident_batches():
+    images, cuda = _images(), torch.device("cuda")
+    resident = _batches(ResidentBatches(images, cuda, BATCH, SEED), 1)
+    streamed = _batches(StreamedBatches(images, cuda, BATCH, SEED), 1)
+    assert len(streamed) == len(resident) == N // BATCH
+    for (i, x), (j, y) in zip(streamed, resident):
+        assert i.device.type == x.device.type == "cuda"
+        assert torch.equal(i, j) and torch.equal(x, y)

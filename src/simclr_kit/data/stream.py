@@ -133,6 +133,8 @@ class StreamedBatches:
                  free: queue.Queue, stop: threading.Event) -> None:
         torch.set_num_threads(1)  # this thread only: the step keeps the cores
         try:
+            if self.cuda:
+                torch.cuda.set_device(self.device)  # the current device is per thread
             for step in range(start_step, steps):
                 slot = None
                 while slot is None:
