@@ -204,3 +204,39 @@ def test_stored_size_rule(on_disk):
     assert training_sizes(on_disk, None, None) == (224, 256)  # mixed sizes: 224 px
     with pytest.raises(UserError, match="--store-size 30 is below the training size 32"):
         training_sizes(on_disk, 32, 30)
+
+
+def test_a_decode_killed_with_its_process_is_continued_by_the_next_process(
+        on_disk, small_chunks, tmp_path, monkeypatch):
+    """SIGKILL of the decoding process itself (here in its 3rd chunk): another process later
+    adopts the dead process's temporary directory and decodes only what is missing."""
+    import subprocess
+    import sys
+
+    script = (
+        "import datasets, sys\n"
+        "from simclr_kit.data import mapped\n"
+        "from simclr_kit.data.sources import Split\n"
+        "from simclr_kit.data.store import decode_split\n"
+        "mapped.CHUNK_ROWS = 4\n"
+        f"ds = datasets.Dataset.from_parquet({str(tmp_path / 'train.parquet')!r}, "
+        f"cache_dir={str(tmp_path / 'hf')!r})\n"
+        f"decode_split(Split(ds, 'image', None, None, 'test', 'train'), {SIZE}, "
+        "progress=False, labels=False, workers=1)\n")
+    monkeypatch.setenv("SIMCLR_KIT_FAULT", "decode-chunk@3")
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    final = _cache_dir(on_disk)
+    temps = list(final.parent.glob(f".{final.name}.tmp-*"))
+    assert not final.exists() and len(temps) == 1
+    assert sorted(p.name for p in (temps[0] / "chunks").iterdir()) == ["0.json", "4.json"]
+    monkeypatch.delenv("SIMCLR_KIT_FAULT")
+    reference = _in_memory()
+    calls: list[int] = []
+    real = ChunkDecoder.__call__
+    monkeypatch.setattr(ChunkDecoder, "__call__",
+                        lambda self, a, b: calls.append(a) or real(self, a, b))
+    assert_same_store(decode_split(on_disk, SIZE, progress=False, labels=False, workers=1),
+                      reference)
+    assert calls == [8, 12, 16, 20]
+    assert not list(final.parent.glob(f".{final.name}.tmp-*"))
