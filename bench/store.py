@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-SETS = {"s10k": (10_000, 64, 64), "s300k": (300_000, 64, 64), "big2k": (2_000, 320, 240)}
+SETS = {"s10k": (10_000, 64, 64), "s300k": (300_000, 64, 64), "big2k": (2_000, 320, 240),
+        "photo2k": (2_000, 500, 375)}  # photo2k: fine detail, ~80 kB, like an ImageNet JPEG
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -49,9 +50,12 @@ def make_set(folder: Path, count: int, width: int, height: int) -> None:
             rows = []
             for _ in range(min(10_000, count - start)):
                 small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+                img = Image.fromarray(small).resize((width, height), Image.BILINEAR)
+                if width >= 500:  # grain, so that the JPEG is as large as a photo's
+                    grain = rng.integers(-12, 12, (height, width, 3))
+                    img = Image.fromarray((np.asarray(img) + grain).clip(0, 255).astype(np.uint8))
                 buf = io.BytesIO()
-                Image.fromarray(small).resize((width, height), Image.BILINEAR).save(
-                    buf, "JPEG", quality=90)
+                img.save(buf, "JPEG", quality=90)
                 rows.append({"bytes": buf.getvalue(), "path": None})
             writer.write_table(pa.table({"image": rows}, schema=schema))
 
@@ -255,7 +259,7 @@ def main() -> None:
             results.append({"bench": "data", "set": name, "seconds":
                             round(time.perf_counter() - started, 1)})
     elif args.what == "decode":
-        for name in args.sets or ["s10k", "big2k"]:
+        for name in args.sets or ["s300k", "big2k", "photo2k"]:
             size = 64 if SETS[name][1] == 64 else 256
             for workers in (1, 2):
                 results.append(decode(root, name, size, workers))
