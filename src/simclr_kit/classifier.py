@@ -95,8 +95,10 @@ def train_classifier(checkpoint: str | Path, data: DataConfig | str | dict[str, 
     encoder = load_encoder(checkpoint, dev)
     data = data_for("train-classifier", encoder.meta, data, run_directory(checkpoint))
     train_split, val_split = open_splits(data, need_eval=True)
-    train = decode_split(train_split, encoder.image_size, data.bad_images, progress)
-    val = decode_split(val_split, encoder.image_size, data.bad_images, progress)  # type: ignore[arg-type]
+    train = decode_split(train_split, encoder.image_size, data.bad_images, progress,
+                         workers=data.decode_workers)
+    val = decode_split(val_split, encoder.image_size, data.bad_images, progress,  # type: ignore[arg-type]
+                       workers=data.decode_workers)
     for store, role in ((train, "train"), (val, "validation")):
         announce_skipped(store)
         if store.labels is None:
@@ -177,7 +179,7 @@ def predict(cls_dir: str | Path, data: str, out: str | Path, device: str = "auto
     model, meta = load_classifier(cls_dir, dev)
     cfg = data_config or DataConfig(data=data)
     store = decode_split(whole_split(cfg, PREDICT_SPLITS), meta["image_size"], cfg.bad_images,
-                         progress=False, missing_labels="keep")
+                         progress=False, missing_labels="keep", workers=cfg.decode_workers)
     announce_skipped(store, ": they get no prediction")
     ids, labels = _ids_and_labels(store)
     rows = []

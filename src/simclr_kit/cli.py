@@ -243,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("pretrain", cmd_pretrain, "SimCLR pretraining; writes a run directory")
     _config_options(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its "
-                   "config.yaml; only --epochs, --device, --log-every, --checkpoint-every[-steps] "
-                   "and --logger may change; a run that trained all its epochs is left as it is")
+                   "config.yaml; only --epochs, --device, --log-every, --checkpoint-every[-steps], "
+                   "--logger, --stream and --decode-workers may change; a run that trained all "
+                   "its epochs is left as it is")
     add_flags(p, DATA_FLAGS, "data")
     add_flags(p, PRETRAIN_FLAGS, "pretraining")
 

@@ -118,6 +118,14 @@ class DataConfig:
                                        "split")
     split_seed: int = setting(0, "seed of that split")
     bad_images: str = setting("skip", "unreadable images: 'skip' (counted and listed) or 'error'")
+    store_size: int | None = setting(
+        None, "pretraining: side in pixels the training images are stored at; the random resized "
+        "crops are taken from it (evaluation keeps the centre crop at --image-size)",
+        shown="--image-size at <= 64 px or the images' own size, else 8 x ceil(size / 7): "
+        "256 for 224")
+    decode_workers: int | None = setting(None, "processes that decode the images, once per "
+                                               "machine, into the shared cache file",
+                                         shown="the machine's cores")
     cache_dir: str | None = unflagged(None, "not read by anything; accepted so that config "
                                             "files that name it still load")
 
@@ -128,6 +136,11 @@ class DataConfig:
         _check(0 < self.val_fraction < 1, "val_fraction", "in (0, 1)", self.val_fraction)
         _check(self.bad_images in ("skip", "error"), "bad_images", "'skip' or 'error'",
                self.bad_images)
+        if self.store_size is not None:
+            _check(8 <= self.store_size <= 2048, "store_size", "an integer in [8, 2048] pixels",
+                   self.store_size)
+        if self.decode_workers is not None:
+            _check(self.decode_workers >= 1, "decode_workers", "at least 1", self.decode_workers)
 
 
 @dataclass(frozen=True)
@@ -260,6 +273,10 @@ class PretrainConfig:
         None, "torch.compile the model; the first step then takes up to a minute longer",
         shown="on with CUDA and Triton, off elsewhere")
     sync_bn: bool = setting(True, "SyncBatchNorm across GPUs under torchrun")
+    stream: str = setting("auto", "training images: 'on' streams each batch from the decoded "
+                                  "file (gathered ahead by a thread), 'off' holds the set whole "
+                                  "(on the GPU), 'auto' streams a set over a quarter of the free "
+                                  "GPU memory (on CPU: of the RAM)")
     seed: int = setting(0, "seed of weights, order and augmentation")
     checkpoint_every: int = setting(10, "epochs between kept checkpoints, 0 for only the last")
     checkpoint_every_steps: int = setting(
@@ -286,6 +303,8 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        _check(self.stream in ("auto", "on", "off"), "stream", "'auto', 'on' or 'off'",
+               self.stream)
         _check(self.batch_size >= 2, "batch_size", "an integer >= 2 (NT-Xent needs negatives)",
                self.batch_size)
         _check(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite number > 0", self.lr)

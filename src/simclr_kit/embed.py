@@ -103,7 +103,8 @@ def compute_embeddings(checkpoint: str | Path, data: DataConfig, projections: bo
     encoder = encoder_from_weights(weights).to(dev).eval()
     head = projection_head(weights) if projections else None  # fails before any decoding
     store: ImageStore = decode_split(whole_split(data, TRAIN_SPLITS), encoder.image_size,
-                                     data.bad_images, progress, missing_labels="keep")
+                                     data.bad_images, progress, missing_labels="keep",
+                                     workers=data.decode_workers)
     announce_skipped(store, ": they get no embedding")
     features = backbone_features(encoder, store.images, dev, batch_size, progress)
     projected = _project(head, features, batch_size) if head is not None else None

@@ -17,7 +17,7 @@ from simclr_kit.errors import UserError
 
 # Fields a resume may change; every other one is the run's own.
 RESUMABLE_FIELDS = ("epochs", "device", "progress", "log_every", "checkpoint_every",
-                    "checkpoint_every_steps", "loggers")
+                    "checkpoint_every_steps", "loggers", "stream", "data.decode_workers")
 
 
 def saved_config(run_dir: Path) -> dict[str, Any]:

@@ -144,15 +144,16 @@ def _load_data(cfg: PretrainConfig) -> tuple[ImageStore, ImageStore | None, int]
     ranks then map that same file (data/mapped.py): one copy of the pixels per machine."""
     with distributed.local_main_first():
         train, evaluation = open_splits(cfg.data, need_eval=cfg.monitor_knn > 0)
-        size, stored = training_sizes(train, cfg.data.image_size, None)
+        size, stored = training_sizes(train, cfg.data.image_size, cfg.data.store_size)
         # Labels only for --monitor-knn (the kNN keys): pretraining itself needs none.
         store = decode_split(train, stored, cfg.data.bad_images,
                              progress=cfg.progress and distributed.is_main(),
-                             labels=cfg.monitor_knn > 0)
+                             labels=cfg.monitor_knn > 0, workers=cfg.data.decode_workers)
         eval_store = None
         if evaluation is not None:  # evaluation sees the centre crop at the training size
             eval_store = decode_split(evaluation, size, cfg.data.bad_images,
-                                      progress=cfg.progress and distributed.is_main())
+                                      progress=cfg.progress and distributed.is_main(),
+                                      workers=cfg.data.decode_workers)
     return store, eval_store, size
 
 
@@ -221,7 +222,7 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
                      open_loggers(cfg.loggers, run_dir, to_dict(cfg)) if is_main else None)
     trainer = Trainer(
         config=cfg, run_dir=run_dir, device=device, store=store, eval_store=eval_store,
-        batches=batch_source(store.images, device, cfg.batch_size, cfg.seed, "auto"),
+        batches=batch_source(store.images, device, cfg.batch_size, cfg.seed, cfg.stream),
         model=model, ddp_model=ddp_model,
         augment=SimCLRAugment(cfg.augment, image_size, mean, std, cfg.seed),
         optimizer=optimizer, meta=meta, log=log, base_lr=base_lr,

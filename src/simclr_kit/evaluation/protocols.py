@@ -212,8 +212,10 @@ def _load_data(data: DataConfig, image_size: int,
                progress: bool) -> tuple[ImageStore, ImageStore]:
     train_split, val_split = open_splits(data, need_eval=True)
     assert val_split is not None
-    train = decode_split(train_split, image_size, data.bad_images, progress)
-    val = decode_split(val_split, image_size, data.bad_images, progress)
+    train = decode_split(train_split, image_size, data.bad_images, progress,
+                         workers=data.decode_workers)
+    val = decode_split(val_split, image_size, data.bad_images, progress,
+                       workers=data.decode_workers)
     for store in (train, val):
         announce_skipped(store)
     _check_labels(train, "train")

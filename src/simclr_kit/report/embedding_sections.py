@@ -62,8 +62,8 @@ def _embed_splits(ctx: ReportContext) -> Embedded:
             f"; once  simclr evaluate {ctx.run} --data LABELLED_DATASET  has run, the report "
             "uses that dataset")
         raise Missing(f"needs a labelled evaluation split of {data.data}: {err}{hint}") from None
-    stores = [decode_split(s, enc.image_size, data.bad_images, ctx.progress)
-              for s in (train_split, eval_split)]
+    stores = [decode_split(s, enc.image_size, data.bad_images, ctx.progress,
+                           workers=data.decode_workers) for s in (train_split, eval_split)]
     if ctx.progress:  # the report command; at the end of `simclr run`, evaluate said it
         for store in stores:
             announce_skipped(store)
