@@ -247,7 +247,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="*", default=None)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--extra", nargs="*", default=[], help="more pretrain flags (memory)")
+    parser.add_argument("--extra", default="", help="more pretrain flags, one string "
+                        "(memory): --extra='--stream on'")
     args = parser.parse_args()
     root = args.root
     os.environ.update(_env(root))  # before datasets is imported
@@ -265,7 +266,7 @@ def main() -> None:
                 results.append(decode(root, name, size, workers))
     elif args.what == "memory":
         for name in args.sets or ["s10k", "s300k"]:
-            results.append(memory(root, name, args.nproc, args.steps, args.extra))
+            results.append(memory(root, name, args.nproc, args.steps, args.extra.split()))
     elif args.what == "loader":
         results += loader(root, (args.sets or ["s300k"])[0], 50_000, 256, 3)
     else:
