@@ -97,7 +97,7 @@ def test_mapped_store_has_the_in_memory_pixels(on_disk, small_chunks, workers):
     final = _cache_dir(on_disk)
     assert sorted(p.name for p in final.iterdir()) == ["images.npy", "meta.json"]
     assert np.load(final / "images.npy", mmap_mode="r").shape == (21, 3, SIZE, SIZE)
-    assert not list(final.parent.glob(".*tmp*")), "the temporary directory was renamed"
+    assert not list(final.parent.glob(f".{final.name}.tmp*")), "the temporary was renamed"
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
