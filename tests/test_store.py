@@ -240,3 +240,23 @@ def test_a_decode_killed_with_its_process_is_continued_by_the_next_process(
                       reference)
     assert calls == [8, 12, 16, 20]
     assert not list(final.parent.glob(f".{final.name}.tmp-*"))
+
+
+def test_records_of_other_chunk_bounds_are_decoded_again(on_disk, small_chunks, monkeypatch):
+    reference = _in_memory()
+    real = ChunkDecoder.__call__
+    calls: list[int] = []
+
+    def failing(self, start, stop):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # chunks [0, 4) and [4, 8) are recorded
+        calls.append(start)
+        return real(self, start, stop)
+
+    monkeypatch.setattr(ChunkDecoder, "__call__", failing)
+    with pytest.raises(KeyboardInterrupt):
+        decode_split(on_disk, SIZE, progress=False, labels=False, workers=1)
+    monkeypatch.setattr(mapped, "CHUNK_ROWS", 8)  # a version with other chunks adopts them
+    monkeypatch.setattr(ChunkDecoder, "__call__", real)
+    assert_same_store(decode_split(on_disk, SIZE, progress=False, labels=False, workers=1),
+                      reference)

@@ -295,8 +295,9 @@ def _decode(split: Split, size: int, bad_images: str, progress: bool,
     tmp = mapped.begin(final, n, size) if final is not None else None
     decoder = ChunkDecoder(raw, split.image_column, size, tmp / "images.npy" if tmp else
                            np.zeros((n, 3, size, size), np.uint8))
-    records = mapped.done_chunks(tmp) if tmp is not None else {}
     chunks = [(s, min(s + mapped.CHUNK_ROWS, n)) for s in range(0, n, mapped.CHUNK_ROWS)]
+    records = {s: r for s, r in (mapped.done_chunks(tmp) if tmp else {}).items()
+               if (s, r["stop"]) in chunks}  # a record of other chunk bounds is redone
     todo = [c for c in chunks if c[0] not in records]
     bar = tqdm(total=n, initial=n - sum(e - s for s, e in todo), desc=f"decoding {split.split}",
                unit="img", disable=not progress, mininterval=1.0)
