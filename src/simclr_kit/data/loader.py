@@ -66,8 +66,10 @@ class ResidentBatches:
             yield batch_indices(perm, step, self.global_batch)
 
     def gather(self, idx: Tensor) -> Tensor:
-        """The uint8 images of rows ``idx: (b,)``, on the training device."""
-        return self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
+        """The uint8 images of rows ``idx: (b,)``, on the training device. ``index_select``,
+        not ``images[idx]``: on the CPU it gathers 64-px rows ~4x faster (bench/RESULTS.md)."""
+        rows = torch.index_select(self.images, 0, idx.to(self.images.device))
+        return rows.to(self.device, non_blocking=True)
 
 
 __all__ = ["ResidentBatches", "batch_indices", "epoch_permutation", "place_images"]
