@@ -177,17 +177,32 @@ def predict(cls_dir: str | Path, data: str, out: str | Path, device: str = "auto
     """
     dev = resolve_device(device)
     model, meta = load_classifier(cls_dir, dev)
+    store = decode_for_predict(meta, data, data_config)
+    logits = forward_images(model, store.images, meta["mean"], meta["std"], dev, batch_size)
+    return write_predictions(store, logits, meta["class_names"], out)
+
+
+def decode_for_predict(meta: dict[str, Any], data: str,
+                       data_config: DataConfig | None = None) -> ImageStore:
+    """The images to predict, decoded as the classifier's metadata ``meta`` says (its image
+    size), with the skipped-images line; shared by ``predict`` and ``predict --onnx``."""
     cfg = data_config or DataConfig(data=data)
     store = decode_split(whole_split(cfg, PREDICT_SPLITS), meta["image_size"], cfg.bad_images,
                          progress=False, missing_labels="keep", workers=cfg.decode_workers)
     announce_skipped(store, ": they get no prediction")
+    return store
+
+
+def write_predictions(store: ImageStore, logits: torch.Tensor, class_names: list[str],
+                      out: str | Path) -> int:
+    """The CSV of :func:`predict` from ``logits: (N, C)`` of the N images of ``store``;
+    returns N."""
     ids, labels = _ids_and_labels(store)
     rows = []
     if len(store):
-        logits = forward_images(model, store.images, meta["mean"], meta["std"], dev, batch_size)
         p, c = logits.softmax(1).max(1)
         rows = [[ids[i]] + ([] if labels is None else [labels[i]])
-                + [meta["class_names"][int(c[i])], f"{float(p[i]):.6f}"] for i in range(len(c))]
+                + [class_names[int(c[i])], f"{float(p[i]):.6f}"] for i in range(len(c))]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = ["id"] + ([] if labels is None else ["label"]) + ["predicted", "probability"]

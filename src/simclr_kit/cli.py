@@ -147,8 +147,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     data = getattr(args, "data.data")
     if data is None:
         raise UserError("--data is required: an image file, folder, glob or dataset")
+    if (args.classifier is None) == (args.onnx is None):
+        raise UserError("give the classifier folder or --onnx FILE.onnx, one of the two")
     cfg = dataclasses.replace(data_config(args), train_split=args.split)
-    n = predict(args.classifier, data, args.out, args.device, cfg)
+    if args.onnx is not None:
+        from simclr_kit.deploy.onnx_predict import predict_onnx
+
+        if args.device not in ("auto", "cpu"):
+            raise UserError("--onnx runs on ONNX Runtime's CPU provider: drop --device")
+        n = predict_onnx(args.onnx, data, args.out, cfg)
+    else:
+        n = predict(args.classifier, data, args.out, args.device, cfg)
     print(f"{n} predictions written to {args.out}")
     return 0
 
@@ -165,10 +174,25 @@ def cmd_show_augment(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from simclr_kit.encoder import export_backbone
+    fmt = args.format or ("onnx" if Path(args.output).suffix == ".onnx" else "safetensors")
+    if fmt == "hub":
+        from simclr_kit.deploy.hub import export_hub
 
-    out = export_backbone(args.checkpoint, args.output, args.backbone)
-    print(f"backbone exported to {out} (metadata in {out.with_suffix('.json')})")
+        out = export_hub(args.checkpoint, args.output, args.backbone)
+        print(f"hub folder written to {out}: model.safetensors, config.json and README.md (the "
+              "model card; fill in its licence before sharing)")
+    elif fmt == "onnx":
+        from simclr_kit.deploy.onnx_export import export_onnx
+
+        done = export_onnx(args.checkpoint, args.output, args.backbone)
+        print(f"{done.kind} exported to {done.path}: input pixels (N, 3, S, S) uint8, output "
+              f"{done.output} (N, {done.width}) float32; ONNX Runtime gives torch's output to "
+              f"{done.max_difference:.1g}")
+    else:
+        from simclr_kit.encoder import export_backbone
+
+        out = export_backbone(args.checkpoint, args.output, args.backbone)
+        print(f"backbone exported to {out} (metadata in {out.with_suffix('.json')})")
     return 0
 
 
@@ -265,7 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, CLASSIFIER_FLAGS, "classifier")
 
     p = command("predict", cmd_predict, "predict classes with a saved classifier")
-    p.add_argument("classifier", help="folder written by train-classifier")
+    p.add_argument("classifier", nargs="?", help="folder written by train-classifier (or "
+                   "--onnx instead)")
+    p.add_argument("--onnx", metavar="FILE", help="run the classifier graph FILE.onnx (simclr "
+                   "export CLS_DIR FILE.onnx) with ONNX Runtime on the CPU instead of torch; it "
+                   "carries what predict needs (default: none, the classifier folder)")
     p.add_argument("--out", required=True, help="CSV file: id (the file, for images read from "
                    "files; else the row of the split), label (the true class, when the split "
                    "has labels), predicted, probability")
@@ -284,9 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, [f for f in PRETRAIN_FLAGS if f.dest.startswith("augment.") or f.dest == "seed"],
               "augmentation")
 
-    p = command("export", cmd_export, "write the backbone alone as torchvision-loadable safetensors")
-    p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
-    p.add_argument("output", help="OUT.safetensors")
+    p = command("export", cmd_export, "write the backbone alone as torchvision-loadable "
+                "safetensors, an encoder or a classifier as ONNX, or a hub folder with a model card")
+    p.add_argument("checkpoint", help="run directory, checkpoint or weights file; for ONNX also "
+                   "a train-classifier folder (the graph then gives logits)")
+    p.add_argument("output", help="OUT.safetensors, OUT.onnx, or a new folder with --format hub")
+    p.add_argument("--format", choices=("safetensors", "onnx", "hub"), help="safetensors (the "
+                   "backbone's weights), onnx (a graph taking uint8 pixels, needs simclr-kit[onnx])"
+                   " or hub (model.safetensors, config.json, README.md) (default: from the "
+                   "OUTPUT suffix, .onnx or else safetensors)")
     p.add_argument("--backbone", help="architecture of a foreign weights file (default: resnet18)")
 
     p = command("embed", cmd_embed, "write backbone features (and optionally projections) of "

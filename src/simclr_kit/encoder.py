@@ -4,7 +4,9 @@ Accepted: a run directory, a checkpoint directory, a ``.safetensors`` file (ours
 backbone), a plain PyTorch state dict (``.pt``/``.pth``, read with ``weights_only=True``) in the
 seed's layout (``backbone.*`` plus a projection head) or as a bare torchvision (or timm) backbone.
 ``module.``, ``backbone.`` and ``encoder.`` prefixes are recognised; the stem is inferred from the
-shape of ``conv1.weight``; the projection head is never taken for the backbone.
+shape of ``conv1.weight``; the projection head is never taken for the backbone. A hub folder
+(``simclr export --format hub``) is read through its ``model.safetensors``, and
+``hf-hub:OWNER/NAME`` names such a folder on the Hugging Face hub.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _BACKBONE_PREFIXES = ("backbone.", "encoder.", "model.backbone.")
 _HEAD_PREFIXES = ("projection_head.", "projector.", "projection.", "head.", "g.")
+HUB_PREFIX = "hf-hub:"
+# What an export (safetensors, ONNX, hub folder) keeps of a checkpoint's metadata: how to rebuild
+# and feed the backbone, and where it came from.
+EXPORT_KEYS = ("backbone", "stem", "feature_dim", "image_size", "mean", "std", "dataset",
+               "package_version", "epoch", "create_model_kwargs")
 
 
 @dataclass
@@ -43,6 +50,10 @@ class Weights:
 
 
 def resolve_weights_file(path: str | Path) -> Path:
+    if str(path).startswith(HUB_PREFIX):  # hf-hub:OWNER/NAME: a folder of `export --format hub`
+        from simclr_kit.deploy.hub import download_hub_folder
+
+        path = download_hub_folder(str(path))
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"checkpoint {p} does not exist")
@@ -50,7 +61,8 @@ def resolve_weights_file(path: str | Path) -> Path:
         if (p / "model.safetensors").is_file():
             return p / "model.safetensors"
         if (p / "classifier.safetensors").is_file():
-            raise UserError(f"{p} is a classifier directory: give the encoder checkpoint instead")
+            raise UserError(f"{p} is a classifier directory: give the encoder checkpoint "
+                            "instead (a classifier exports as OUT.onnx)")
         return latest_checkpoint(p) / "model.safetensors"  # type: ignore[operator]
     return p
 
@@ -201,7 +213,9 @@ def encoder_from_weights(weights: Weights) -> Encoder:
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu",
                  backbone: str | None = None) -> Encoder:
-    """Load an encoder (backbone only, eval mode) from any accepted weights file or run dir."""
+    """Load an encoder (backbone only, eval mode) from any accepted weights file or run dir, a
+    folder written by ``simclr export RUN DIR --format hub``, or ``hf-hub:OWNER/NAME[@REVISION]``
+    (such a folder on the Hugging Face hub, fetched with ``huggingface_hub.snapshot_download``)."""
     return encoder_from_weights(read_weights(path, backbone)).to(device).eval()
 
 
@@ -216,11 +230,14 @@ def export_backbone(path: str | Path, out: str | Path, backbone: str | None = No
     if out.suffix != ".safetensors":
         raise UserError(f"export target {out} must end in .safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
-    keep = ("backbone", "stem", "feature_dim", "image_size", "mean", "std", "dataset",
-            "package_version", "epoch", "create_model_kwargs")
-    meta = {k: weights.meta[k] for k in keep if k in weights.meta}
+    save_weights(out, weights.backbone, export_metadata(weights))
+    return out
+
+
+def export_metadata(weights: Weights) -> dict[str, Any]:
+    """The metadata an exported backbone carries (:data:`EXPORT_KEYS`, ``kind: backbone``)."""
+    meta = {k: weights.meta[k] for k in EXPORT_KEYS if k in weights.meta}
     if is_timm_name(meta["backbone"]):
         meta.setdefault("create_model_kwargs", {})
     meta["kind"] = "backbone"
-    save_weights(out, weights.backbone, meta)
-    return out
+    return meta

@@ -11,6 +11,18 @@ from __future__ import annotations
 from typing import Any, Callable
 
 
+# How each protocol produced its numbers, a Markdown list item each (eval.md, model cards).
+PROTOCOL_NOTES = (
+    "- knn: cosine similarity, votes weighted by exp(sim / T), clean features of the whole "
+    "train split (Wu et al. 2018).",
+    "- linear: a linear layer on the frozen encoder's features (eval mode, cached), Adam with a "
+    "per-step cosine; at least `min_steps` steps.",
+    "- fractions: the same probe on class-stratified label fractions and k-shot subsets, "
+    "mean ± std over the seeds.",
+    "- finetune: the whole network on augmented images, backbone lr = lr x multiplier.",
+)
+
+
 def _setting(row: dict[str, Any]) -> str:
     """A short description of the hyperparameters that produced ``row``'s number."""
     hp = row.get("hyperparameters") or {}
@@ -116,14 +128,7 @@ def markdown_report(result: dict[str, Any]) -> str:
             f" {enc.get('feature_dim')}-d features, pretrained for {enc.get('epoch')} epoch(s).",
             f"Train split: `{train.get('split')}` ({_images(train)} images); evaluated split: "
             f"`{val.get('split')}` ({_images(val)} images).", ""]
-    notes = ["", "- knn: cosine similarity, votes weighted by exp(sim / T), clean features of "
-             "the whole train split (Wu et al. 2018).",
-             "- linear: a linear layer on the frozen encoder's features (eval mode, cached), "
-             "Adam with a per-step cosine; at least `min_steps` steps.",
-             "- fractions: the same probe on class-stratified label fractions and k-shot "
-             "subsets, mean ± std over the seeds.",
-             "- finetune: the whole network on augmented images, backbone lr = lr x multiplier.",
-             "", "Every hyperparameter of every number: `eval.json`."]
+    notes = ["", *PROTOCOL_NOTES, "", "Every hyperparameter of every number: `eval.json`."]
     if result.get("label_efficiency_plot"):
         notes.append(f"Label-efficiency plot: `{result['label_efficiency_plot']}`.")
     return ("\n".join(head) + "\n" + markdown_table(result.get("results") or [])
