@@ -157,6 +157,19 @@ def test_onnx_encoder_gives_load_encoders_features(run, tmp_path):
     assert np.abs(got - want.numpy()).max() < 1e-4
 
 
+def test_the_readmes_onnx_runtime_lines_give_load_encoders_features(run, tmp_path, monkeypatch):
+    """README, "Deploying and sharing": the lines without torch, run as written on a 4:3 photo."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+               if "import onnxruntime as ort" in b]
+    assert main(["export", str(run), str(tmp_path / "model.onnx")]) == 0
+    _photos(30)[0].save(tmp_path / "photo.jpg")  # 45 x 30
+    features = _run_block(code, tmp_path, monkeypatch)["features"]
+    encoder = load_encoder(run)
+    want = _features(encoder, [Image.open(tmp_path / "photo.jpg")]).numpy()
+    assert features.shape == (1, 512) and np.abs(features - want).max() < 1e-4
+
+
 def test_predict_onnx_writes_predicts_csv_broken_images_included(run, cls, tmp_path, capsys):
     graph = tmp_path / "classifier.onnx"
     assert main(["export", str(cls), str(graph)]) == 0
