@@ -72,10 +72,12 @@ def _classifier(root: Path, size: int) -> Path:
     return root / "cls"
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (all its threads): on a shared machine the
+    wall time includes waiting for the cores, the CPU time does not."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _fresh_cache(fn: Callable[[], object]) -> Callable[[], object]:
@@ -87,8 +89,9 @@ def _fresh_cache(fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def bench_size(size: int, count: int, batch: int, repeats: int, root: Path) -> dict[str, float]:
-    """Median images/s of the four measurements at ``size`` px."""
+def bench_size(size: int, count: int, batch: int, repeats: int,
+               root: Path) -> dict[str, tuple[float, float]]:
+    """Median images/s (wall) and CPU ms per image of the four measurements at ``size`` px."""
     cls = _classifier(root, size)
     graph = root / "classifier.onnx"
     export_onnx(cls, graph)
@@ -108,11 +111,13 @@ def bench_size(size: int, count: int, batch: int, repeats: int, root: Path) -> d
     }
     for fn in runs.values():  # warm-up: first-call allocations and ORT's graph optimisation
         fn()
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
             seconds[name].append(_timed(fn))
-    return {name: count / statistics.median(times) for name, times in seconds.items()}
+    return {name: (count / statistics.median(t[0] for t in times),
+                   1000 * statistics.median(t[1] for t in times) / count)
+            for name, times in seconds.items()}
 
 
 def main() -> None:
@@ -129,14 +134,16 @@ def main() -> None:
           f"{onnxruntime.__version__} (CPUExecutionProvider, default threads), "
           f"{os.cpu_count()} CPUs; batch {args.batch_size}, {args.images} images, median of "
           f"{args.repeats}")
-    print("\n| size | measurement | torch images/s | onnxruntime images/s | ratio |")
-    print("| ---: | --- | ---: | ---: | ---: |")
+    print("\n| size | measurement | torch images/s | onnxruntime images/s | ratio | torch CPU "
+          "ms/image | onnxruntime CPU ms/image |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for size in (int(s) for s in args.sizes.split(",")):
         with tempfile.TemporaryDirectory(prefix=f"bench-onnx-{size}-") as tmp:
             rate = bench_size(size, args.images, args.batch_size, args.repeats, Path(tmp))
         for what in ("forward", "end to end"):
-            t, o = rate[f"torch {what}"], rate[f"onnxruntime {what}"]
-            print(f"| {size} px | {what} | {t:.1f} | {o:.1f} | {o / t:.2f}x |", flush=True)
+            (t, t_cpu), (o, o_cpu) = rate[f"torch {what}"], rate[f"onnxruntime {what}"]
+            print(f"| {size} px | {what} | {t:.1f} | {o:.1f} | {o / t:.2f}x | {t_cpu:.1f} | "
+                  f"{o_cpu:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

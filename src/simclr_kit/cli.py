@@ -314,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("export", cmd_export, "write the backbone alone as torchvision-loadable "
                 "safetensors, an encoder or a classifier as ONNX, or a hub folder with a model card")
-    p.add_argument("checkpoint", help="run directory, checkpoint or weights file; for ONNX also "
-                   "a train-classifier folder (the graph then gives logits)")
+    p.add_argument("checkpoint", help="run directory, checkpoint, weights file or "
+                   "hf-hub:OWNER/NAME; for ONNX also a train-classifier folder (the graph then "
+                   "gives logits)")
     p.add_argument("output", help="OUT.safetensors, OUT.onnx, or a new folder with --format hub")
     p.add_argument("--format", choices=("safetensors", "onnx", "hub"), help="safetensors (the "
                    "backbone's weights), onnx (a graph taking uint8 pixels, needs simclr-kit[onnx])"

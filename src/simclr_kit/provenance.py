@@ -36,16 +36,22 @@ def run_directory(checkpoint: str | Path) -> Path | None:
     return None
 
 
-def evaluated_data(folder: Path | None) -> dict[str, Any] | None:
-    """The data config of the evaluation whose results are in ``folder/eval.json``, if any
-    (a file from before it recorded one: the source of its splits)."""
+def read_evaluation(folder: Path | None) -> dict[str, Any] | None:
+    """``folder/eval.json`` (what ``evaluate`` returned), or None when there is no readable one."""
     if folder is None or not (folder / EVAL_JSON).is_file():
         return None
     try:
         result = json.loads((folder / EVAL_JSON).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(result, dict):
+    return result if isinstance(result, dict) else None
+
+
+def evaluated_data(folder: Path | None) -> dict[str, Any] | None:
+    """The data config of the evaluation whose results are in ``folder/eval.json``, if any
+    (a file from before it recorded one: the source of its splits)."""
+    result = read_evaluation(folder)
+    if result is None:
         return None
     if isinstance(result.get("data"), dict):
         return result["data"]

@@ -32,7 +32,7 @@ from simclr_kit.deploy.model_card import model_card
 from simclr_kit.encoder import HUB_PREFIX, encoder_from_weights, export_metadata, read_weights
 from simclr_kit.errors import UserError
 from simclr_kit.models import is_timm_name
-from simclr_kit.provenance import EVAL_JSON, run_directory
+from simclr_kit.provenance import read_evaluation, run_directory
 
 # What a download fetches of a hub repository: the folder's files, nothing else it may hold.
 HUB_FILES = ["model.safetensors", "model.json", "config.json", "README.md"]
@@ -81,17 +81,6 @@ def hub_config(meta: dict[str, Any], recipe: dict[str, Any] | None) -> dict[str,
     return config
 
 
-def _evaluation(source: str | Path) -> dict[str, Any] | None:
-    run = run_directory(source) if not str(source).startswith(HUB_PREFIX) else None
-    if run is None or not (run / EVAL_JSON).is_file():
-        return None
-    try:
-        result = json.loads((run / EVAL_JSON).read_text())
-    except (OSError, ValueError):
-        return None
-    return result if isinstance(result, dict) else None
-
-
 def _check_target(folder: Path) -> None:
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"{folder} already exists and is not an empty folder: name a new folder "
@@ -121,7 +110,9 @@ def export_hub(source: str | Path, folder: str | Path, backbone: str | None = No
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         plain = plain_loading_code(meta, weights.backbone, tmp, encoder.backbone)
         snippets = [simclr_kit_code(encoder.feature_dim)] + ([plain] if plain else [])
-        card = model_card(meta, config, recipe, _evaluation(source), snippets, plain is None)
+        evaluation = None if str(source).startswith(HUB_PREFIX) else \
+            read_evaluation(run_directory(source))
+        card = model_card(meta, config, recipe, evaluation, snippets, plain is None)
         atomic_write_text(tmp / "README.md", card)
         if folder.exists():
             folder.rmdir()  # empty: checked above
