@@ -44,9 +44,11 @@ def _provenance(meta: dict[str, Any], recipe: dict[str, Any] | None) -> list[str
     rows = [("pretraining data", source),
             ("data fingerprint", f"`{data['fingerprint']}`" if data.get("fingerprint") else "-"),
             ("initialised from", init),
-            ("trained for", f"{meta.get('epoch', '?')} epoch(s)"
+            ("trained for", "not recorded" if meta.get("epoch") is None else
+             f"{meta['epoch']} epoch(s)"
              + (f", {meta['global_step']} steps" if meta.get("global_step") else "")),
-            ("produced by", f"simclr-kit {meta.get('package_version', '?')}"),
+            ("produced by", f"simclr-kit {meta['package_version']}" if meta.get("package_version")
+             else "not recorded (a weights file from elsewhere)"),
             ("exported", datetime.date.today().isoformat())]
     return ["## Data and provenance", "", "| | |", "| --- | --- |",
             *[f"| {k} | {v} |" for k, v in rows], ""]
@@ -63,8 +65,8 @@ def _input(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
     return ["## Input and output", "",
             f"RGB images, evaluated as simclr-kit evaluates them: {transform} (bilinear, "
             f"antialiased), scale to [0, 1], subtract the mean ({mean}) and divide by the "
-            f"standard deviation ({std}) per channel; these are the pretraining data's own "
-            f"statistics, also in `config.json`. Output: {meta['feature_dim']}-dimensional "
+            f"standard deviation ({std}) per channel: the statistics the encoder was trained "
+            f"with, also in `config.json`. Output: {meta['feature_dim']}-dimensional "
             "pooled features (no classifier).", ""]
 
 
