@@ -30,6 +30,8 @@ _EXPORTS = {
     "build_backbone": "simclr_kit.models", "build_simclr": "simclr_kit.models",
     "feature_dim": "simclr_kit.models", "NTXentLoss": "simclr_kit.loss",
     "nt_xent": "simclr_kit.loss", "SimCLRAugment": "simclr_kit.augment",
+    "export_onnx": "simclr_kit.deploy.onnx_export", "export_hub": "simclr_kit.deploy.hub",
+    "predict_onnx": "simclr_kit.deploy.onnx_predict",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
