@@ -28,6 +28,7 @@ from torch import Tensor
 
 from simclr_kit.atomic import atomic_file, atomic_write_text
 from simclr_kit.config import DataConfig
+from simclr_kit.data.pixels import chosen_crop_fraction
 from simclr_kit.data.sources import TRAIN_SPLITS, whole_split
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
 from simclr_kit.devices import resolve_device
@@ -104,7 +105,9 @@ def compute_embeddings(checkpoint: str | Path, data: DataConfig, projections: bo
     head = projection_head(weights) if projections else None  # fails before any decoding
     store: ImageStore = decode_split(whole_split(data, TRAIN_SPLITS), encoder.image_size,
                                      data.bad_images, progress, missing_labels="keep",
-                                     workers=data.decode_workers)
+                                     workers=data.decode_workers,
+                                     crop_fraction=chosen_crop_fraction(data.crop_fraction,
+                                                                        encoder.meta))
     announce_skipped(store, ": they get no embedding")
     features = backbone_features(encoder, store.images, dev, batch_size, progress)
     projected = _project(head, features, batch_size) if head is not None else None
