@@ -1,8 +1,8 @@
-"""Benchmarks of photo-shaped data: training frames, their crops and costs; one JSON line per result.
+"""Benchmarks of photo-shaped data: training frames, their crops and costs (JSON lines).
 
     python bench/photos.py data   --root /tmp/photos-bench            # 20,000 generated JPEGs
     python bench/photos.py views                                      # crop geometry (Monte Carlo)
-    python bench/photos.py cap                                        # upsampled views against L / S
+    python bench/photos.py cap                                        # upsampled views, L / S
     python bench/photos.py decode --root /tmp/photos-bench --rows 2000  # images/s, 1 and 2 workers
     python bench/photos.py draft  --root /tmp/photos-bench            # a 10000 x 10000 JPEG
     python bench/photos.py memory --root /tmp/photos-bench            # peak RssAnon of pretrain
