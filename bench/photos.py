@@ -269,7 +269,9 @@ def step_time(root: Path, steps: int, batch: int) -> list[dict]:
     from simclr_kit.config import DataConfig, PretrainConfig
     from simclr_kit.data.loader import ResidentBatches
     from simclr_kit.data.stream import StreamedBatches
-    from simclr_kit.training import prepare, train_step
+    from simclr_kit.training import prepare
+
+    from store import time_steps
 
     os.environ["SIMCLR_KIT_CACHE"] = str(root / "cache")
     cfg = PretrainConfig(data=DataConfig(data=str(root / "photos"), image_size=SIZE),
@@ -279,18 +281,7 @@ def step_time(root: Path, steps: int, batch: int) -> list[dict]:
     cpu = torch.device("cpu")
     sources = {"held whole (indexing the map)": ResidentBatches(t.store.images, cpu, batch, 0),
                "streamed from the map": StreamedBatches(t.store.images, cpu, batch, 0)}
-    times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in sources}
-    iterators = {k: source.epoch(0, 0, steps + 1) for k, source in sources.items()}
-    for k in range(steps + 1):  # alternating, so that a busy neighbour slows both alike
-        for label, source in sources.items():
-            t.batches = source
-            started = time.perf_counter()
-            idx = next(iterators[label])
-            waited = time.perf_counter() - started
-            train_step(t, idx)
-            if k >= 1:  # the first step warms up
-                times[label][0].append(time.perf_counter() - started)
-                times[label][1].append(waited)
+    times = time_steps(t, sources, steps, warmup=1)
     return [{"bench": "step", "size": SIZE, "side": t.store.image_size, "batch": batch,
              "source": label, "step_s_median": round(statistics.median(step_s), 3),
              "step_s_all": [round(x, 2) for x in step_s],
