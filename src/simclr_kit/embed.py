@@ -58,7 +58,8 @@ def backbone_features(encoder: Encoder, images: Tensor, device: torch.device | s
                       desc: str = "embedding") -> Tensor:
     """``images: (N, 3, S, S) uint8`` -> ``(N, feature_dim)`` float32 on the CPU, in eval mode.
 
-    The same arithmetic as ``encoder(encoder.transform(images))``. Unlike
+    ``images`` are already in evaluation form (``decode_split`` at the encoder's size): they are
+    normalised as ``encoder.transform`` normalises, not cropped again. Unlike
     :func:`simclr_kit.evaluation.features.extract_features` it never talks to other ranks, so a
     single process (rank 0 writing a report) may call it alone.
     """
