@@ -43,8 +43,7 @@ from tqdm.auto import tqdm
 from simclr_kit import distributed, faults
 from simclr_kit.augment.stats import channel_stats, stats_from_counts
 from simclr_kit.data import decode_pool, mapped
-from simclr_kit.data.pixels import (CROP_FRACTION, Layout, decode_image,  # noqa: F401 - API
-                                    resize_center_crop, to_rgb_array)
+from simclr_kit.data.pixels import CROP_FRACTION, Layout, decode_image
 from simclr_kit.data.sources import Split
 from simclr_kit.errors import UserError
 
