@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -41,27 +40,17 @@ SIZE = 224  # the training size measured
 
 def make_photos(folder: Path, count: int) -> None:
     """``count`` photo-shaped JPEGs in ``folder/train.parquet`` (one ``image`` column)."""
-    import datasets
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from PIL import Image
+    from store import write_jpegs
 
-    folder.mkdir(parents=True, exist_ok=True)
-    schema = datasets.Features({"image": datasets.Image()}).arrow_schema
-    rng = np.random.default_rng(count)
-    with pq.ParquetWriter(folder / "train.parquet", schema) as writer:
-        for start in range(0, count, 1000):
-            rows = []
-            for k in range(start, min(start + 1000, count)):
-                h, w = SHAPES[k % len(SHAPES)]
-                small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
-                img = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
-                grain = rng.integers(-12, 12, (h, w, 3))
-                buf = io.BytesIO()
-                Image.fromarray((img + grain).clip(0, 255).astype(np.uint8)).save(
-                    buf, "JPEG", quality=90)
-                rows.append({"bytes": buf.getvalue(), "path": None})
-            writer.write_table(pa.table({"image": rows}, schema=schema))
+    def image(k: int, rng: np.random.Generator) -> np.ndarray:
+        h, w = SHAPES[k % len(SHAPES)]
+        small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+        grain = rng.integers(-12, 12, (h, w, 3))
+        return (img + grain).clip(0, 255).astype(np.uint8)
+
+    write_jpegs(folder, count, image, rows_per_write=1000)  # 1000 photos: ~50 MB per write
 
 
 def _split(folder: Path):

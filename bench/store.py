@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -35,8 +36,11 @@ def _env(root: Path) -> dict[str, str]:
                 HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
 
 
-def make_set(folder: Path, count: int, width: int, height: int) -> None:
-    """``count`` JPEGs (smooth random colour fields, ~1.7 kB at 64 px) in ``folder/train.parquet``."""
+def write_jpegs(folder: Path, count: int,
+                image: Callable[[int, np.random.Generator], np.ndarray],
+                rows_per_write: int = 10_000) -> None:
+    """``count`` JPEGs (quality 90) of ``image(k, rng) -> (h, w, 3) uint8`` for k = 0..count-1,
+    in ``folder/train.parquet`` (one ``image`` column); ``rng`` is seeded with ``count``."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -46,18 +50,27 @@ def make_set(folder: Path, count: int, width: int, height: int) -> None:
     schema = datasets.Features({"image": datasets.Image()}).arrow_schema
     rng = np.random.default_rng(count)
     with pq.ParquetWriter(folder / "train.parquet", schema) as writer:
-        for start in range(0, count, 10_000):
+        for start in range(0, count, rows_per_write):
             rows = []
-            for _ in range(min(10_000, count - start)):
-                small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-                img = Image.fromarray(small).resize((width, height), Image.BILINEAR)
-                if width >= 500:  # grain, so that the JPEG is as large as a photo's
-                    grain = rng.integers(-12, 12, (height, width, 3))
-                    img = Image.fromarray((np.asarray(img) + grain).clip(0, 255).astype(np.uint8))
+            for k in range(start, min(start + rows_per_write, count)):
                 buf = io.BytesIO()
-                img.save(buf, "JPEG", quality=90)
+                Image.fromarray(image(k, rng)).save(buf, "JPEG", quality=90)
                 rows.append({"bytes": buf.getvalue(), "path": None})
             writer.write_table(pa.table({"image": rows}, schema=schema))
+
+
+def make_set(folder: Path, count: int, width: int, height: int) -> None:
+    """``count`` JPEGs (smooth random colour fields, ~1.7 kB at 64 px) in ``folder/train.parquet``."""
+    from PIL import Image
+
+    def image(k: int, rng: np.random.Generator) -> np.ndarray:
+        small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))
+        if width >= 500:  # grain, so that the JPEG is as large as a photo's
+            img = (img + rng.integers(-12, 12, (height, width, 3))).clip(0, 255).astype(np.uint8)
+        return img
+
+    write_jpegs(folder, count, image)
 
 
 def _split(folder: Path):
