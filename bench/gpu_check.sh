@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One-GPU speed and accuracy check, about 6 minutes in all:
+# One-GPU speed and accuracy check, about 9 minutes in all:
 #   1. throughput of ResNet-18 at 32 px, batch 512: simclr-kit's batched pipeline with and without
 #      torch.compile, and the per-image torchvision + DataLoader pipeline, with the ratio;
 #   2. SimCLR pretraining on CIFAR-10 with --time-budget 4 (minutes of training), then the kNN
-#      protocol (k=200, cosine, T=0.1) on the test split: seconds per epoch, epochs, kNN top-1.
+#      protocol (k=200, cosine, T=0.1) on the test split: seconds per epoch, epochs, kNN top-1;
+#   3. photo-shaped data at 224 px, streamed: PHOTOS generated JPEGs (500x375, 375x500, 640x360,
+#      400x400; bench/photos.py) stored as whole frames, pretrained with --stream on for
+#      PHOTO_MINUTES minutes: decode time, images/s, ms per step.
 #
 # Usage (from anywhere; runs from the source tree, nothing is installed system-wide):
 #   bench/gpu_check.sh CIFAR10_PARQUET_DIR [WHEEL_DIR]
@@ -20,9 +23,10 @@
 #
 # Environment: WORK (scratch folder, default /tmp/simclr-gpu-check), BUDGET_MINUTES (default 4),
 # RECIPE (default: the package's recipes/cifar10.yaml; --time-budget replaces its epochs, and
-# BATCH and IMAGE_SIZE override its batch and size). For a dry run of the script
-# on a CPU with small data: DEVICE=cpu IMAGE_SIZE=8 BATCH=32 STEPS=2 COMPILE=false
-# BUDGET_MINUTES=0.5.
+# BATCH and IMAGE_SIZE override its batch and size); PHOTOS (default 4000), PHOTO_SIZE (224),
+# PHOTO_BATCH (256), PHOTO_MINUTES (1) for part 3. For a dry run of the script on a CPU with
+# small data: DEVICE=cpu IMAGE_SIZE=8 BATCH=32 STEPS=2 COMPILE=false BUDGET_MINUTES=0.5
+# PHOTOS=32 PHOTO_SIZE=64 PHOTO_BATCH=8 PHOTO_MINUTES=0.2.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,7 +41,12 @@ IMAGE_SIZE="${IMAGE_SIZE:-32}"
 BATCH="${BATCH:-512}"
 STEPS="${STEPS:-30}"
 COMPILE="${COMPILE:-false,true}"
+PHOTOS="${PHOTOS:-4000}"
+PHOTO_SIZE="${PHOTO_SIZE:-224}"
+PHOTO_BATCH="${PHOTO_BATCH:-256}"
+PHOTO_MINUTES="${PHOTO_MINUTES:-1}"
 RUN="$WORK/run"
+PHOTO_RUN="$WORK/photo-run"
 [ -f "$DATA/train.parquet" ] && [ -f "$DATA/test.parquet" ] \
     || { echo "error: $DATA must hold train.parquet and test.parquet" >&2; exit 2; }
 rm -rf "$RUN"
@@ -116,5 +125,35 @@ if steady:
           f"{images / median:.2f} s/epoch")
 for r in knn:
     print(f"kNN top-1 (k={r['hyperparameters'].get('k')}, test split): {r['value']:.2f}%")
+EOF
+echo "== 3. $PHOTOS photo-shaped JPEGs at $PHOTO_SIZE px, streamed, --time-budget $PHOTO_MINUTES min"
+PART3=$SECONDS
+rm -rf "$WORK/photos" "$PHOTO_RUN"
+python3 "$ROOT/bench/photos.py" data --root "$WORK/photos" --count "$PHOTOS"
+echo "generating the JPEGs took $((SECONDS - PART3)) s"
+PART3=$SECONDS
+# bench/photos.py keeps its caches under its --root; the run uses the same ones.
+SIMCLR_KIT_CACHE="$WORK/photos/cache" HF_HOME="$WORK/photos/hf" \
+    python3 -m simclr_kit pretrain --data "$WORK/photos/photos" --out "$PHOTO_RUN" \
+    --image-size "$PHOTO_SIZE" --batch-size "$PHOTO_BATCH" --device "$DEVICE" --stream on \
+    --time-budget "$PHOTO_MINUTES" --epochs 100 --checkpoint-every 0 --log-every 5 \
+    || echo "photo run: FAILED (exit $?)"
+echo "pretraining (decode + training + save) took $((SECONDS - PART3)) s"
+python3 - "$PHOTO_RUN" "$PHOTO_BATCH" <<'EOF' || true
+import json, sys
+from pathlib import Path
+from simclr_kit.checkpoint import latest_checkpoint
+run = Path(sys.argv[1])
+records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+first = next(r for r in records if r["kind"] == "run")
+meta = json.loads((latest_checkpoint(run) / "model.json").read_text())
+train = [r["images_per_s"] for r in records if r["kind"] == "train"]
+steady = sorted(train[len(train) // 10:])  # the first intervals hold compilation
+print(f"{first['images']} images stored as whole frames of longer side {meta['store_size']} px, "
+      f"views at {meta['image_size']} px; {first['steps_per_epoch']} steps per epoch")
+if steady:
+    median = steady[len(steady) // 2]
+    print(f"steady state: {median:,.0f} images/s = {1000 * int(sys.argv[2]) / median:.0f} "
+          f"ms/step (median of {len(steady)} logged intervals)")
 EOF
 echo "total $((SECONDS - START)) s"

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -35,8 +36,11 @@ def _env(root: Path) -> dict[str, str]:
                 HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
 
 
-def make_set(folder: Path, count: int, width: int, height: int) -> None:
-    """``count`` JPEGs (smooth random colour fields, ~1.7 kB at 64 px) in ``folder/train.parquet``."""
+def write_jpegs(folder: Path, count: int,
+                image: Callable[[int, np.random.Generator], np.ndarray],
+                rows_per_write: int = 10_000) -> None:
+    """``count`` JPEGs (quality 90) of ``image(k, rng) -> (h, w, 3) uint8`` for k = 0..count-1,
+    in ``folder/train.parquet`` (one ``image`` column); ``rng`` is seeded with ``count``."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -46,18 +50,27 @@ def make_set(folder: Path, count: int, width: int, height: int) -> None:
     schema = datasets.Features({"image": datasets.Image()}).arrow_schema
     rng = np.random.default_rng(count)
     with pq.ParquetWriter(folder / "train.parquet", schema) as writer:
-        for start in range(0, count, 10_000):
+        for start in range(0, count, rows_per_write):
             rows = []
-            for _ in range(min(10_000, count - start)):
-                small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-                img = Image.fromarray(small).resize((width, height), Image.BILINEAR)
-                if width >= 500:  # grain, so that the JPEG is as large as a photo's
-                    grain = rng.integers(-12, 12, (height, width, 3))
-                    img = Image.fromarray((np.asarray(img) + grain).clip(0, 255).astype(np.uint8))
+            for k in range(start, min(start + rows_per_write, count)):
                 buf = io.BytesIO()
-                img.save(buf, "JPEG", quality=90)
+                Image.fromarray(image(k, rng)).save(buf, "JPEG", quality=90)
                 rows.append({"bytes": buf.getvalue(), "path": None})
             writer.write_table(pa.table({"image": rows}, schema=schema))
+
+
+def make_set(folder: Path, count: int, width: int, height: int) -> None:
+    """``count`` JPEGs (smooth random colour fields, ~1.7 kB at 64 px) in ``folder/train.parquet``."""
+    from PIL import Image
+
+    def image(k: int, rng: np.random.Generator) -> np.ndarray:
+        small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))
+        if width >= 500:  # grain, so that the JPEG is as large as a photo's
+            img = (img + rng.integers(-12, 12, (height, width, 3))).clip(0, 255).astype(np.uint8)
+        return img
+
+    write_jpegs(folder, count, image)
 
 
 def _split(folder: Path):
@@ -69,7 +82,9 @@ def _split(folder: Path):
 
 
 def decode(root: Path, name: str, size: int, workers: int) -> dict:
-    """Decode a set into a fresh cache; images per second (the Parquet already opened)."""
+    """Decode a set into training frames of side ``size`` in a fresh cache; images per second
+    (the Parquet already opened)."""
+    from simclr_kit.data.pixels import Layout
     from simclr_kit.data.store import decode_split
 
     cache = root / f"cache-decode-{name}-{workers}"
@@ -78,7 +93,8 @@ def decode(root: Path, name: str, size: int, workers: int) -> dict:
     split = _split(root / name)
     cpu = _cpu_seconds()
     started = time.perf_counter()
-    store = decode_split(split, size, progress=False, labels=False, workers=workers)
+    store = decode_split(split, progress=False, labels=False, workers=workers,
+                         layout=Layout.frame(size))
     seconds = time.perf_counter() - started
     cpu = _cpu_seconds() - cpu  # this process and its (joined) decoding workers
     return {"bench": "decode", "set": name, "images": len(store), "size": size,
@@ -152,10 +168,12 @@ def watch(cmd: list[str], env: dict[str, str]) -> dict:
 
 def memory(root: Path, name: str, nproc: int, steps: int, extra: list[str]) -> dict:
     """Peak anonymous memory of ``simclr pretrain`` on a decoded set, killed after ``steps``."""
+    from simclr_kit.data.pixels import Layout
     from simclr_kit.data.store import decode_split
 
     os.environ["SIMCLR_KIT_CACHE"] = str(root / "cache")
-    decode_split(_split(root / name), 64, progress=False, labels=False)  # decoded beforehand
+    decode_split(_split(root / name), progress=False, labels=False,  # decoded beforehand
+                 layout=Layout.frame(64))
     env = dict(_env(root), SIMCLR_KIT_FAULT=f"step@{steps}", OMP_NUM_THREADS="1")
     out = root / f"run-{name}-{nproc}-{time.time_ns()}"
     simclr = str(Path(sys.executable).with_name("simclr"))
@@ -177,11 +195,13 @@ def loader(root: Path, name: str, rows: int, batch: int, epochs: int) -> list[di
     import torch
 
     from simclr_kit.data.loader import ResidentBatches
+    from simclr_kit.data.pixels import Layout
     from simclr_kit.data.store import decode_split
     from simclr_kit.data.stream import StreamedBatches
 
     os.environ["SIMCLR_KIT_CACHE"] = str(root / "cache")
-    mapped = decode_split(_split(root / name), 64, progress=False, labels=False).images[:rows]
+    mapped = decode_split(_split(root / name), progress=False, labels=False,
+                          layout=Layout.frame(64)).images[:rows]
     in_ram = mapped.clone()
     cpu = torch.device("cpu")
     sources = {"resident, in RAM": ResidentBatches(in_ram, cpu, batch, 0),
@@ -201,6 +221,28 @@ def loader(root: Path, name: str, rows: int, batch: int, epochs: int) -> list[di
              "images_per_s_all": [round(x) for x in r]} for label, r in rates.items()]
 
 
+def time_steps(t, sources: dict, steps: int,
+               warmup: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Per batch source (a label and a batch source of the trainer ``t``), the seconds of each
+    of ``steps`` training steps after ``warmup`` more, and the seconds each waited for its
+    batch; the sources take turns step by step, so that a busy neighbour slows each alike."""
+    from simclr_kit.training import train_step
+
+    times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in sources}
+    iterators = {k: source.epoch(0, 0, steps + warmup) for k, source in sources.items()}
+    for k in range(steps + warmup):
+        for label, source in sources.items():
+            t.batches = source
+            started = time.perf_counter()
+            idx = next(iterators[label])
+            waited = time.perf_counter() - started
+            train_step(t, idx)
+            if k >= warmup:
+                times[label][0].append(time.perf_counter() - started)
+                times[label][1].append(waited)
+    return times
+
+
 def step_time(root: Path, name: str, steps: int, batch: int) -> list[dict]:
     """Training step time with the set in RAM vs streamed from the map, and the time the loop
     waits for each next batch (0 when the gathering keeps ahead of the steps)."""
@@ -209,7 +251,7 @@ def step_time(root: Path, name: str, steps: int, batch: int) -> list[dict]:
     from simclr_kit.config import DataConfig, PretrainConfig
     from simclr_kit.data.loader import ResidentBatches
     from simclr_kit.data.stream import StreamedBatches
-    from simclr_kit.training import prepare, train_step
+    from simclr_kit.training import prepare
 
     os.environ["SIMCLR_KIT_CACHE"] = str(root / "cache")
     cfg = PretrainConfig(data=DataConfig(data=str(root / name), image_size=64), batch_size=batch,
@@ -219,18 +261,7 @@ def step_time(root: Path, name: str, steps: int, batch: int) -> list[dict]:
     cpu = torch.device("cpu")
     sources = {"resident, in RAM": ResidentBatches(t.store.images.clone(), cpu, batch, 0),
                "streamed from the map": StreamedBatches(t.store.images, cpu, batch, 0)}
-    times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in sources}
-    iterators = {k: source.epoch(0, 0, steps + 2) for k, source in sources.items()}
-    for k in range(steps + 2):  # alternating, so that a busy neighbour slows both alike
-        for label, source in sources.items():
-            t.batches = source
-            started = time.perf_counter()
-            idx = next(iterators[label])
-            waited = time.perf_counter() - started
-            train_step(t, idx)
-            if k >= 2:  # the first steps warm up
-                times[label][0].append(time.perf_counter() - started)
-                times[label][1].append(waited)
+    times = time_steps(t, sources, steps, warmup=2)
     out = [{"bench": "step", "set": name, "batch": batch, "source": label,
             "step_s_median": round(statistics.median(step_s), 4),
             "step_s_all": [round(x, 2) for x in step_s],

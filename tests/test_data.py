@@ -14,7 +14,8 @@ from conftest import make_class_images, needs_shared
 from simclr_kit.config import DataConfig
 from simclr_kit.data import sources
 from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import decode_split, resize_center_crop, to_rgb_array
+from simclr_kit.data.pixels import resize_center_crop, to_rgb_array
+from simclr_kit.data.store import decode_split
 from simclr_kit.errors import UserError
 
 

@@ -157,17 +157,23 @@ def test_onnx_encoder_gives_load_encoders_features(run, tmp_path):
     assert np.abs(got - want.numpy()).max() < 1e-4
 
 
-def test_the_readmes_onnx_runtime_lines_give_load_encoders_features(run, tmp_path, monkeypatch):
-    """README, "Deploying and sharing": the lines without torch, run as written on a 4:3 photo."""
+def _readme_onnx_runtime_lines(model: Path, photo: Image.Image, folder: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """README, "Deploying and sharing": the lines without torch, run as written on ``photo``
+    with the encoder ``model`` exported; their features are load_encoder's."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     (code,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
                if "import onnxruntime as ort" in b]
-    assert main(["export", str(run), str(tmp_path / "model.onnx")]) == 0
-    _photos(30)[0].save(tmp_path / "photo.jpg")  # 45 x 30
-    features = _run_block(code, tmp_path, monkeypatch)["features"]
-    encoder = load_encoder(run)
-    want = _features(encoder, [Image.open(tmp_path / "photo.jpg")]).numpy()
-    assert features.shape == (1, 512) and np.abs(features - want).max() < 1e-4
+    assert main(["export", str(model), str(folder / "model.onnx")]) == 0
+    photo.save(folder / "photo.jpg")
+    features = _run_block(code, folder, monkeypatch)["features"]
+    encoder = load_encoder(model)
+    want = _features(encoder, [Image.open(folder / "photo.jpg")]).numpy()
+    assert features.shape == (1, encoder.feature_dim) and np.abs(features - want).max() < 1e-4
+
+
+def test_the_readmes_onnx_runtime_lines_give_load_encoders_features(run, tmp_path, monkeypatch):
+    _readme_onnx_runtime_lines(run, _photos(30)[0], tmp_path, monkeypatch)  # 45 x 30
 
 
 def test_predict_onnx_writes_predicts_csv_broken_images_included(run, cls, tmp_path, capsys):
@@ -197,7 +203,7 @@ def test_predict_onnx_writes_predicts_csv_broken_images_included(run, cls, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BIG))
-def test_onnx_at_224_px_matches_load_encoder_and_predict(case, tmp_path, capsys):
+def test_onnx_at_224_px_matches_load_encoder_and_predict(case, tmp_path, capsys, monkeypatch):
     """Features of mixed-shape photos as load_encoder gives them, then a classifier trained on
     them predicts the same CSV with ONNX Runtime, a truncated JPEG skipped alike."""
     name, stem, kwargs = BIG[case]
@@ -212,6 +218,9 @@ def test_onnx_at_224_px_matches_load_encoder_and_predict(case, tmp_path, capsys)
     want = _features(encoder, photos).numpy()
     (got,) = _session(graph).run(None, {"pixels": encoder.to_uint8(photos).numpy()})
     assert np.abs(got - want).max() < 1e-4
+    # the standard crop (shorter side to 256, centre 224) as the README's lines do it
+    assert _check_graph(graph, 224, "features")["crop_fraction"] == "0.875"
+    _readme_onnx_runtime_lines(weights, _photos(300)[1], tmp_path, monkeypatch)  # 300 x 400
 
     data = _write_folder(tmp_path / "data", 96, splits=("train", "test"), per_class=2)
     cls = tmp_path / "cls"
@@ -251,6 +260,10 @@ def test_hub_folder_loads_with_load_encoder_hf_hub_and_the_cards_lines(run, tmp_
 
     config = json.loads((folder / "config.json").read_text())
     assert config["num_features"] == 512 and config["pretrained_cfg"]["input_size"] == [3, 8, 8]
+    assert config["pretrained_cfg"]["crop_pct"] == 1.0  # at 64 px and below no border is cut
+    from simclr_kit.deploy.hub import crop_fraction  # above: the recorded fraction, as eval
+    assert [crop_fraction(m) for m in ({"image_size": 224}, {"image_size": 224, "crop_fraction": 1},
+                                       {"image_size": 160, "crop_fraction": 0.8})] == [0.875, 1, 0.8]
     assert config["pretrained_cfg"]["mean"] == list(ref.mean)
     assert config["simclr_kit"]["pretraining_config"]["epochs"] == 1
     card = (folder / "README.md").read_text()

@@ -1,5 +1,6 @@
 """The decoded store as a memory-mapped file: same pixels as in memory, parallel decoding,
-atomic publication, a killed decode never read as complete and resumed; the stored size."""
+atomic publication, a killed decode never read as complete and resumed; the stored size;
+training frames in padded slots, compacted and resumed like crops."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from PIL import Image
 
 from simclr_kit.augment import channel_stats
 from simclr_kit.data import mapped, store
+from simclr_kit.data.pixels import Layout, decode_image, frame_size
 from simclr_kit.data.sources import Split
-from simclr_kit.data.store import (ChunkDecoder, decode_split, resize_center_crop, to_rgb_array,
-                                   training_sizes)
+from simclr_kit.data.store import ChunkDecoder, decode_split, training_sizes
 from simclr_kit.errors import UserError
 
 SIZE = 16
@@ -60,15 +61,15 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mapped, "CHUNK_ROWS", 4)  # 23 rows: 6 chunks
 
 
-def _in_memory() -> store.ImageStore:
+def _in_memory(layout: Layout | None = None) -> store.ImageStore:
     features = datasets.Features({"image": datasets.Image()})
     ds = datasets.Dataset.from_dict({"image": _rows()}, features=features)
     assert not ds.cache_files
-    return decode_split(_split(ds), SIZE, progress=False, labels=False)
+    return decode_split(_split(ds), SIZE, progress=False, labels=False, layout=layout)
 
 
-def _cache_dir(split: Split) -> Path:
-    final = store._cache_dir(split, SIZE)
+def _cache_dir(split: Split, layout: Layout = Layout.crop(SIZE)) -> Path:
+    final = store._cache_dir(split, layout)
     assert final is not None
     return final
 
@@ -78,8 +79,10 @@ def assert_same_store(a: store.ImageStore, b: store.ImageStore) -> None:
     assert torch.equal(a.row_ids, b.row_ids)
     assert a.files == b.files and a.skipped == b.skipped
     assert torch.equal(a.channel_counts, b.channel_counts)
-    # The histograms counted while decoding are those of the kept images: the same statistics.
-    assert store.store_channel_stats(a) == channel_stats(a.images)
+    assert torch.equal(a.sizes, b.sizes)
+    if bool((a.sizes == a.images.shape[-1]).all()):  # no padding: every pixel is the image's
+        # The histograms counted while decoding are those of the kept images: the same statistics.
+        assert store.store_channel_stats(a) == channel_stats(a.images)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -89,13 +92,13 @@ def test_mapped_store_has_the_in_memory_pixels(on_disk, small_chunks, workers):
     raw = on_disk.dataset.cast_column("image", datasets.Image(decode=False))
     for k, row in enumerate(memory.row_ids.tolist()):  # the pixels themselves, independently
         with Image.open(io.BytesIO(raw[row]["image"]["bytes"])) as img:
-            expected = resize_center_crop(to_rgb_array(img), SIZE).transpose(2, 0, 1)
+            expected = decode_image(img, Layout.crop(SIZE)).transpose(2, 0, 1)
         assert np.array_equal(memory.images[k].numpy(), expected)
 
     decoded = decode_split(on_disk, SIZE, progress=False, labels=False, workers=workers)
     assert_same_store(decoded, memory)
     final = _cache_dir(on_disk)
-    assert sorted(p.name for p in final.iterdir()) == ["images.npy", "meta.json"]
+    assert sorted(p.name for p in final.iterdir()) == ["images.npy", "meta.json", "sizes.npy"]
     assert np.load(final / "images.npy", mmap_mode="r").shape == (21, 3, SIZE, SIZE)
     assert not list(final.parent.glob(f".{final.name}.tmp*")), "the temporary was renamed"
 
@@ -196,12 +199,12 @@ def test_bad_images_error_stops_at_the_first_bad_row_in_row_order(on_disk, small
 
 
 def test_stored_size_rule(on_disk):
-    assert training_sizes(on_disk, 32, None) == (32, 32)
-    assert training_sizes(on_disk, 64, None) == (64, 64)
-    assert training_sizes(on_disk, 224, None) == (224, 256)
-    assert training_sizes(on_disk, 96, None) == (96, 112)
+    # Twice the training size (a multiple of 8), but never above the largest image (50 px).
+    assert training_sizes(on_disk, 16, None) == (16, 32)
+    assert training_sizes(on_disk, 32, None) == (32, 50)
+    assert training_sizes(on_disk, 224, None) == (224, 50)
     assert training_sizes(on_disk, 96, 96) == (96, 96)
-    assert training_sizes(on_disk, None, None) == (224, 256)  # mixed sizes: 224 px
+    assert training_sizes(on_disk, None, None) == (224, 50)  # mixed sizes: 224 px
     with pytest.raises(UserError, match="--store-size 30 is below the training size 32"):
         training_sizes(on_disk, 32, 30)
 
@@ -260,3 +263,26 @@ def test_records_of_other_chunk_bounds_are_decoded_again(on_disk, small_chunks, 
     monkeypatch.setattr(ChunkDecoder, "__call__", real)
     assert_same_store(decode_split(on_disk, SIZE, progress=False, labels=False, workers=1),
                       reference)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_training_frames_are_whole_images_in_padded_slots(on_disk, small_chunks, workers):
+    """Each kept image whole, aspect ratio kept, longer side at most the slot's (never
+    enlarged), at the top-left of a zero slot; its size recorded; bad rows compacted away."""
+    side = 32
+    layout = Layout.frame(side)
+    memory = _in_memory(layout)
+    raw = on_disk.dataset.cast_column("image", datasets.Image(decode=False))
+    for k, row in enumerate(memory.row_ids.tolist()):
+        with Image.open(io.BytesIO(raw[row]["image"]["bytes"])) as img:
+            h, w = frame_size(img.height, img.width, side)
+            expected = decode_image(img, layout).transpose(2, 0, 1)
+        assert memory.sizes[k].tolist() == [h, w] and max(h, w) == min(side, max(img.size))
+        assert np.array_equal(memory.images[k, :, :h, :w].numpy(), expected)
+        assert int(memory.images[k].sum()) == int(memory.images[k, :, :h, :w].sum()), "zeros"
+    decoded = decode_split(on_disk, progress=False, labels=False, workers=workers, layout=layout)
+    assert_same_store(decoded, memory)
+    assert decoded.image_size == side and decoded.images.shape[1:] == (3, side, side)
+    final = _cache_dir(on_disk, layout)
+    assert np.load(final / "sizes.npy").tolist() == memory.sizes.tolist()
+    assert final != _cache_dir(on_disk, Layout.crop(side)), "the key names the form"

@@ -1,5 +1,5 @@
 """Pretraining end to end on the mapped store: streamed batches train exactly the weights that
-batches held in memory train; above 64 px the images are stored larger and cropped from."""
+batches held in memory train; training images are stored whole and never enlarged."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from conftest import TINY, write_parquet_dataset, write_unlabeled_parquet
 from simclr_kit.checkpoint import latest_checkpoint, load_weights
 from simclr_kit.cli import main
+from simclr_kit.encoder import load_encoder
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -41,23 +42,27 @@ def test_streamed_training_gives_the_weights_of_training_in_memory(tmp_path, cap
                  "off", "--decode-workers", "1"]) == 0
 
 
-def test_above_64_px_the_images_are_stored_larger_and_evaluated_at_the_training_size(
+def test_above_64_px_training_images_are_stored_whole_never_enlarged_and_evaluated_cropped(
         tmp_path, capsys):
-    data = write_parquet_dataset(tmp_path / "pq", n_per_class=8, classes=2, size=12)
+    data = write_parquet_dataset(tmp_path / "pq", n_per_class=8, classes=2, size=100)
     run = tmp_path / "run"
     assert main(["pretrain", "--data", str(data), "--out", str(run), "--epochs", "1",
-                 "--image-size", "72", "--monitor-knn", "1", *TINY]) == 0
-    # Training images at 8 x ceil(72 / 7) = 88 px; the evaluation split at 72, the training size.
+                 "--image-size", "72", "--crop-fraction", "0.9", "--monitor-knn", "1", *TINY]) == 0
+    # Training images whole at their own 100 px (the frame's cap, 2 x 72 = 144, is larger and
+    # nothing is enlarged); the evaluation split as the centre crop at 72, the training size.
     shapes = _stored_shapes()
-    assert shapes[(16, 3, 88, 88)] == 1 and shapes[(16, 3, 72, 72)] == 1
+    assert shapes[(16, 3, 100, 100)] == 1 and shapes[(16, 3, 72, 72)] == 1
     meta = json.loads((latest_checkpoint(run) / "model.json").read_text())
-    assert meta["image_size"] == 72 and meta["dataset"]["image_size"] == 88
+    assert meta["image_size"] == 72 and meta["dataset"]["image_size"] == 100
+    assert meta["store_size"] == 100 and meta["crop_fraction"] == 0.9
+    assert load_encoder(run).crop_fraction == 0.9  # its transform crops as the run evaluated
     knn = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
            if '"knn"' in line]
     assert knn and knn[-1]["keys"] == 16 and knn[-1]["queries"] == 16
     assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "same"), "--epochs",
                  "1", "--image-size", "72", "--store-size", "72", *TINY]) == 0
-    assert _stored_shapes()[(16, 3, 72, 72)] == 2  # the training split, now stored at 72 too
+    # The training split as whole frames at 72: a file of its own beside the evaluation crop.
+    assert _stored_shapes()[(16, 3, 72, 72)] == 2
     capsys.readouterr()
     assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "small"),
                  "--image-size", "72", "--store-size", "64", *TINY]) == 2

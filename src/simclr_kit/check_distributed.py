@@ -192,8 +192,9 @@ class _ViewRecorder:
         self.augment = augment
         self.views: tuple[Tensor, Tensor] | None = None
 
-    def __call__(self, images: Tensor, indices: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
-        self.views = self.augment(images, indices, epoch)
+    def __call__(self, images: Tensor, indices: Tensor, epoch: int,
+                 sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.views = self.augment(images, indices, epoch, sizes)
         return self.views
 
 

@@ -24,6 +24,7 @@ from simclr_kit import __version__
 from simclr_kit.atomic import atomic_write_text
 from simclr_kit.checkpoint import load_weights, read_metadata, save_weights
 from simclr_kit.config import ClassifierConfig, DataConfig, EvalConfig
+from simclr_kit.data.pixels import chosen_crop_fraction
 from simclr_kit.data.sources import PREDICT_SPLITS, open_splits, whole_split
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
 from simclr_kit.devices import resolve_device
@@ -95,10 +96,11 @@ def train_classifier(checkpoint: str | Path, data: DataConfig | str | dict[str, 
     encoder = load_encoder(checkpoint, dev)
     data = data_for("train-classifier", encoder.meta, data, run_directory(checkpoint))
     train_split, val_split = open_splits(data, need_eval=True)
+    crop_fraction = chosen_crop_fraction(data.crop_fraction, encoder.meta)
     train = decode_split(train_split, encoder.image_size, data.bad_images, progress,
-                         workers=data.decode_workers)
+                         workers=data.decode_workers, crop_fraction=crop_fraction)
     val = decode_split(val_split, encoder.image_size, data.bad_images, progress,  # type: ignore[arg-type]
-                       workers=data.decode_workers)
+                       workers=data.decode_workers, crop_fraction=crop_fraction)
     for store, role in ((train, "train"), (val, "validation")):
         announce_skipped(store)
         if store.labels is None:
@@ -123,6 +125,7 @@ def train_classifier(checkpoint: str | Path, data: DataConfig | str | dict[str, 
         val_acc = _train_head_on_features(model, encoder, train, val, num_classes, cfg, dev,
                                           progress)
     meta = {"kind": "classifier", "class_names": class_names, "image_size": encoder.image_size,
+            "crop_fraction": crop_fraction,
             "mean": list(encoder.mean), "std": list(encoder.std),
             "backbone": encoder.meta.get("backbone", "resnet18"),
             "stem": encoder.meta.get("stem", "imagenet"), "feature_dim": encoder.feature_dim,
@@ -188,7 +191,8 @@ def decode_for_predict(meta: dict[str, Any], data: str,
     size), with the skipped-images line; shared by ``predict`` and ``predict --onnx``."""
     cfg = data_config or DataConfig(data=data)
     store = decode_split(whole_split(cfg, PREDICT_SPLITS), meta["image_size"], cfg.bad_images,
-                         progress=False, missing_labels="keep", workers=cfg.decode_workers)
+                         progress=False, missing_labels="keep", workers=cfg.decode_workers,
+                         crop_fraction=chosen_crop_fraction(cfg.crop_fraction, meta))
     announce_skipped(store, ": they get no prediction")
     return store
 

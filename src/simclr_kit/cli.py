@@ -30,7 +30,7 @@ CLASSIFIER_FLAGS = config_flags(ClassifierConfig)
 # The data flags of the commands that read files given by name rather than a run's dataset.
 FILE_DATA_FLAGS = [f for f in DATA_FLAGS if f.flag in ("--data", "--data-config", "--revision",
                                                         "--image-column", "--label-column",
-                                                        "--bad-images")]
+                                                        "--bad-images", "--crop-fraction")]
 
 RUN_DATA = ("data (default: the run's own dataset: the one its last evaluation used, else the one "
             "it was pretrained on)")

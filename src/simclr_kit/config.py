@@ -119,10 +119,16 @@ class DataConfig:
     split_seed: int = setting(0, "seed of that split")
     bad_images: str = setting("skip", "unreadable images: 'skip' (counted and listed) or 'error'")
     store_size: int | None = setting(
-        None, "pretraining: side in pixels the training images are stored at; the random resized "
-        "crops are taken from it (evaluation keeps the centre crop at --image-size)",
-        shown="--image-size at <= 64 px or the images' own size, else 8 x ceil(size / 7): "
-        "256 for 224")
+        None, "pretraining: the longer side, in pixels, of the stored training images (whole "
+        "images, aspect ratio kept, never enlarged); the random resized crops are drawn over "
+        "each whole image, so a larger side gives sharper views and a larger decoded file",
+        shown="2 x --image-size up to a multiple of 8 (448 for 224), or the largest image's "
+        "longer side when smaller")
+    crop_fraction: float | None = setting(
+        None, "evaluation crop above 64 px: resize the shorter side to --image-size / this, "
+        "then keep the centre --image-size square (0.875: 256 -> 224); 1 keeps the whole "
+        "shorter side. Used by the kNN monitor, evaluate, embed, train-classifier and predict",
+        shown="the run's recorded value, else 0.875")
     decode_workers: int | None = setting(None, "processes that decode the images, once per "
                                                "machine, into the shared cache file",
                                          shown="the machine's cores")
@@ -139,6 +145,9 @@ class DataConfig:
         if self.store_size is not None:
             _check(8 <= self.store_size <= 2048, "store_size", "an integer in [8, 2048] pixels",
                    self.store_size)
+        if self.crop_fraction is not None:
+            _check(0.5 <= self.crop_fraction <= 1, "crop_fraction", "in [0.5, 1]",
+                   self.crop_fraction)
         if self.decode_workers is not None:
             _check(self.decode_workers >= 1, "decode_workers", "at least 1", self.decode_workers)
 

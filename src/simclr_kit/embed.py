@@ -28,6 +28,7 @@ from torch import Tensor
 
 from simclr_kit.atomic import atomic_file, atomic_write_text
 from simclr_kit.config import DataConfig
+from simclr_kit.data.pixels import chosen_crop_fraction
 from simclr_kit.data.sources import TRAIN_SPLITS, whole_split
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
 from simclr_kit.devices import resolve_device
@@ -57,7 +58,8 @@ def backbone_features(encoder: Encoder, images: Tensor, device: torch.device | s
                       desc: str = "embedding") -> Tensor:
     """``images: (N, 3, S, S) uint8`` -> ``(N, feature_dim)`` float32 on the CPU, in eval mode.
 
-    The same arithmetic as ``encoder(encoder.transform(images))``. Unlike
+    ``images`` are already in evaluation form (``decode_split`` at the encoder's size): they are
+    normalised as ``encoder.transform`` normalises, not cropped again. Unlike
     :func:`simclr_kit.evaluation.features.extract_features` it never talks to other ranks, so a
     single process (rank 0 writing a report) may call it alone.
     """
@@ -104,7 +106,9 @@ def compute_embeddings(checkpoint: str | Path, data: DataConfig, projections: bo
     head = projection_head(weights) if projections else None  # fails before any decoding
     store: ImageStore = decode_split(whole_split(data, TRAIN_SPLITS), encoder.image_size,
                                      data.bad_images, progress, missing_labels="keep",
-                                     workers=data.decode_workers)
+                                     workers=data.decode_workers,
+                                     crop_fraction=chosen_crop_fraction(data.crop_fraction,
+                                                                        encoder.meta))
     announce_skipped(store, ": they get no embedding")
     features = backbone_features(encoder, store.images, dev, batch_size, progress)
     projected = _project(head, features, batch_size) if head is not None else None

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from simclr_kit.checkpoint import (latest_checkpoint, load_weights, read_metadata, save_weights,
                                    torch_load_safe)
-from simclr_kit.data.store import resize_center_crop, to_rgb_array
+from simclr_kit.data.pixels import (chosen_crop_fraction, resize_center_crop, resize_side,
+                                    to_rgb_array)
 from simclr_kit.errors import UserError
 from simclr_kit.models import build_backbone, feature_dim, is_timm_name
 
@@ -35,8 +36,8 @@ _HEAD_PREFIXES = ("projection_head.", "projector.", "projection.", "head.", "g."
 HUB_PREFIX = "hf-hub:"
 # What an export (safetensors, ONNX, hub folder) keeps of a checkpoint's metadata: how to rebuild
 # and feed the backbone, and where it came from.
-EXPORT_KEYS = ("backbone", "stem", "feature_dim", "image_size", "mean", "std", "dataset",
-               "package_version", "epoch", "create_model_kwargs")
+EXPORT_KEYS = ("backbone", "stem", "feature_dim", "image_size", "crop_fraction", "mean", "std",
+               "dataset", "package_version", "epoch", "create_model_kwargs")
 
 
 @dataclass
@@ -164,7 +165,10 @@ class Encoder(nn.Module):
     """Eval-mode backbone: normalised ``x: (N, 3, S, S)`` -> features ``(N, feature_dim)``.
 
     ``encoder.transform(images)`` turns PIL images, a list of them, or uint8 tensors
-    ``(3, H, W)``/``(N, 3, H, W)`` into that input (recorded resize and normalisation).
+    ``(3, H, W)``/``(N, 3, H, W)`` into that input: the evaluation crop at the recorded size S
+    (above 64 px the shorter side resized to round(S / ``crop_fraction``), the centre S x S
+    kept; the fraction is the run's, 0.875 when it recorded none) and the recorded
+    normalisation.
     """
 
     def __init__(self, backbone: nn.Module, image_size: int, mean: Sequence[float],
@@ -175,6 +179,7 @@ class Encoder(nn.Module):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.meta = meta or {}
+        self.crop_fraction = chosen_crop_fraction(None, self.meta)
         self.feature_dim = feature_dim(backbone, self.image_size)
         self.eval()
 
@@ -182,20 +187,24 @@ class Encoder(nn.Module):
         return self.backbone(x).flatten(1)
 
     def to_uint8(self, images: Any) -> Tensor:
-        """PIL image(s) or uint8 tensor(s) -> ``(N, 3, S, S) uint8`` at the working size."""
+        """PIL image(s) or uint8 tensor(s) -> ``(N, 3, S, S) uint8``: the evaluation crop, as
+        torchvision's ``Resize(resize_side)`` + ``CenterCrop(S)`` make it."""
+        size = self.image_size
         if isinstance(images, Image.Image):
             images = [images]
         if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
-            arrays = [resize_center_crop(to_rgb_array(im), self.image_size) for im in images]
+            arrays = [resize_center_crop(to_rgb_array(im), size, self.crop_fraction)
+                      for im in images]
             return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
         x = torch.as_tensor(images)
         if x.ndim == 3:
             x = x.unsqueeze(0)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise UserError("expected PIL images or uint8 tensors of shape (N, 3, H, W)")
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = TF.resize(x, self.image_size, antialias=True)
-            x = TF.center_crop(x, [self.image_size, self.image_size])
+        side = resize_side(size, self.crop_fraction)
+        if x.shape[-2:] != (size, size) or side != size:
+            x = TF.resize(x, side, antialias=True)
+            x = TF.center_crop(x, [size, size])
         return x
 
     def transform(self, images: Any) -> Tensor:

@@ -26,6 +26,7 @@ from simclr_kit.augment import SimCLRAugment
 from simclr_kit.budget import TimeBudget
 from simclr_kit.config import PretrainConfig, to_dict, to_yaml
 from simclr_kit.data.loader import ResidentBatches
+from simclr_kit.data.pixels import Layout, chosen_crop_fraction
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import (ImageStore, announce_skipped, decode_split, skipped_report,
                                    store_channel_stats, training_sizes)
@@ -78,10 +79,13 @@ class Trainer:
     # None on a resumed run whose length the budget already chose.
     budget: TimeBudget | None = None
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (devices.grad_scaler)
+    # (N, 2) int32 on the device: each training image's (height, width) in its slot (None: all
+    # fill it); a step indexes it with the batch's indices, where they live.
+    sizes: Tensor | None = None
 
     @property
     def images(self) -> Tensor:
-        """The training set's uint8 images ``(N, 3, S, S)``, where the batch source keeps them."""
+        """The training set's uint8 images ``(N, 3, L, L)``, where the batch source keeps them."""
         return self.batches.images
 
     def learning_rate(self) -> float:
@@ -139,21 +143,24 @@ def _check_batch(cfg: PretrainConfig, n_images: int) -> PretrainConfig:
 
 
 def _load_data(cfg: PretrainConfig) -> tuple[ImageStore, ImageStore | None, int]:
-    """The training store (at the stored size), the evaluation store and the training size.
-    Each node's first rank downloads and decodes the set into the disk cache; the node's other
-    ranks then map that same file (data/mapped.py): one copy of the pixels per machine."""
+    """The training store (whole frames, longer side at most L), the evaluation store and the
+    training size. Each node's first rank downloads and decodes the set into the disk cache;
+    the node's other ranks then map that same file (data/mapped.py): one copy of the pixels
+    per machine."""
     with distributed.local_main_first():
         train, evaluation = open_splits(cfg.data, need_eval=cfg.monitor_knn > 0)
-        size, stored = training_sizes(train, cfg.data.image_size, cfg.data.store_size)
+        size, side = training_sizes(train, cfg.data.image_size, cfg.data.store_size)
         # Labels only for --monitor-knn (the kNN keys): pretraining itself needs none.
-        store = decode_split(train, stored, cfg.data.bad_images,
+        store = decode_split(train, bad_images=cfg.data.bad_images,
                              progress=cfg.progress and distributed.is_main(),
-                             labels=cfg.monitor_knn > 0, workers=cfg.data.decode_workers)
+                             labels=cfg.monitor_knn > 0, workers=cfg.data.decode_workers,
+                             layout=Layout.frame(side))
         eval_store = None
-        if evaluation is not None:  # evaluation sees the centre crop at the training size
+        if evaluation is not None:  # evaluation sees the standard centre crop at the size
             eval_store = decode_split(evaluation, size, cfg.data.bad_images,
                                       progress=cfg.progress and distributed.is_main(),
-                                      workers=cfg.data.decode_workers)
+                                      workers=cfg.data.decode_workers,
+                                      crop_fraction=chosen_crop_fraction(cfg.data.crop_fraction))
     return store, eval_store, size
 
 
@@ -214,6 +221,8 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
         "projection_dim": cfg.projection_dim,
         "projection_hidden_dim": cfg.projection_hidden_dim or model.feature_dim,
         "image_size": image_size, "mean": list(mean), "std": list(std),
+        "crop_fraction": chosen_crop_fraction(cfg.data.crop_fraction),
+        "store_size": store.image_size,
         "dataset": store.provenance, "config": to_dict(cfg), "package_version": __version__,
         **{k: v for k, v in init_meta.items() if k != "stem"},
     }
@@ -226,7 +235,8 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
         model=model, ddp_model=ddp_model,
         augment=SimCLRAugment(cfg.augment, image_size, mean, std, cfg.seed),
         optimizer=optimizer, meta=meta, log=log, base_lr=base_lr,
-        steps_per_epoch=len(store) // cfg.batch_size, total_epochs=cfg.epochs)
+        steps_per_epoch=len(store) // cfg.batch_size, total_epochs=cfg.epochs,
+        sizes=None if store.sizes is None else store.sizes.to(device))
     trainer.scaler = grad_scaler(cfg.precision, device)
     if cfg.time_budget is not None:
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

@@ -32,8 +32,9 @@ from simclr_kit.trainer import Trainer, prepare
 def train_step(t: Trainer, idx: Tensor) -> Tensor:
     """One optimisation step on this rank's images ``idx: (b,)``; returns the loss (device)."""
     set_lr(t.optimizer, t.learning_rate())
-    images = t.batches.gather(idx)  # (b, 3, H, W) uint8 on the device
-    v1, v2 = t.augment(images, idx, t.epoch)  # each (b, 3, S, S) float
+    images = t.batches.gather(idx)  # (b, 3, L, L) uint8 on the device
+    sizes = None if t.sizes is None else t.sizes[idx.to(t.sizes.device, non_blocking=True)]
+    v1, v2 = t.augment(images, idx, t.epoch, sizes)  # each (b, 3, S, S) float
     return simclr_step(t.ddp_model, t.optimizer, v1, v2, t.config.temperature,
                        autocast_dtype(t.config.precision, t.device), t.config.channels_last,
                        t.scaler)

@@ -3,6 +3,12 @@
 The crop is torchvision's RandomResizedCrop: an integer box drawn as ``get_params`` does, resized
 with the antialiased bilinear weights of PyTorch's ``interpolate(..., antialias=True)``, as two
 batched matmuls. The flip is folded into the crop's horizontal weights (exact and free).
+
+Each sample's box is drawn over its own image: a training frame (data/pixels.py) fills only the
+top-left ``(height, width)`` of its slot, so scale and ratio are relative to that image's own
+area and shape, as torchvision's RandomResizedCrop on the original photo, with its central
+fallback per sample. The box lies inside the image and the resampling weights drop every tap
+outside the box, so the padding around a frame never reaches a view.
 """
 
 from __future__ import annotations
@@ -20,16 +26,19 @@ _TRIES = 10  # torchvision's RandomResizedCrop makes 10 draws before a central c
 _AREA, _LOGR, _TOP, _LEFT = 0, _TRIES, 2 * _TRIES, 2 * _TRIES + 1
 
 
-def _sample_crop(u: Tensor, height: int, width: int, cfg: AugmentConfig) -> Tensor:
+def _sample_crop(u: Tensor, height: Tensor, width: Tensor, cfg: AugmentConfig) -> Tensor:
     """torchvision's RandomResizedCrop.get_params, vectorised: ``u (N, 22)`` -> ``(N, 4)``.
 
-    Rows are integer boxes (top, left, height, width). The ten rejection draws are made at once and
-    the first valid one is kept; with none valid, torchvision's central fallback crop. Float64 keeps
+    ``height, width: (N,) int64``: each sample's own image size. Rows are integer boxes (top,
+    left, height, width) inside that image. The ten rejection draws are made at once and the
+    first valid one is kept; with none valid, torchvision's central fallback crop. Float64 keeps
     the rounding to integer sides the same on every device.
     """
     u64 = u.to(torch.float64)
+    height, width = height[:, None], width[:, None]  # (N, 1): against the N x 10 draws
     span = cfg.crop_scale_max - cfg.crop_scale_min
-    area = height * width * (cfg.crop_scale_min + span * u64[:, _AREA:_AREA + _TRIES])
+    area = (height * width).to(torch.float64) * (cfg.crop_scale_min
+                                                  + span * u64[:, _AREA:_AREA + _TRIES])
     lo, hi = math.log(cfg.crop_ratio_min), math.log(cfg.crop_ratio_max)
     aspect = torch.exp(lo + (hi - lo) * u64[:, _LOGR:_LOGR + _TRIES])
     w = torch.round(torch.sqrt(area * aspect)).to(torch.int64)
@@ -37,6 +46,7 @@ def _sample_crop(u: Tensor, height: int, width: int, cfg: AugmentConfig) -> Tens
     valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)
     found = valid.any(dim=1)
+    height, width = height[:, 0], width[:, 0]
     fh, fw = _fallback_box(height, width, cfg)
     h = torch.where(found, h.gather(1, first)[:, 0], fh)
     w = torch.where(found, w.gather(1, first)[:, 0], fw)
@@ -45,14 +55,25 @@ def _sample_crop(u: Tensor, height: int, width: int, cfg: AugmentConfig) -> Tens
     return torch.stack([top, left, h, w], dim=1)
 
 
-def _fallback_box(height: int, width: int, cfg: AugmentConfig) -> tuple[int, int]:
-    """(h, w) of torchvision's central fallback: the whole image clipped to the ratio range."""
-    in_ratio = width / height
-    if in_ratio < cfg.crop_ratio_min:
-        return int(round(width / cfg.crop_ratio_min)), width
-    if in_ratio > cfg.crop_ratio_max:
-        return height, int(round(height * cfg.crop_ratio_max))
-    return height, width
+def _fallback_box(height: Tensor, width: Tensor, cfg: AugmentConfig) -> tuple[Tensor, Tensor]:
+    """``(h, w)``, each ``(N,) int64``, of torchvision's central fallback per sample: the whole
+    image clipped to the ratio range (float64, rounded half to even as Python's ``round``)."""
+    h64, w64 = height.to(torch.float64), width.to(torch.float64)
+    in_ratio = w64 / h64
+    narrow, wide = in_ratio < cfg.crop_ratio_min, in_ratio > cfg.crop_ratio_max
+    fh = torch.where(narrow, torch.round(w64 / cfg.crop_ratio_min).to(torch.int64), height)
+    fw = torch.where(wide, torch.round(h64 * cfg.crop_ratio_max).to(torch.int64), width)
+    return fh, fw
+
+
+def frame_sizes(frame: Frame, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Each of ``n`` samples' own ``(height, width)``, two ``(n,) int64``: ``frame.sizes``, or
+    the whole input when it has none."""
+    if frame.sizes is None:
+        full = torch.tensor([frame.height, frame.width], dtype=torch.int64, device=device)
+        return full[0].expand(n), full[1].expand(n)
+    sizes = frame.sizes.to(device=device, dtype=torch.int64)
+    return sizes[:, 0], sizes[:, 1]
 
 
 def _resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
@@ -73,7 +94,7 @@ def _resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) 
     return weight.div_(weight.sum(dim=2, keepdim=True))
 
 
-def _crop_resize(images: Tensor, box: Tensor, flip: Tensor | None, size: int) -> Tensor:
+def crop_resize(images: Tensor, box: Tensor, flip: Tensor | None, size: int) -> Tensor:
     """Crop integer boxes, resize to ``size`` and flip: uint8 ``(N,3,H,W)`` -> float ``(N,3,S,S)``.
 
     Separable resampling as two batched matmuls covering every sample's box at once (gathering the
@@ -96,16 +117,17 @@ def _crop_resize(images: Tensor, box: Tensor, flip: Tensor | None, size: int) ->
 
 class Crop(Op):
     """Random resized crop to the output size; params ``crop (N, 4)`` int64 boxes (top, left,
-    height, width). Always on: it is also the step from uint8 ``(N, 3, H, W)`` to float32
-    ``(N, 3, S, S)``, and it applies the ``flip`` flags (``Flip``) in its resampling weights."""
+    height, width), each inside its sample's own image (``frame.sizes``). Always on: it is also
+    the step from uint8 ``(N, 3, H, W)`` to float32 ``(N, 3, S, S)``, and it applies the
+    ``flip`` flags (``Flip``) in its resampling weights."""
 
     name, slots, switch = "crop", 2 * _TRIES + 2, None
 
     def sample(self, u: Tensor, cfg: AugmentConfig, frame: Frame) -> dict[str, Tensor]:
-        return {"crop": _sample_crop(u, frame.height, frame.width, cfg)}
+        return {"crop": _sample_crop(u, *frame_sizes(frame, len(u), u.device), cfg)}
 
     def apply(self, x: Tensor, p: dict[str, Tensor], cfg: AugmentConfig, frame: Frame) -> Tensor:
-        return _crop_resize(x, p["crop"], p.get("flip"), frame.size)  # no flip op: no flips
+        return crop_resize(x, p["crop"], p.get("flip"), frame.size)  # no flip op: no flips
 
 
 class Flip(Op):

@@ -22,11 +22,15 @@ from simclr_kit.config import AugmentConfig
 
 @dataclass(frozen=True)
 class Frame:
-    """The sizes an op may need, in pixels: input ``height`` x ``width``, output side ``size``."""
+    """The sizes an op may need, in pixels: input ``height`` x ``width``, output side ``size``,
+    and ``sizes (N, 2)`` int: each sample's own image, the valid ``(height, width)`` at the
+    top-left of its input (a training frame, data/pixels.py); None when every image fills the
+    input."""
 
     height: int
     width: int
     size: int
+    sizes: Tensor | None = None
 
 
 class Op(ABC):

@@ -70,10 +70,14 @@ class SimCLRAugment:
         self.columns = slot_layout(self.ops)  # op name -> its columns of the uniform draws
         self.slots = sum(op.slots for op in self.ops)
 
-    def __call__(self, images: Tensor, indices: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
+    def __call__(self, images: Tensor, indices: Tensor, epoch: int,
+                 sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Both views of a batch: uint8 ``(B, 3, H, W)`` -> two float32 ``(B, 3, S, S)``.
 
         ``indices (B,)`` int64 are the samples' dataset row numbers, the key of their randomness.
+        ``sizes (B, 2)`` int: each image's valid ``(height, width)`` at the top-left of its slot
+        (training frames), whose crops are drawn over that part only; None: every image fills
+        ``H x W``.
         """
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} "
@@ -81,28 +85,37 @@ class SimCLRAugment:
         if indices.shape != images.shape[:1]:
             raise ValueError(f"expected indices of shape ({len(images)},), "
                              f"got {tuple(indices.shape)}")
+        if sizes is not None and sizes.shape != (len(images), 2):
+            raise ValueError(f"expected sizes of shape ({len(images)}, 2), "
+                             f"got {tuple(sizes.shape)}")
         indices = indices.to(images.device, non_blocking=True)  # staged: no wait on the GPU
+        if sizes is not None:
+            sizes = sizes.to(images.device, non_blocking=True)
         n, size = len(images), self.image_size
         if images.device.type != "cpu":
-            both = self._views(images, indices, epoch)
+            both = self._views(images, indices, epoch, sizes)
             return both[:n], both[n:]
         first, second = (torch.empty((n, 3, size, size)) for _ in range(2))
 
         def chunk(part: slice) -> None:
-            both = self._views(images[part], indices[part], epoch)
+            both = self._views(images[part], indices[part], epoch,
+                               None if sizes is None else sizes[part])
             first[part], second[part] = both.chunk(2)
 
         _on_cpu_chunks(chunk, n, size)
         return first, second
 
-    def _views(self, images: Tensor, indices: Tensor, epoch: int) -> Tensor:
+    def _views(self, images: Tensor, indices: Tensor, epoch: int,
+               sizes: Tensor | None) -> Tensor:
         """Views 0 and 1 stacked, ``(2B, 3, S, S)``: one pass halves the launches per view."""
-        params = self._sample(indices, epoch, (0, 1), *images.shape[2:])
+        both = None if sizes is None else torch.cat([sizes, sizes])  # rows as the draws: view 0, 1
+        params = self._sample(indices, epoch, (0, 1), *images.shape[2:], both)
         return self._apply(torch.cat([images, images]), params)
 
     def sample_params(self, indices: Tensor, epoch: int, view: int, height: int,
-                      width: int) -> dict[str, Tensor]:
-        """Per-sample parameters of one view of ``(height, width)`` images, on indices' device.
+                      width: int, sizes: Tensor | None = None) -> dict[str, Tensor]:
+        """Per-sample parameters of one view of ``(height, width)`` images, on indices' device;
+        ``sizes (N, 2)``: each image's own valid ``(height, width)`` (see ``__call__``).
 
         Every op's parameters, active or not, each under its own keys (see the ops' docstrings);
         with the default recipe: ``crop (N, 4)`` int64 boxes (top, left, height, width); bool
@@ -111,12 +124,12 @@ class SimCLRAugment:
         [max(0, 1 - x), 1 + x]), ``hue`` ([-x, x]) and blur ``sigma``; ``order (N, 4)`` int64, the
         jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in the order they are applied.
         """
-        return self._sample(indices, epoch, (view,), height, width)
+        return self._sample(indices, epoch, (view,), height, width, sizes)
 
     def _sample(self, indices: Tensor, epoch: int, views: tuple[int, ...], height: int,
-                width: int) -> dict[str, Tensor]:
+                width: int, sizes: Tensor | None = None) -> dict[str, Tensor]:
         u = keyed_uniforms(indices, self.seed, epoch, views, self.slots)  # (len(views) * N, slots)
-        frame = Frame(height, width, self.image_size)
+        frame = Frame(height, width, self.image_size, sizes)
         params: dict[str, Tensor] = {}
         for op in self.ops:
             params.update(op.sample(u[:, self.columns[op.name]], self.config, frame))
@@ -127,7 +140,8 @@ class SimCLRAugment:
 
         Deterministic given ``params`` (as from :meth:`sample_params`). Operations that are off
         under the config (probability, or jitter range, 0) are skipped, whatever their flags say;
-        the flip is the crop's doing, so its flags always count.
+        the flip is the crop's doing, so its flags always count. Needs no ``sizes``: the crop
+        boxes already lie inside each image, and nothing outside a box is read.
         """
         p = {k: v.to(images.device) for k, v in params.items()}
         if images.device.type != "cpu":
@@ -150,20 +164,24 @@ class SimCLRAugment:
 
 
 def save_view_grid(images: Tensor, augment: SimCLRAugment, path: str | Path,
-                   epoch: int = 0) -> None:
+                   epoch: int = 0, sizes: Tensor | None = None) -> None:
     """Write a PNG with one row per image: the original, view 1 and view 2 (de-normalised).
 
-    ``images``: uint8 ``(B, 3, H, W)``; their sample indices are taken as 0..B-1.
+    ``images``: uint8 ``(B, 3, H, W)``; their sample indices are taken as 0..B-1. ``sizes
+    (B, 2)``: each image's valid ``(height, width)`` (training frames): the original column
+    shows that part.
     """
     from matplotlib.figure import Figure  # lazily: plotting is not on the training path
 
     images = images.cpu()
-    views = augment(images, torch.arange(len(images)), epoch)
+    views = augment(images, torch.arange(len(images)), epoch, sizes)
     mean = torch.tensor(augment.mean)[:, None, None]
     std = torch.tensor(augment.std)[:, None, None]
     fig = Figure(figsize=(3 * 1.5, len(images) * 1.5))
     axes = fig.subplots(len(images), 3, squeeze=False)
     for row, image in enumerate(images):
+        if sizes is not None:
+            image = image[:, :int(sizes[row, 0]), :int(sizes[row, 1])]
         cells = [image.float() / 255.0] + [(v[row] * std + mean).clamp(0.0, 1.0) for v in views]
         for ax, cell, title in zip(axes[row], cells, ("original", "view 1", "view 2")):
             ax.imshow(cell.permute(1, 2, 0).numpy(), interpolation="nearest")

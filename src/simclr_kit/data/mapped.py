@@ -1,6 +1,12 @@
-"""The decoded split on disk: one uint8 ``(N, 3, S, S)`` ``.npy`` that every process maps.
+"""The decoded split on disk: one uint8 ``(N, 3, L, L)`` ``.npy`` that every process maps.
 
-Why ``(N, 3, S, S)`` and not ``(N, S, S, 3)``: a batch gather then copies whole rows (3·S·S
+Every row is a slot of the same size: an evaluation crop fills it; a training frame (the whole
+image, aspect ratio kept, longer side at most L) sits at its top-left with zeros around, and
+``sizes.npy`` says which part is image. One row size keeps the file a plain array: a batch is
+gathered with one ``index_select``, rows compact in place, and the streaming thread copies
+fixed-size rows; the zeros cost disk (a quarter of the slot for a 4:3 photo), not time.
+
+Why ``(N, 3, L, L)`` and not ``(N, L, L, 3)``: a batch gather then copies whole rows (3·L·L
 contiguous bytes each) straight into the CHW layout the augmentation and the models read, so no
 training step transposes anything; the HWC -> CHW transpose is done once per image by the
 decoding worker, where decoding the JPEG costs ~100x more. ``ImageStore.images`` is the map
@@ -9,7 +15,8 @@ cache (``RssFile``, once per machine), and a stray in-place write stays private 
 
 Layout under ``cache_root()/decoded/``::
 
-    KEY/images.npy        (K, 3, S, S) uint8: the images kept, in the split's row order
+    KEY/images.npy        (K, 3, L, L) uint8: the images kept, in the split's row order
+    KEY/sizes.npy         (K, 2) int32: each image's (height, width) at the top-left of its slot
     KEY/meta.json         rows of the split, shape, files, skipped rows (written last)
     .KEY.tmp-HOST-PID/    a decode in progress, or killed: images.npy with one slot per row of
                           the split, chunks/START.json per finished chunk, ``compacting`` marker
@@ -37,27 +44,34 @@ import numpy as np
 
 from simclr_kit.atomic import atomic_write_text, fsync_dir, fsync_file
 
-VERSION = 4
+VERSION = 5  # 5: slots with sizes.npy; the key names the form (training frame or crop)
 CHUNK_ROWS = 1024  # rows per decoding task: the unit of work, of progress and of resuming
 _MOVE_ROWS = 256  # rows moved per copy while compacting: bounds the temporary numpy makes
 
 
 @dataclass
 class Decoded:
-    """A decoded split: ``images (K, 3, S, S) uint8`` (a map or an array), the ``rows (K,)``
-    of the split they came from, their ``files``, the ``skipped`` ``(row, file, reason)`` and
-    the images' per-channel histograms ``counts (3, 256)`` (None in an older cache)."""
+    """A decoded split: ``images (K, 3, L, L) uint8`` (a map or an array), the ``rows (K,)``
+    of the split they came from, their ``files``, the ``skipped`` ``(row, file, reason)``, the
+    images' per-channel histograms ``counts (3, 256)`` and their valid ``(height, width)`` in
+    their slots, ``sizes (K, 2) int32``."""
 
     images: np.ndarray
     rows: np.ndarray
     files: list[str]
     skipped: list[tuple[int, str, str]]
-    counts: np.ndarray | None = None
+    counts: np.ndarray
+    sizes: np.ndarray
 
 
 def total_counts(records: list[dict]) -> np.ndarray:
     """The summed ``counts`` (3, 256) of chunk records."""
     return np.sum([np.asarray(r["counts"], np.int64) for r in records], axis=0)
+
+
+def record_sizes(records: list[dict]) -> np.ndarray:
+    """The ``sizes`` of chunk records' kept images, in order: ``(K, 2) int32``."""
+    return np.asarray([s for r in records for s in r["sizes"]], np.int32).reshape(-1, 2)
 
 
 def npy_offset(path: Path) -> tuple[tuple[int, ...], int]:
@@ -131,12 +145,13 @@ def open_complete(final: Path, size: int) -> Decoded | None:
         rows = np.setdiff1d(np.arange(int(meta["rows"]), dtype=np.int64),
                             np.asarray([r for r, _, _ in skipped], dtype=np.int64))
         files = [str(f) for f in meta["files"]] or [""] * len(rows)
-        counts = np.asarray(meta["counts"], np.int64) if "counts" in meta else None
+        counts = np.asarray(meta["counts"], np.int64)
+        sizes = np.load(final / "sizes.npy", allow_pickle=False)
     except (OSError, ValueError, KeyError, TypeError):  # a damaged cache is decoded again
         return None
-    if len(rows) != shape[0] or len(files) != shape[0]:
+    if len(rows) != shape[0] or len(files) != shape[0] or sizes.shape != (shape[0], 2):
         return None
-    return Decoded(images, rows, files, skipped, counts)
+    return Decoded(images, rows, files, skipped, counts, sizes.astype(np.int32))
 
 
 def _alive(pid: int) -> bool:
@@ -191,7 +206,7 @@ def done_chunks(tmp: Path) -> dict[int, dict]:
     for path in (tmp / "chunks").glob("*.json"):
         try:
             record = json.loads(path.read_text())
-            if set(record) >= {"start", "stop", "files", "skipped", "counts"}:
+            if set(record) >= {"start", "stop", "files", "skipped", "counts", "sizes"}:
                 records[int(record["start"])] = record
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -199,12 +214,14 @@ def done_chunks(tmp: Path) -> dict[int, dict]:
 
 
 def record_chunk(tmp: Path, record: dict) -> None:
-    """Mark a chunk done: ``{start, stop, files, skipped}``, its pixels already on the disk."""
+    """Mark a chunk done: ``{start, stop, files, skipped, counts, sizes}``, its pixels already
+    on the disk."""
     atomic_write_text(tmp / "chunks" / f"{record['start']}.json", json.dumps(record))
 
 
 def publish(tmp: Path, final: Path, n: int, size: int, records: list[dict]) -> Decoded:
-    """Compact the kept rows, write meta.json last and rename ``tmp`` to ``final``."""
+    """Compact the kept rows, write sizes.npy, then meta.json last, and rename ``tmp`` to
+    ``final``."""
     skipped = [(int(r), str(f), str(m)) for rec in records for r, f, m in rec["skipped"]]
     files = [str(f) for rec in records for f in rec["files"]]
     path = tmp / "images.npy"
@@ -222,6 +239,9 @@ def publish(tmp: Path, final: Path, n: int, size: int, records: list[dict]) -> D
                 raise RuntimeError(f"{path}: the rewritten .npy header moved the data")
             f.truncate(offset + len(keep) * 3 * size * size)
     fsync_file(path)
+    with open(tmp / "sizes.npy", "wb") as f:  # a file object: np.save adds no suffix
+        np.save(f, record_sizes(records))
+    fsync_file(tmp / "sizes.npy")
     meta = {"version": VERSION, "rows": n, "shape": [len(keep), 3, size, size],
             "files": files if any(files) else [], "skipped": skipped,
             "counts": total_counts(records).tolist()}

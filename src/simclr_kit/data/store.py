@@ -1,8 +1,14 @@
-"""Decode a split once to uint8 ``(N, 3, S, S)`` at the working size; cache the result on disk.
+"""Decode a split once to uint8 ``(N, 3, L, L)`` slots; cache the result on disk.
 
-Every image, whatever its mode (L, RGBA, P, CMYK, 16-bit) or EXIF orientation, becomes RGB, is
-resized on its shorter side to S and centre-cropped to a square. Images already S x S are kept
-as they are. Augmentation then works on the device from these bytes, so nothing decodes twice.
+Each image becomes RGB and takes the split's :class:`~simclr_kit.data.pixels.Layout`
+(:mod:`simclr_kit.data.pixels`): the evaluation **crop** at the working size S (the standard
+centre crop, filling each slot), or, for pretraining, the training **frame**: the whole image,
+aspect ratio kept, its longer side reduced to at most L and never enlarged, at the top-left of
+its slot (zeros elsewhere), with its valid ``(height, width)`` in ``ImageStore.sizes``. The
+random resized crops are then drawn over each image's own frame (augment/geometry.py), so they
+reach every part of a photo, not just its centre square. Images already in their stored form
+(CIFAR at 32 px) are kept as they are. Augmentation then works on the device from these bytes,
+so nothing decodes twice.
 
 Unreadable items (corrupt, truncated or empty files, files that are not images) follow the
 ``bad_images`` policy: ``skip`` counts and lists them (:func:`skipped_report`), ``error`` stops at
@@ -11,14 +17,15 @@ the first one, naming it. A split where nothing decodes is always an error.
 A split read from files (it has a fingerprint) is decoded once per machine, in chunks of rows
 spread over ``--decode-workers`` processes, into a memory-mapped ``.npy`` that every process of
 the machine maps (:mod:`simclr_kit.data.mapped`); ``ImageStore.images`` is a tensor over that
-map, so the pixels take page cache, not process memory. Training images may be stored larger
-than the training size (:func:`training_sizes`), for random resized crops from more of each image.
+map, so the pixels take page cache, not process memory. The side L of the training frame
+(:func:`training_sizes`) is chosen so that most views are not upsampled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 from collections import Counter
@@ -29,25 +36,31 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from simclr_kit import distributed, faults
 from simclr_kit.augment.stats import channel_stats, stats_from_counts
 from simclr_kit.data import decode_pool, mapped
+from simclr_kit.data.pixels import CROP_FRACTION, Layout, decode_image
 from simclr_kit.data.sources import Split
 from simclr_kit.errors import UserError
 
 MAX_DEFAULT_SIZE = 224
-# A 16-bit PNG has pixel values up to 65535; PIL's convert("RGB") would clip them to 255.
-_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# Default training frame: at most FRAME_SCALE x the training size, so that fewer than half of
+# the views of a 4:3 photo are upsampled (Monte Carlo of the crops: bench/RESULTS.md, "Photos").
+FRAME_SCALE = 2.0
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # allow big photos; refuse decompression bombs beyond
 
 
 @dataclass
 class ImageStore:
-    """A decoded split: ``images: (N, 3, S, S) uint8``, ``labels: (N,) int64`` or None.
+    """A decoded split: ``images: (N, 3, L, L) uint8``, ``labels: (N,) int64`` or None.
+
+    ``sizes: (N, 2) int32``: the valid ``(height, width)`` at the top-left of each slot (the
+    training frame; an evaluation crop fills its slot); None means every image fills its slot.
+    ``image_size`` is the slot's side L.
 
     ``row_ids`` are the rows of the split the images came from (bad rows skipped leave gaps);
     ``files`` the file each came from ('' for images stored in the dataset without a name);
@@ -65,6 +78,7 @@ class ImageStore:
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     channel_counts: Tensor | None = None  # (3, 256) histograms of the images' uint8 values
+    sizes: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -76,45 +90,6 @@ class ImageStore:
 
 def cache_root() -> Path:
     return Path(os.environ.get("SIMCLR_KIT_CACHE", Path.home() / ".cache" / "simclr-kit"))
-
-
-def _wide_range(img: Image.Image, arr: np.ndarray) -> float:
-    """The white level of a 16-bit, 32-bit integer or float image."""
-    if img.mode.startswith("I;16"):
-        return 65535.0  # 16 bits by definition, however dark this image is
-    top = float(arr.max(initial=0))
-    if img.mode == "F" and top <= 1.0:
-        return 1.0
-    return 255.0 if top <= 255 else 65535.0
-
-
-def to_rgb_array(img: Image.Image) -> np.ndarray:
-    """Any PIL image -> ``(H, W, 3) uint8`` RGB, EXIF orientation applied."""
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block should not cost the picture: keep it unrotated
-        img.load()
-    if img.mode in _WIDE_MODES:
-        arr = np.asarray(img, dtype=np.float32)
-        arr = np.clip(arr * (255.0 / _wide_range(img, arr)), 0, 255).round().astype(np.uint8)
-        return np.repeat(arr[..., None], 3, axis=2)
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def resize_center_crop(arr: np.ndarray, size: int) -> np.ndarray:
-    """``(H, W, 3) uint8`` -> ``(size, size, 3)``: shorter side to ``size`` (antialiased
-    bilinear), then the centre square. Square images already at ``size`` are returned as they are.
-    """
-    h, w = arr.shape[:2]
-    if h == size and w == size:
-        return arr
-    scale = size / min(h, w)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = Image.fromarray(arr).resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return np.asarray(img)[top:top + size, left:left + size]
 
 
 def _item_name(item: dict | Image.Image | None) -> str:
@@ -138,13 +113,9 @@ def _raw_column(split: Split) -> datasets.Dataset:
     return split.dataset.cast_column(split.image_column, datasets.Image(decode=False))
 
 
-def working_size(split: Split, requested: int | None, probe: int = 2048) -> int:
-    """The requested size, else the images' common size when they share one (up to 224), else 224.
-
-    Only image headers are read, for at most ``probe`` rows spread over the split.
-    """
-    if requested is not None:
-        return requested
+def probe_sizes(split: Split, probe: int = 2048) -> set[tuple[int, int]]:
+    """The ``(width, height)`` of the images in at most ``probe`` rows spread over the split,
+    from their headers only (unreadable rows are left out: decode_split reports them)."""
     raw = _raw_column(split)
     n = len(raw)
     rows = np.unique(np.linspace(0, n - 1, num=min(n, probe)).astype(int)) if n else []
@@ -153,9 +124,12 @@ def working_size(split: Split, requested: int | None, probe: int = 2048) -> int:
         try:
             sizes.add(_open(raw[int(r)][split.image_column]).size)
         except Exception:
-            continue  # bad images are reported by decode_split
-        if len(sizes) > 1:
-            return MAX_DEFAULT_SIZE
+            continue
+    return sizes
+
+
+def _own_size(sizes: set[tuple[int, int]]) -> int:
+    """The images' common size when they share one square size (up to 224), else 224."""
     if len(sizes) == 1:
         (w, h), = sizes
         if w == h:
@@ -163,26 +137,40 @@ def working_size(split: Split, requested: int | None, probe: int = 2048) -> int:
     return MAX_DEFAULT_SIZE
 
 
+def working_size(split: Split, requested: int | None, probe: int = 2048) -> int:
+    """The requested size, else the images' common size when they share one (up to 224), else 224.
+
+    Only image headers are read, for at most ``probe`` rows spread over the split.
+    """
+    return requested if requested is not None else _own_size(probe_sizes(split, probe))
+
+
+def frame_cap(size: int) -> int:
+    """The default longest stored side for training at ``size``: ``FRAME_SCALE x size``, up to
+    a multiple of 8 (448 for 224, 64 for 32)."""
+    return 8 * math.ceil(FRAME_SCALE * size / 8)
+
+
 def training_sizes(split: Split, image_size: int | None,
                    store_size: int | None) -> tuple[int, int]:
-    """``(S, stored)``: the training size (:func:`working_size`) and the side the training
-    images are stored at, from which the random resized crops are taken.
+    """``(S, L)``: the training size (:func:`working_size`) and the side L of the training
+    frames: the longest side an image is stored at (:class:`~simclr_kit.data.pixels.Layout`),
+    the random resized crops being drawn over each image's whole frame.
 
-    ``store_size`` when given (at least S); else S at 64 px and below (small images are kept
-    whole), and S when S is the images' own common size (nothing more to keep); else
-    ``8 * ceil(S / 7)``, the smallest multiple of 8 at or above S / 0.875 (256 for 224: the
-    resize-256 / centre-crop-224 ratio of ImageNet evaluation, so the crops see the border that a
-    centre crop at S cuts off).
+    L is ``store_size`` when given (at least S); else the smaller of :func:`frame_cap` and the
+    largest side among the probed image headers: an image is never stored larger than it is,
+    so 224 x 224 images are stored at 224, and the stored form of a set does not depend on
+    whether ``image_size`` was typed out or defaulted to the same value.
     """
-    size = working_size(split, image_size)
+    sizes = probe_sizes(split) if image_size is None or store_size is None else set()
+    size = image_size if image_size is not None else _own_size(sizes)
     if store_size is not None:
         if store_size < size:
             raise UserError(f"--store-size {store_size} is below the training size {size} px: "
                             "the stored images must be at least as large as the views")
         return size, store_size
-    if size <= 64 or (image_size is None and size < MAX_DEFAULT_SIZE):
-        return size, size
-    return size, -(-size // 7) * 8
+    largest = max((max(s) for s in sizes), default=frame_cap(size))
+    return size, min(frame_cap(size), largest)
 
 
 def _labels(split: Split, keep: list[int], missing_labels: str) -> Tensor | None:
@@ -200,10 +188,10 @@ def _labels(split: Split, keep: list[int], missing_labels: str) -> Tensor | None
     return torch.tensor(picked, dtype=torch.int64)
 
 
-def _cache_dir(split: Split, size: int) -> Path | None:
+def _cache_dir(split: Split, layout: Layout) -> Path | None:
     if not split.dataset.cache_files:  # in-memory datasets have no stable fingerprint
         return None
-    key = f"{split.dataset._fingerprint}|{split.image_column}|{size}|v{mapped.VERSION}"
+    key = f"{split.dataset._fingerprint}|{split.image_column}|{layout.key}|v{mapped.VERSION}"
     return cache_root() / "decoded" / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
@@ -220,16 +208,18 @@ def _reason(err: Exception) -> str:
 
 
 class ChunkDecoder:
-    """Decode rows ``[start, stop)`` of ``raw`` into the same rows of ``out``: an ``(N, 3, S, S)``
-    uint8 array in RAM, or the path of a ``.npy`` that each process maps shared on first use.
+    """Decode rows ``[start, stop)`` of ``raw`` in ``layout``'s form into the same rows of
+    ``out``: an ``(N, 3, L, L)`` uint8 array in RAM, or the path of a ``.npy`` that each process
+    maps shared on first use. Each image goes to the top-left of its slot, zeros elsewhere.
 
-    Returns a chunk record ``{start, stop, files, skipped, counts}`` (``counts``: the kept
-    images' per-channel histograms, 3 x 256); a skipped row's slot keeps zeros.
+    Returns a chunk record ``{start, stop, files, skipped, counts, sizes}`` (``counts``: the kept
+    images' per-channel histograms, 3 x 256, of their valid pixels only; ``sizes``: each kept
+    image's ``[height, width]``); a skipped row's slot keeps zeros.
     """
 
-    def __init__(self, raw: datasets.Dataset, column: str, size: int,
+    def __init__(self, raw: datasets.Dataset, column: str, layout: Layout,
                  out: np.ndarray | Path) -> None:
-        self.raw, self.column, self.size, self.out = raw, column, size, out
+        self.raw, self.column, self.layout, self.out = raw, column, layout, out
         self._map: tuple[int, Any] | None = None  # (pid, (mmap, array, offset))
 
     def _rows(self) -> np.ndarray:
@@ -246,7 +236,7 @@ class ChunkDecoder:
             return [None] * (stop - start)
 
     def __call__(self, start: int, stop: int) -> dict:
-        out, files, skipped = self._rows(), [], []
+        out, files, skipped, sizes = self._rows(), [], [], []
         counts = np.zeros((3, 256), np.int64)
         half = (start + stop) // 2
         for first in range(start, stop, 64):
@@ -257,18 +247,22 @@ class ChunkDecoder:
                 try:
                     item = self.raw[row][self.column] if item is None else item
                     with _open(item) as img:
-                        hwc = resize_center_crop(to_rgb_array(img), self.size)
-                    out[row] = hwc.transpose(2, 0, 1)  # (3, S, S): see data/mapped.py
+                        hwc = decode_image(img, self.layout)
+                    h, w = hwc.shape[:2]
+                    out[row, :, :h, :w] = hwc.transpose(2, 0, 1)  # (3, h, w): see data/mapped.py
+                    out[row, :, h:] = 0  # the padding is zero whatever the file held before
+                    out[row, :, :h, w:] = 0
                     for c in range(3):
                         counts[c] += np.bincount(hwc[..., c].ravel(), minlength=256)
                     files.append(_item_name(item))
+                    sizes.append([h, w])
                 except Exception as err:  # PIL raises many types for bad bytes; each is one bad row
                     skipped.append((row, _item_name(item), _reason(err)))
         if self._map is not None:
             mm, array, offset = self._map[1]
             mapped.flush_rows(mm, offset, array[0].nbytes, start, stop)
         return {"start": start, "stop": stop, "files": files, "skipped": skipped,
-                "counts": counts.tolist()}
+                "counts": counts.tolist(), "sizes": sizes}
 
     def close(self) -> None:
         if self._map is not None and self._map[0] == os.getpid():
@@ -278,11 +272,11 @@ class ChunkDecoder:
             mm.close()
 
 
-def _decode(split: Split, size: int, bad_images: str, progress: bool,
+def _decode(split: Split, layout: Layout, bad_images: str, progress: bool,
             workers: int) -> mapped.Decoded:
-    """Decode (or map from the cache) every image of ``split`` at ``size``, in chunks of rows
-    spread over ``workers`` processes; see :mod:`simclr_kit.data.mapped` for the file."""
-    final = _cache_dir(split, size)
+    """Decode (or map from the cache) every image of ``split`` in ``layout``'s form, in chunks
+    of rows spread over ``workers`` processes; see :mod:`simclr_kit.data.mapped` for the file."""
+    final, size = _cache_dir(split, layout), layout.side
     if final is not None:
         done = mapped.open_complete(final, size)
         if done is not None:
@@ -293,7 +287,7 @@ def _decode(split: Split, size: int, bad_images: str, progress: bool,
         raise UserError(f"none of the 0 images in {split.split!r} could be decoded, so there "
                         "is nothing to train on (first problem: empty split)")
     tmp = mapped.begin(final, n, size) if final is not None else None
-    decoder = ChunkDecoder(raw, split.image_column, size, tmp / "images.npy" if tmp else
+    decoder = ChunkDecoder(raw, split.image_column, layout, tmp / "images.npy" if tmp else
                            np.zeros((n, 3, size, size), np.uint8))
     chunks = [(s, min(s + mapped.CHUNK_ROWS, n)) for s in range(0, n, mapped.CHUNK_ROWS)]
     records = {s: r for s, r in (mapped.done_chunks(tmp) if tmp else {}).items()
@@ -329,13 +323,20 @@ def _decode(split: Split, size: int, bad_images: str, progress: bool,
     assert isinstance(images, np.ndarray)
     mapped.compact_rows(images.reshape(n, -1), keep)
     return mapped.Decoded(images[:len(keep)], keep, [f for rec in ordered for f in rec["files"]],
-                          skipped, mapped.total_counts(ordered))  # type: ignore[arg-type]
+                          skipped, mapped.total_counts(ordered),  # type: ignore[arg-type]
+                          mapped.record_sizes(ordered))
 
 
 def decode_split(split: Split, image_size: int | None = None, bad_images: str = "skip",
                  progress: bool = True, labels: bool = True,
-                 missing_labels: str = "error", workers: int | None = None) -> ImageStore:
-    """Decode every image of ``split`` once to ``(N, 3, S, S) uint8`` (cached on disk).
+                 missing_labels: str = "error", workers: int | None = None, *,
+                 crop_fraction: float = CROP_FRACTION,
+                 layout: Layout | None = None) -> ImageStore:
+    """Decode every image of ``split`` once to ``(N, 3, L, L) uint8`` (cached on disk).
+
+    The form is ``layout``; None is the evaluation crop at the working size S
+    (:func:`working_size` of ``image_size``) with ``crop_fraction`` (used above 64 px only).
+    Pretraining passes ``Layout.frame(L)`` (:func:`training_sizes`).
 
     A split with a fingerprint (anything read from files) is decoded into a memory-mapped file
     shared by every process of the machine, and ``images`` is a tensor over that map (no copy);
@@ -343,8 +344,9 @@ def decode_split(split: Split, image_size: int | None = None, bad_images: str = 
     ``labels=False`` leaves the labels out (pretraining needs none, so rows without one are fine).
     ``missing_labels="keep"`` gives rows without a label the label -1 instead of an error.
     """
-    size = working_size(split, image_size)
-    decoded = _decode(split, size, bad_images, progress, max(1, workers or os.cpu_count() or 1))
+    layout = layout or Layout.crop(working_size(split, image_size), crop_fraction)
+    size = layout.side
+    decoded = _decode(split, layout, bad_images, progress, max(1, workers or os.cpu_count() or 1))
     skipped = decoded.skipped
     if skipped and bad_images == "error":
         raise _bad_image(split, *skipped[0])
@@ -358,7 +360,8 @@ def decode_split(split: Split, image_size: int | None = None, bad_images: str = 
                       class_names=split.class_names, row_ids=torch.from_numpy(keep),
                       image_size=size, provenance=provenance, skipped=skipped, files=decoded.files,
                       channel_counts=None if decoded.counts is None
-                      else torch.from_numpy(decoded.counts))
+                      else torch.from_numpy(decoded.counts),
+                      sizes=torch.from_numpy(decoded.sizes))
 
 
 def store_channel_stats(store: ImageStore) -> tuple[tuple[float, float, float],

@@ -27,6 +27,7 @@ from typing import Any
 
 from simclr_kit.atomic import atomic_write_text, fsync_dir
 from simclr_kit.checkpoint import save_weights
+from simclr_kit.data.pixels import chosen_crop_fraction, resize_side
 from simclr_kit.deploy.loading_code import plain_loading_code, simclr_kit_code
 from simclr_kit.deploy.model_card import model_card
 from simclr_kit.encoder import HUB_PREFIX, encoder_from_weights, export_metadata, read_weights
@@ -58,8 +59,10 @@ def download_hub_folder(name: str) -> Path:
 
 
 def crop_fraction(meta: dict[str, Any]) -> float:
-    """The evaluation crop as a fraction of the resized image (1.0: the whole shorter side)."""
-    return float(meta.get("crop_fraction", 1.0))
+    """The evaluation crop as timm's ``crop_pct``: the side kept over the resized shorter side
+    (the run's recorded fraction above 64 px, 1.0 at 64 px and below, as ``load_encoder``)."""
+    size = int(meta["image_size"])
+    return size / resize_side(size, chosen_crop_fraction(None, meta))
 
 
 def hub_config(meta: dict[str, Any], recipe: dict[str, Any] | None) -> dict[str, Any]:

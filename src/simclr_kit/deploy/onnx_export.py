@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from simclr_kit.atomic import atomic_write_bytes
 from simclr_kit.checkpoint import META_KEY, read_metadata
+from simclr_kit.data.pixels import chosen_crop_fraction, resize_side
 from simclr_kit.deploy.onnx_runtime import INPUT_NAME, cpu_session, import_onnx_package
 from simclr_kit.encoder import encoder_from_weights, export_metadata, read_weights
 from simclr_kit.errors import UserError
@@ -101,15 +102,15 @@ def _describe(meta: dict[str, Any], width: int) -> dict[str, str]:
     size = int(meta["image_size"])
     props = {META_KEY: json.dumps(meta), "image_size": str(size), "backbone": str(meta["backbone"]),
              "mean": json.dumps(meta["mean"]), "std": json.dumps(meta["std"]),
-             "input": f"{INPUT_NAME}: (N, 3, {size}, {size}) uint8 RGB; resized and centre-cropped "
+             "crop_fraction": str(chosen_crop_fraction(None, meta)),
+             "input": f"{INPUT_NAME}: (N, 3, {size}, {size}) uint8 RGB; resized (shorter side to "
+                      f"{resize_side(size, chosen_crop_fraction(None, meta))}) and centre-cropped "
                       "by the caller; normalised inside the graph"}
     if meta["kind"] == "classifier":
         props["output"] = f"logits: (N, {width}) float32; softmax gives the class probabilities"
         props["class_names"] = json.dumps(meta["class_names"])
     else:
         props["output"] = f"features: (N, {width}) float32, the backbone's pooled features"
-    if "crop_fraction" in meta:  # the evaluation crop, when the run records one
-        props["crop_fraction"] = str(meta["crop_fraction"])
     return props
 
 

@@ -73,8 +73,10 @@ def knn_monitor(t: Trainer, every: int, k: int = _DEFAULTS.knn_k[0],
         started = time.perf_counter()
         backbone = trainer.model.backbone
         mean, std = trainer.meta["mean"], trainer.meta["std"]
-        # Keys at the training size, read batch by batch (no copy of a mapped store).
-        images = rows_at_size(trainer.images, rows, trainer.meta["image_size"])
+        # Keys as evaluation sees images (the centre crop of each whole frame, at the training
+        # size), read batch by batch (no copy of a mapped store).
+        images = rows_at_size(trainer.images, rows, trainer.meta["image_size"],
+                              trainer.store.sizes, trainer.meta["crop_fraction"])
         keys = extract_features(backbone, images, mean, std, trainer.device, batch_size)
         queries = extract_features(backbone, trainer.eval_store.images, mean, std,  # type: ignore[union-attr]
                                    trainer.device, batch_size)

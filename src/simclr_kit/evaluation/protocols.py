@@ -31,6 +31,7 @@ from torch import Tensor
 from simclr_kit import __version__, distributed
 from simclr_kit.atomic import atomic_write_text
 from simclr_kit.config import DataConfig, EvalConfig
+from simclr_kit.data.pixels import chosen_crop_fraction
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
 from simclr_kit.devices import resolve_device
@@ -211,11 +212,12 @@ def run_protocols(encoder: Encoder, train: ImageStore, val: ImageStore, cfg: Eva
 def _load_data(data: DataConfig, image_size: int,
                progress: bool) -> tuple[ImageStore, ImageStore]:
     train_split, val_split = open_splits(data, need_eval=True)
+    crop_fraction = chosen_crop_fraction(data.crop_fraction)
     assert val_split is not None
     train = decode_split(train_split, image_size, data.bad_images, progress,
-                         workers=data.decode_workers)
+                         workers=data.decode_workers, crop_fraction=crop_fraction)
     val = decode_split(val_split, image_size, data.bad_images, progress,
-                       workers=data.decode_workers)
+                       workers=data.decode_workers, crop_fraction=crop_fraction)
     for store in (train, val):
         announce_skipped(store)
     _check_labels(train, "train")
@@ -247,6 +249,9 @@ def evaluate(checkpoint: str | Path, data: DataConfig | str | dict[str, Any] | N
     # Built before any data is read: an unavailable ImageNet download fails in seconds.
     encoders = [("simclr", encoder)] + [(f"{kind}-init", baseline_encoder(kind, encoder, cfg.seed))
                                         for kind in cfg.baselines]
+    # The crop used is recorded with the data (eval.json): the flag's, else the run's.
+    data = dataclasses.replace(data, crop_fraction=chosen_crop_fraction(data.crop_fraction,
+                                                                        encoder.meta))
     train, val = _load_data(data, encoder.image_size, progress)
     started = time.time()
     rows: list[dict[str, Any]] = []

@@ -48,6 +48,7 @@ def _embedded(ctx: ReportContext, embeddings: bool) -> Embedded:
 
 def _embed_splits(ctx: ReportContext) -> Embedded:
     from simclr_kit.data.sources import open_splits
+    from simclr_kit.data.pixels import chosen_crop_fraction
     from simclr_kit.data.store import announce_skipped, decode_split
     from simclr_kit.devices import resolve_device
     from simclr_kit.embed import backbone_features
@@ -62,8 +63,10 @@ def _embed_splits(ctx: ReportContext) -> Embedded:
             f"; once  simclr evaluate {ctx.run} --data LABELLED_DATASET  has run, the report "
             "uses that dataset")
         raise Missing(f"needs a labelled evaluation split of {data.data}: {err}{hint}") from None
+    crop_fraction = chosen_crop_fraction(data.crop_fraction, enc.meta)
     stores = [decode_split(s, enc.image_size, data.bad_images, ctx.progress,
-                           workers=data.decode_workers) for s in (train_split, eval_split)]
+                           workers=data.decode_workers, crop_fraction=crop_fraction)
+              for s in (train_split, eval_split)]
     if ctx.progress:  # the report command; at the end of `simclr run`, evaluate said it
         for store in stores:
             announce_skipped(store)

@@ -247,14 +247,15 @@ def augment_section(ctx: ReportContext) -> Section:
 
     enc, data = ctx.encoder(), ctx.data_config(pretraining=True)
     try:
-        store = sample_store(data, VIEW_IMAGES, enc.image_size)
+        store, _ = sample_store(data, VIEW_IMAGES, enc.image_size)
     except UserError as err:
         raise Missing(f"the images of {data.data} could not be read: {err}") from None
     augment_cfg = from_dict(AugmentConfig, ctx.config.get("augment") or {}, "augment")
     augment = SimCLRAugment(augment_cfg, enc.image_size, enc.mean, enc.std,
                             int(ctx.config.get("seed", 0)))
     with tempfile.TemporaryDirectory() as tmp:
-        save_view_grid(store.images, augment, Path(tmp) / "views.png", epoch=0)
+        save_view_grid(store.images, augment, Path(tmp) / "views.png", epoch=0,
+                       sizes=store.sizes)
         png = (Path(tmp) / "views.png").read_bytes()
     return Section("augmentations", "Augmented views",
                    image(png, "original images and two augmented views each")

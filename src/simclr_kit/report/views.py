@@ -1,4 +1,5 @@
-"""Pictures of what the augmentation does: a few images and their two SimCLR views."""
+"""Pictures of what the augmentation does: a few training images, stored as pretraining stores
+them (whole frames), and their two SimCLR views."""
 
 from __future__ import annotations
 
@@ -8,35 +9,41 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simclr_kit.augment import SimCLRAugment, channel_stats, save_view_grid
+from simclr_kit.augment import SimCLRAugment, save_view_grid
 from simclr_kit.config import DataConfig, PretrainConfig
+from simclr_kit.data.pixels import Layout
 from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
+from simclr_kit.data.store import (ImageStore, announce_skipped, decode_split,
+                                   store_channel_stats, training_sizes)
 from simclr_kit.errors import UserError
 
 
-def sample_store(data: DataConfig, count: int, image_size: int | None = None) -> ImageStore:
-    """``count`` images spread evenly over the training split, decoded (only those rows).
+def sample_store(data: DataConfig, count: int,
+                 image_size: int | None = None) -> tuple[ImageStore, int]:
+    """``count`` images spread evenly over the training split, stored as pretraining stores
+    them (whole frames, :func:`~simclr_kit.data.store.training_sizes`; only those rows are
+    decoded), and the training size S (``image_size``, else ``data.image_size``, else the
+    default).
 
     An unreadable row is replaced by the next rows of the split (under ``--bad-images skip``),
     so the sample has ``count`` images whenever the split holds that many readable ones.
     """
     train, _ = open_splits(data, need_eval=False)
+    size, side = training_sizes(train, image_size or data.image_size, data.store_size)
     n = len(train.dataset)
     spread = np.unique(np.linspace(0, n - 1, num=min(n, count)).astype(int)).tolist()
     rest = iter(sorted(set(range(n)) - set(spread)))
     rows, stores = spread, []
-    size = image_size or data.image_size
     while rows:
         few = dataclasses.replace(train, dataset=train.dataset.select(rows))
         try:
-            store = decode_split(few, size, data.bad_images, progress=False, labels=False)
+            store = decode_split(few, bad_images=data.bad_images, progress=False, labels=False,
+                                 layout=Layout.frame(side))
         except UserError:
             if data.bad_images == "error":
                 raise
             store = None  # every row of this handful was unreadable: try the next ones
         if store is not None:
-            size = store.image_size  # later handfuls at the size the first one chose
             # Rows of the split, not of the handful.
             store.row_ids = torch.tensor(rows)[store.row_ids]
             store.skipped = [(rows[r] if r >= 0 else r, f, why) for r, f, why in store.skipped]
@@ -45,7 +52,7 @@ def sample_store(data: DataConfig, count: int, image_size: int | None = None) ->
         rows = [r for _, r in zip(range(max(missing, 0)), rest)]
     if not stores:
         raise UserError(f"none of the images of {train.split!r} could be decoded")
-    return _joined(stores)
+    return _joined(stores), size
 
 
 def _joined(stores: list[ImageStore]) -> ImageStore:
@@ -53,6 +60,8 @@ def _joined(stores: list[ImageStore]) -> ImageStore:
     return dataclasses.replace(
         first, images=torch.cat([s.images for s in stores]),
         row_ids=torch.cat([s.row_ids for s in stores]),
+        sizes=torch.cat([s.sizes for s in stores]),  # type: ignore[misc]
+        channel_counts=sum(s.channel_counts for s in stores),  # type: ignore[misc]
         files=[f for s in stores for f in s.files],
         # Rows skipped in every handful; files ignored as not images, listed once.
         skipped=[item for s in stores for item in s.skipped if item[0] >= 0]
@@ -65,10 +74,10 @@ def show_augment(config: PretrainConfig, out: str | Path, count: int = 8,
     """Save a PNG grid: ``count`` training images next to the two views the run would make;
     returns the file and the number of images drawn (fewer only when the split has fewer
     readable images)."""
-    store = sample_store(config.data, count)
+    store, size = sample_store(config.data, count)
     announce_skipped(store)
-    mean, std = channel_stats(store.images)
-    augment = SimCLRAugment(config.augment, store.image_size, mean, std, config.seed)
+    mean, std = store_channel_stats(store)  # of the images' own pixels, not their padding
+    augment = SimCLRAugment(config.augment, size, mean, std, config.seed)
     out = Path(out)
-    save_view_grid(store.images, augment, out, epoch=epoch)
+    save_view_grid(store.images, augment, out, epoch=epoch, sizes=store.sizes)
     return out, len(store)
