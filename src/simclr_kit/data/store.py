@@ -43,6 +43,9 @@ MAX_DEFAULT_SIZE = 224
 # A 16-bit PNG has pixel values up to 65535; PIL's convert("RGB") would clip them to 255.
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # allow big photos; refuse decompression bombs beyond
+# The most pixels a decoding worker decodes of one image: a decode peaks at ~17 bytes per pixel,
+# 1.1 GB at 8000 x 8000 (bench/RESULTS.md); a larger image is skipped, naming this limit.
+MAX_DECODE_PIXELS = 8000 * 8000
 
 
 @dataclass
@@ -115,6 +118,22 @@ def resize_center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     img = Image.fromarray(arr).resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return np.asarray(img)[top:top + size, left:left + size]
+
+
+class ImageTooLarge(ValueError):
+    """An image with more pixels than :data:`MAX_DECODE_PIXELS`: skipped (or named, under
+    ``--bad-images error``) before any pixel of it is decoded."""
+
+
+def bounded(img: Image.Image) -> Image.Image:
+    """``img`` (opened, not yet decoded) when decoding it at its size stays within
+    :data:`MAX_DECODE_PIXELS`; else :class:`ImageTooLarge` naming the limit."""
+    w, h = img.size
+    if w * h > MAX_DECODE_PIXELS:
+        raise ImageTooLarge(f"{w}x{h} pixels, more than the {MAX_DECODE_PIXELS / 1e6:.0f} "
+                            "megapixels decoded per image (to bound each decoding process's "
+                            "memory); downscale it to keep it")
+    return img
 
 
 def _item_name(item: dict | Image.Image | None) -> str:
@@ -257,18 +276,22 @@ class ChunkDecoder:
                 try:
                     item = self.raw[row][self.column] if item is None else item
                     with _open(item) as img:
-                        hwc = resize_center_crop(to_rgb_array(img), self.size)
+                        hwc = resize_center_crop(to_rgb_array(bounded(img)), self.size)
                     out[row] = hwc.transpose(2, 0, 1)  # (3, S, S): see data/mapped.py
                     for c in range(3):
                         counts[c] += np.bincount(hwc[..., c].ravel(), minlength=256)
                     files.append(_item_name(item))
                 except Exception as err:  # PIL raises many types for bad bytes; each is one bad row
                     skipped.append((row, _item_name(item), _reason(err)))
+        record = {"start": start, "stop": stop, "files": files, "skipped": skipped,
+                  "counts": counts.tolist()}
         if self._map is not None:
             mm, array, offset = self._map[1]
             mapped.flush_rows(mm, offset, array[0].nbytes, start, stop)
-        return {"start": start, "stop": stop, "files": files, "skipped": skipped,
-                "counts": counts.tolist()}
+            bad = {r for r, _, _ in skipped}
+            record["sha256"] = mapped.rows_digest(array, [r for r in range(start, stop)
+                                                          if r not in bad])
+        return record
 
     def close(self) -> None:
         if self._map is not None and self._map[0] == os.getpid():
@@ -299,26 +322,33 @@ def _decode(split: Split, size: int, bad_images: str, progress: bool,
     records = {s: r for s, r in (mapped.done_chunks(tmp) if tmp else {}).items()
                if (s, r["stop"]) in chunks}  # a record of other chunk bounds is redone
     todo = [c for c in chunks if c[0] not in records]
+    # The bar starts at the rows already decoded and counts only the chunks decoded now.
     bar = tqdm(total=n, initial=n - sum(e - s for s, e in todo), desc=f"decoding {split.split}",
                unit="img", disable=not progress, mininterval=1.0)
     # Forked workers write into a shared map; an array in RAM would be each worker's own copy.
     results = decode_pool.run_in_order(decoder, todo, workers if tmp is not None else 1)
+    finished = False
     try:
         for start, stop in chunks:
             if start not in records:
                 records[start] = next(results)
                 if tmp is not None:
                     mapped.record_chunk(tmp, records[start])
-            bar.update(stop - start)
+                bar.update(stop - start)
             if bad_images == "error" and records[start]["skipped"]:
                 raise _bad_image(split, *records[start]["skipped"][0])
+        finished = True
     finally:
         results.close()
         bar.close()
         decoder.close()
+        if tmp is not None and not finished:
+            mapped.release(tmp)  # stopped early: kept for the next decode to continue
     ordered = [records[s] for s, _ in chunks]
     skipped = [tuple(x) for rec in ordered for x in rec["skipped"]]
     if len(skipped) == n:
+        if tmp is not None:
+            mapped.discard(tmp)  # nothing to continue: the next decode reads every row again
         first = f"row {skipped[0][0]} {skipped[0][1]}: {skipped[0][2]}"
         raise UserError(f"none of the {n} images in {split.split!r} could be decoded, so there "
                         f"is nothing to train on (first problem: {first})")
