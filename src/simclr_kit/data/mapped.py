@@ -19,11 +19,11 @@ Layout under ``cache_root()/decoded/``::
 
 A decode is published by renaming its finished temporary directory to KEY (atomic), after the
 pixels and meta.json are fsynced; a reader also checks meta.json against the file. The decoding
-process holds an ``flock`` on its temporary's ``lock`` file from start to end (its forked workers
-share it), so a live decode is never adopted or deleted, whatever its name says: two containers
-on one host may both be PID 1 of the same hostname, and the random suffix R keeps their names
-apart too. The kernel releases the lock of a process that dies, so a killed decode is adopted by
-the next decode of the key on the same host, which decodes only the chunks without a record (a
+process holds a lock on its temporary from start to end (:mod:`simclr_kit.data.decode_lock`),
+so a live decode is never adopted or deleted, whatever its name says: two containers on one
+host may both be PID 1 of the same hostname, and the random suffix R keeps their names apart
+too. The kernel releases the lock of a process that dies, so a killed decode is adopted by the
+next decode of the key on the same host, which decodes only the chunks without a record (a
 chunk's pixels are flushed to the disk before its record is written). Temporaries killed while
 compacting (a short final pass, only when rows were skipped) are deleted and decoded again.
 
@@ -55,27 +55,20 @@ import secrets
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from simclr_kit.atomic import atomic_write_text, fsync_dir, fsync_file
+from simclr_kit.data.decode_lock import claim, folder_lock, hold, release
 from simclr_kit.errors import UserError
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; temporaries are then told apart by name and PID only
-    fcntl = None  # type: ignore[assignment]
 
 VERSION = 4
 CHUNK_ROWS = 1024  # rows per decoding task: the unit of work, of progress and of resuming
 _MOVE_ROWS = 256  # rows moved per copy while compacting: bounds the temporary numpy makes
 VERIFY_BYTES = 256 << 20  # pixel bytes checked against their SHA-256 at each opening
 VERIFY_ENV = "SIMCLR_KIT_VERIFY_CACHE"
-_held: dict[Path, int] = {}  # temporary directory -> the descriptor of its held lock
 
 
 @dataclass
@@ -272,63 +265,6 @@ def open_complete(final: Path, size: int) -> Decoded | None:
     return Decoded(images, rows, files, skipped, counts)
 
 
-@contextmanager
-def _cache_lock(root: Path) -> Iterator[None]:
-    """``root/.lock`` held (flock) while a temporary is created, adopted, deleted or published:
-    between two such moments every temporary in sight has its ``lock`` file, held by its live
-    decoder or by nobody."""
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError:
-                pass  # a file system without locks: the names alone keep decoders apart
-        yield
-    finally:
-        os.close(fd)
-
-
-def _try_lock(fd: int) -> bool | None:
-    """Take the lock of ``fd`` without waiting: True, False when a live process holds it,
-    None when this file system (or OS) has no locks."""
-    if fcntl is None:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True
-
-
-def _claim(tmp: Path, prefix: str) -> int | None:
-    """The held lock of a temporary whose decoder is gone (its descriptor), else None."""
-    try:
-        fd = os.open(tmp / "lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:  # removed meanwhile, or not ours to open
-        return None
-    locked = _try_lock(fd)
-    if locked is None:  # no locks here: judge by the PID in the name, as well as it goes
-        pid = tmp.name[len(prefix):].split("-")[0]
-        locked = pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
-    if not locked:
-        os.close(fd)
-        return None
-    return fd
-
-
 def _fits(tmp: Path, shape: tuple[int, ...]) -> bool:
     try:
         return (not (tmp / "compacting").exists()) and npy_offset(tmp / "images.npy")[0] == shape
@@ -344,37 +280,26 @@ def begin(final: Path, n: int, size: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     prefix = f".{final.name}.tmp-{socket.gethostname()}-"
     shape = (n, 3, size, size)
-    with _cache_lock(root):
+    with folder_lock(root):
         adopted = None
         for old in sorted(root.glob(prefix + "*")):
-            fd = _claim(old, prefix)
-            if fd is None:
+            if not claim(old, prefix):
                 continue  # a decode running now: leave it alone
             if adopted is None and _fits(old, shape):
-                adopted, _held[old] = old, fd
+                adopted = old
                 continue
-            shutil.rmtree(old, ignore_errors=True)  # killed while compacting, or stale
-            os.close(fd)
+            _remove(old)  # killed while compacting, or stale
         if adopted is not None:
             return adopted
         mine = root / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
         (mine / "chunks").mkdir(parents=True)
-        fd = os.open(mine / "lock", os.O_RDWR | os.O_CREAT, 0o666)
-        _try_lock(fd)
-        _held[mine] = fd
+        hold(mine)
         try:
             create_images_file(mine / "images.npy", shape)
         except BaseException:
             _remove(mine)
             raise
     return mine
-
-
-def release(tmp: Path) -> None:
-    """Let go of the lock on ``tmp`` (a decode stopped early: the next one may adopt it)."""
-    fd = _held.pop(tmp, None)
-    if fd is not None:
-        os.close(fd)
 
 
 def _remove(tmp: Path) -> None:
@@ -384,7 +309,7 @@ def _remove(tmp: Path) -> None:
 
 def discard(tmp: Path) -> None:
     """Delete this process's temporary ``tmp``: a decode whose result is of no use."""
-    with _cache_lock(tmp.parent):
+    with folder_lock(tmp.parent):
         _remove(tmp)
 
 
@@ -447,7 +372,7 @@ def _finish(tmp: Path, final: Path, n: int, size: int, records: list[dict]) -> N
     atomic_write_text(tmp / "meta.json", json.dumps(meta))
     (tmp / "compacting").unlink(missing_ok=True)
     shutil.rmtree(tmp / "chunks", ignore_errors=True)
-    with _cache_lock(final.parent):
+    with folder_lock(final.parent):
         (tmp / "lock").unlink(missing_ok=True)
         fsync_dir(tmp)
         try:
