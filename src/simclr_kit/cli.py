@@ -95,7 +95,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         cfg = pretrain_config(args)
     if args.print_config:
         return _print_config(cfg)
-    run_dir = pretrain(cfg, resume=args.resume)
+    if args.allow_changed_data and not args.resume:
+        raise UserError("--allow-changed-data applies to --resume RUN only")
+    run_dir = pretrain(cfg, resume=args.resume, allow_changed_data=args.allow_changed_data)
     print(f"checkpoint saved in {run_dir}")
     return 0
 
@@ -246,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "config.yaml; only --epochs, --device, --log-every, --checkpoint-every[-steps], "
                    "--logger, --stream and --decode-workers may change; a run that trained all "
                    "its epochs is left as it is")
+    p.add_argument("--allow-changed-data", action="store_true", help="with --resume: continue "
+                   "although the data changed since the last checkpoint (another dataset "
+                   "fingerprint: a file regenerated or images added under the same name); "
+                   "refused otherwise (default: off)")
     add_flags(p, DATA_FLAGS, "data")
     add_flags(p, PRETRAIN_FLAGS, "pretraining")
 
