@@ -211,6 +211,44 @@ def test_every_failing_write_leaves_the_previous_checkpoint(tmp_path, monkeypatc
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [first, "latest"]
 
 
+def test_a_full_disk_elsewhere_is_one_line_too(data, base_run, tmp_path, monkeypatch,
+                                               capsys):
+    """The metrics log (an OSError without a file name), Parquet embeddings (pyarrow's error
+    carries no errno), the run's own files (atomic writes), and the feature cache (skipped:
+    the evaluation goes on without it)."""
+    from simclr_kit.atomic import atomic_write_text
+    from simclr_kit.evaluation import cache
+    from simclr_kit.report.metrics import MetricsLog
+
+    monkeypatch.setattr(MetricsLog, "write", _enospc)
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "r"), "--epochs", "1",
+                 *TINY]) == 2
+    line = _one_error_line(capsys)
+    assert line == ("simclr pretrain: error: No space left on device (free some space, then "
+                    "run again)")
+    monkeypatch.undo()
+
+    def arrow_full(*_args, **_kwargs):
+        raise OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space "
+                      "left on device")
+
+    monkeypatch.setattr("pyarrow.parquet.write_table", arrow_full)
+    assert main(["embed", str(base_run), "--data", str(data), "--out",
+                 str(tmp_path / "e.parquet"), "--device", "cpu"]) == 2
+    assert "No space left on device" in _one_error_line(capsys)
+    assert not list(tmp_path.glob("*.parquet")) and not list(tmp_path.glob(".*tmp*"))
+
+    monkeypatch.setattr("pathlib.Path.write_bytes", _enospc)
+    with pytest.raises(UserError, match="cannot write .*meta.json: No space left on device"):
+        atomic_write_text(tmp_path / "meta.json", "{}")
+    monkeypatch.undo()
+
+    monkeypatch.setattr(cache, "save_file", _enospc)
+    assert cache._write(tmp_path / "features" / "f.safetensors", torch.zeros(2, 3), "k",
+                        "train") is False
+    assert not list((tmp_path / "features").iterdir())
+
+
 def test_saving_the_same_position_again_replaces_it(tmp_path):
     run = tmp_path / "run"
     for seed in (0, 1):

@@ -197,10 +197,12 @@ def test_a_split_where_nothing_decodes_leaves_no_temporary(tmp_path):
         assert _temporaries(store._cache_dir(split, SIZE)) == []
 
 
-def test_a_sample_of_a_folder_with_broken_files_leaves_no_temporary(tmp_path):
+def test_a_sample_of_a_folder_with_broken_files_leaves_no_temporary(tmp_path, monkeypatch):
     """The report's views decode a few rows at a time: a handful that is all broken files is
     replaced by the next rows, and leaves nothing in the cache."""
     from PIL import Image
+
+    monkeypatch.setenv("SIMCLR_KIT_CACHE", str(tmp_path / "cache"))  # this test's decodes only
 
     from simclr_kit.config import DataConfig
     from simclr_kit.report.views import sample_store
