@@ -32,11 +32,11 @@ is one error naming the size and the folder, never a SIGBUS when a page of the m
 
 Each chunk's kept rows carry a SHA-256 (computed by the worker that wrote them, from the map;
 after compaction they are contiguous rows of the published file). Hashing is not free: SHA-256
-runs at ~500 MB/s on one core (bench/RESULTS.md), so checking all 252 GB of ImageNet at 256 px
-would add ~8 minutes to every start. Opening a published decode checks chunks worth
-:data:`VERIFY_BYTES` (about half a second): all of a file up to that size (CIFAR-10 at 32 px is
-153 MB), else a sample of whole chunks that every process of the machine draws alike on a given
-day and that changes from day to day, so an edit is found within days of runs.
+runs at 0.5-1.1 GB/s on one core (bench/RESULTS.md), so checking all 252 GB of ImageNet at 256
+px would add 4-8 minutes to every start. Opening a published decode checks chunks worth
+:data:`VERIFY_BYTES` (a quarter to half a second): all of a file up to that size (CIFAR-10 at
+32 px is 153 MB), else a sample of whole chunks that every process of the machine draws alike
+on a given day and that changes from day to day, so an edit is found within days of runs.
 ``SIMCLR_KIT_VERIFY_CACHE=all`` checks every chunk. A file that fails is decoded again.
 """
 
