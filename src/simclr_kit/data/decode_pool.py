@@ -83,8 +83,8 @@ def run_in_order(job: Callable[[int, int], Any], chunks: list[Chunk],
     try:
         yield from _results(job, chunks, workers)
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+        if main:  # None: a handler set outside Python, which cannot be put back; the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _results(job: Callable[[int, int], Any], chunks: list[Chunk],
