@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -137,6 +138,49 @@ def test_a_full_disk_through_the_command_line_is_one_line(tmp_path, monkeypatch,
                  "1", "--image-size", "8", *TINY])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not enough disk space" in err[0], err
+
+
+# The command line with chunks of 16 rows, so that two workers share the decode.
+SMALL_CHUNKS = ("import sys\nfrom simclr_kit.data import mapped\nmapped.CHUNK_ROWS = 16\n"
+                "from simclr_kit.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    """Whether this machine lets a user namespace mount a tmpfs (Linux with unshare)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--map-root-user", "mount", "-t", "tmpfs",
+                            "-o", "size=64k", "tmpfs", str(where)], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_real_small_file_system_is_one_line(tmp_path, workers):
+    """The cache on a 512 kB tmpfs, ~1.2 MB to decode in 6 chunks: one line naming the size and
+    the folder, with one decoding process (writing through the map would be a SIGBUS) or two
+    (not a decoding process that died)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if not _can_mount_tmpfs(cache):
+        pytest.skip("cannot mount a tmpfs here (needs unshare and user namespaces)")
+    from conftest import write_unlabeled_parquet
+
+    data = write_unlabeled_parquet(tmp_path / "data", count=96, size=64)  # 12 kB a row
+    env = dict(os.environ, PYTHONPATH=SRC, SIMCLR_KIT_CACHE=str(cache), TQDM_DISABLE="1",
+               HF_DATASETS_CACHE=str(tmp_path / "hf"), HF_DATASETS_OFFLINE="1",
+               HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", "sh", "-c",
+         'mount -t tmpfs -o size=512k tmpfs "$0" && exec "$@"', str(cache),
+         sys.executable, "-c", SMALL_CHUNKS, "pretrain", "--data", str(data), "--out",
+         str(tmp_path / "run"), "--epochs", "1", "--image-size", "64", "--decode-workers",
+         workers, *TINY], env=env, capture_output=True, text=True, timeout=300)
+    err = [line for line in proc.stderr.strip().splitlines()  # apart from the progress bar
+           if not line.startswith("decoding train:")]
+    assert proc.returncode == 2 and len(err) == 1, (proc.returncode, proc.stderr[-2000:])
+    assert err[0].startswith("simclr pretrain: error: not enough disk space for the decoded "
+                             f"images: 1.18 MB needed in {cache / 'decoded'} ("), err[0]
 
 
 def test_a_same_size_edit_of_the_images_is_caught_and_decoded_again(on_disk, small_chunks,
