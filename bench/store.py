@@ -4,6 +4,8 @@
     python bench/store.py decode  --root /tmp/store-bench            # images/s, 1 and 2 workers
     python bench/store.py memory  --root /tmp/store-bench            # peak RssAnon of pretrain
     python bench/store.py loader  --root /tmp/store-bench            # loader images/s, step time
+    python bench/store.py hash                                       # checksum MB/s, one core
+    python bench/store.py bigimage --root /tmp/store-bench           # peak memory of one image
 
 Everything (the Parquet files, the Hugging Face cache, the decoded cache, the runs) lives under
 ``--root``: delete it afterwards. Peak anonymous memory is sampled from ``/proc/PID/status``
@@ -271,9 +273,70 @@ def step_time(root: Path, name: str, steps: int, batch: int) -> list[dict]:
     return out
 
 
+def hash_speed(mib: int = 256, repeats: int = 3) -> list[dict]:
+    """MB/s of the checksums a cache could keep, over ``mib`` MiB of random bytes in memory
+    (the best of ``repeats``: the least disturbed by other jobs)."""
+    import hashlib
+    import zlib
+
+    data = memoryview(np.random.default_rng(0).integers(0, 256, mib << 20, np.uint8))
+    kinds = {"sha256": lambda: hashlib.sha256(data).digest(),
+             "blake2b": lambda: hashlib.blake2b(data).digest(),
+             "crc32": lambda: zlib.crc32(data)}
+    results = []
+    for name, run in kinds.items():
+        best = min(_timed(run) for _ in range(repeats))
+        results.append({"bench": "hash", "kind": name, "mb_per_s": round(len(data) / best / 1e6),
+                        "load_avg_1min": round(os.getloadavg()[0], 2)})
+    return results
+
+
+def _timed(run) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+_PEAK = """
+import resource, sys
+from PIL import Image
+from simclr_kit.data.store import resize_center_crop, to_rgb_array
+Image.MAX_IMAGE_PIXELS = None
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with Image.open(sys.argv[1]) as img:
+    resize_center_crop(to_rgb_array(img), 256)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+"""
+
+
+def big_image_peak(root: Path) -> list[dict]:
+    """The peak resident memory (MB above the process's own) of decoding one large image as a
+    decoding worker does (to 256 px), in a fresh process per image: PNG and JPEG, a gradient."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    for side in (4000, 8000, 10000):
+        ramp = np.linspace(0, 255, side, dtype=np.float32)
+        arr = np.empty((side, side, 3), np.uint8)
+        arr[..., 0], arr[..., 1], arr[..., 2] = ramp[:, None], ramp[None, :], 128
+        for fmt in ("PNG", "JPEG"):
+            path = root / f"big{side}.{fmt.lower()}"
+            Image.fromarray(arr).save(path, fmt, **({"compress_level": 1} if fmt == "PNG" else
+                                                    {"quality": 90}))
+            out = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True,
+                                 text=True, check=True).stdout
+            results.append({"bench": "bigimage", "side": side, "format": fmt,
+                            "megapixels": side * side / 1e6, "peak_mb": int(out),
+                            "bytes_per_pixel": round(int(out) * 2**20 / side**2, 1)})
+            path.unlink()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["data", "decode", "memory", "loader", "step"])
+    parser.add_argument("what", choices=["data", "decode", "memory", "loader", "step", "hash",
+                                         "bigimage"])
     parser.add_argument("--root", type=Path, default=Path("/tmp/store-bench"))
     parser.add_argument("--sets", nargs="*", default=None)
     parser.add_argument("--steps", type=int, default=5)
@@ -298,6 +361,10 @@ def main() -> None:
     elif args.what == "memory":
         for name in args.sets or ["s10k", "s300k"]:
             results.append(memory(root, name, args.nproc, args.steps, args.extra.split()))
+    elif args.what == "hash":
+        results += hash_speed()
+    elif args.what == "bigimage":
+        results += big_image_peak(root / "bigimage")
     elif args.what == "loader":
         results += loader(root, (args.sets or ["s300k"])[0], 50_000, 256, 3)
     else:

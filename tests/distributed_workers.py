@@ -41,3 +41,24 @@ def features_worker(rank: int, world: int, port: int, n: int, folder: str) -> No
         torch.save(features(n), Path(folder) / f"rank{rank}.pt")
     finally:
         distributed.shutdown()
+
+
+def peer_gone_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """Rank 1 leaves the job right after joining it (as a process that fails does); rank 0
+    then builds its DDP model, and writes the error it gets."""
+    from torch import nn
+
+    from simclr_kit.errors import UserError
+
+    join_group(rank, world, port)
+    if rank == 1:
+        os._exit(0)
+    try:
+        distributed.wrap_model(nn.Linear(3, 3), torch.device("cpu"))
+        message = "no error"
+    except UserError as err:
+        message = f"UserError: {err}"
+    except Exception as err:
+        message = f"{type(err).__name__}: {err}"
+    Path(folder, "rank0.txt").write_text(message)
+    os._exit(0)  # the group cannot be shut down cleanly with its peer gone

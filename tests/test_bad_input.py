@@ -352,3 +352,97 @@ def test_evaluate_says_what_it_skipped_and_counts_images_not_rows(tiny_run, tmp_
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     counts = result["eval"]
     assert (counts["rows"], counts["images"], counts["skipped"]) == (7, 6, 1)
+
+
+def test_a_batch_too_large_for_the_memory_says_what_to_lower(tiny_run, tmp_path, monkeypatch,
+                                                             capsys):
+    from simclr_kit import training
+
+    def no_memory(*args, **kwargs):  # what torch's CPU allocator raises
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 824633720832 bytes. "
+                           "Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(training, "simclr_step", no_memory)
+    data = _parquet(tmp_path / "d", {"train": [None] * 8}, labels="none")
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *TINY]) == 2
+    line = _one_error_line(capsys)
+    assert "out of memory on cpu in a training step of 4 images of 8 px" in line
+    assert "lower --batch-size (now 4) or --image-size (now 8)" in line
+    assert "--precision" not in line  # no such advice on the CPU
+
+
+@pytest.mark.parametrize("precision, channels_last, advice", [
+    ("fp32", False, ["--precision bf16", "--channels-last true"]),
+    ("auto", True, []),  # already bf16 and channels_last on CUDA
+])
+def test_out_of_memory_on_cuda_also_names_precision_and_layout(precision, channels_last,
+                                                               advice):
+    import torch
+
+    from simclr_kit.devices import out_of_memory_error
+
+    err = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    # The device as the training loop passes it: resolve_device's, with the rank's index.
+    error = out_of_memory_error(err, torch.device("cuda", 0), 4096, 8, 224, precision,
+                                channels_last)
+    assert error is not None
+    text = str(error)
+    assert "out of memory on cuda:0 in a training step of 512 images of 224 px" in text
+    assert "lower --batch-size (now 4096, 512 per process) or --image-size (now 224)" in text
+    assert all(a in text for a in advice) and ("--precision" in text) == bool(advice)
+    assert out_of_memory_error(RuntimeError("shape mismatch"), torch.device("cuda", 0), 8, 1,
+                               32, "auto", True) is None
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_run, tmp_path_factory) -> Path:
+    data = _parquet(tmp_path_factory.mktemp("cd") / "pq",
+                    {"train": [0, 1, 2, 0, 1, 2], "test": [0, 1, 2, 0, 1, 2]})
+    out = tmp_path_factory.mktemp("cls") / "cls"
+    assert main(["train-classifier", str(tiny_run), "--data", str(data), "--out", str(out),
+                 "--epochs", "1", "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: dict(m, class_names=m["class_names"] + ["d", "e"]),
+     "does not fit the classifier its metadata describes"),
+    (lambda m: dict(m, feature_dim=64), "does not fit the classifier its metadata describes"),
+    (lambda m: {k: v for k, v in m.items() if k != "feature_dim"},
+     "its metadata lacks feature_dim"),
+    (lambda m: dict(m, head="deep"), "head = 'deep', not 'linear' or 'mlp'"),
+], ids=["classes", "feature-dim", "no-feature-dim", "head"])
+def test_predict_with_a_classifier_its_metadata_does_not_describe(classifier, tmp_path, capsys,
+                                                                  edit, message):
+    from simclr_kit.checkpoint import load_weights, read_metadata, save_weights
+
+    file = tmp_path / "cls" / "classifier.safetensors"
+    file.parent.mkdir()
+    source = classifier / "classifier.safetensors"
+    meta = {k: v for k, v in read_metadata(source).items() if k != "format"}
+    save_weights(file, load_weights(source), edit(meta))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8), RED).save(photos / "a.png")
+    capsys.readouterr()
+    assert main(["predict", str(file.parent), "--data", str(photos), "--out",
+                 str(tmp_path / "p.csv")]) == 2
+    assert message in _one_error_line(capsys)
+
+
+def test_imagenet_init_without_its_weights_fails_before_any_data_is_read(tmp_path, monkeypatch,
+                                                                         capsys):
+    from simclr_kit import trainer
+
+    def read(*args, **kwargs):
+        raise AssertionError("the data was read before the weights were checked")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache; offline
+    monkeypatch.setattr(trainer, "_load_data", read)
+    data = _parquet(tmp_path / "d", {"train": [None] * 8}, labels="none")
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *TINY,
+                 "--init", "imagenet"]) == 2
+    line = _one_error_line(capsys)
+    assert "ImageNet weights for resnet18 are not in the local cache" in line
+    assert "resnet18-" in line and str(tmp_path / "torch") in line

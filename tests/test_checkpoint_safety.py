@@ -211,6 +211,44 @@ def test_every_failing_write_leaves_the_previous_checkpoint(tmp_path, monkeypatc
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [first, "latest"]
 
 
+def test_a_full_disk_elsewhere_is_one_line_too(data, base_run, tmp_path, monkeypatch,
+                                               capsys):
+    """The metrics log (an OSError without a file name), Parquet embeddings (pyarrow's error
+    carries no errno), the run's own files (atomic writes), and the feature cache (skipped:
+    the evaluation goes on without it)."""
+    from simclr_kit.atomic import atomic_write_text
+    from simclr_kit.evaluation import cache
+    from simclr_kit.report.metrics import MetricsLog
+
+    monkeypatch.setattr(MetricsLog, "write", _enospc)
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "r"), "--epochs", "1",
+                 *TINY]) == 2
+    line = _one_error_line(capsys)
+    assert line == ("simclr pretrain: error: No space left on device (free some space, then "
+                    "run again)")
+    monkeypatch.undo()
+
+    def arrow_full(*_args, **_kwargs):
+        raise OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space "
+                      "left on device")
+
+    monkeypatch.setattr("pyarrow.parquet.write_table", arrow_full)
+    assert main(["embed", str(base_run), "--data", str(data), "--out",
+                 str(tmp_path / "e.parquet"), "--device", "cpu"]) == 2
+    assert "No space left on device" in _one_error_line(capsys)
+    assert not list(tmp_path.glob("*.parquet")) and not list(tmp_path.glob(".*tmp*"))
+
+    monkeypatch.setattr("pathlib.Path.write_bytes", _enospc)
+    with pytest.raises(UserError, match="cannot write .*meta.json: No space left on device"):
+        atomic_write_text(tmp_path / "meta.json", "{}")
+    monkeypatch.undo()
+
+    monkeypatch.setattr(cache, "save_file", _enospc)
+    assert cache._write(tmp_path / "features" / "f.safetensors", torch.zeros(2, 3), "k",
+                        "train") is False
+    assert not list((tmp_path / "features").iterdir())
+
+
 def test_saving_the_same_position_again_replaces_it(tmp_path):
     run = tmp_path / "run"
     for seed in (0, 1):
@@ -273,3 +311,90 @@ def test_dataset_loading_scripts_are_refused_with_a_way_out(tmp_path, monkeypatc
     (local / "local.py").write_text("raise SystemExit('ran')\n")
     assert main(["pretrain", "--data", str(local), "--out", str(tmp_path / "r")]) == 2
     assert "needs a loading script (local.py)" in _one_error_line(capsys)
+
+
+# ---- resuming on other data, damaged training state and metadata -------------------------
+
+def test_resume_on_regenerated_data_is_refused_unless_allowed(tmp_path, capsys):
+    """The Parquet file is regenerated at the same path with more rows between two sessions."""
+    from simclr_kit.cli import build_parser, pretrain_config
+    from simclr_kit.resume import resume_config
+
+    data = write_unlabeled_parquet(tmp_path / "data", count=16)
+    run = tmp_path / "run"
+    config = pretrain_config(build_parser().parse_args(
+        ["pretrain", "--data", str(data), "--out", str(run), "--epochs", "1", *TINY]))
+    training.pretrain(config, report=False)  # the command line's run, without its report
+    before = json.loads((latest_checkpoint(run) / "model.json").read_text())["dataset"]
+    write_unlabeled_parquet(tmp_path / "data", count=24)
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run), "--epochs", "2"]) == 2
+    line = _one_error_line(capsys)
+    assert f"dataset fingerprint {before['fingerprint']} then, " in line
+    assert "16 rows then, 24 now" in line and "--allow-changed-data" in line
+    assert latest_checkpoint(run).name == "epoch-0001"  # nothing was trained or written
+    with pytest.raises(UserError, match="--allow-changed-data"):  # the API refuses it too
+        training.pretrain(resume_config(run, {"epochs": 2}), resume=run, report=False)
+    training.pretrain(resume_config(run, {"epochs": 2}), resume=run, report=False,
+                      allow_changed_data=True)
+    after = json.loads((latest_checkpoint(run) / "model.json").read_text())["dataset"]
+    assert after["rows"] == 24 and after["fingerprint"] != before["fingerprint"]
+    changed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+               if '"data_changed"' in line]
+    assert [(c["fingerprint_before"], c["fingerprint_now"]) for c in changed] == \
+        [(before["fingerprint"], after["fingerprint"])]
+
+
+def _replace_state(ckpt: Path, state: object) -> None:
+    """A new state.pt with a sidecar that matches it (whoever edits the file can edit both)."""
+    path = ckpt / "state.pt"
+    torch.save(state, str(path))
+    record = {"file": "state.pt", "bytes": path.stat().st_size,
+              "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    (ckpt / "state.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda state: [1, 2], "holds a list, not a simclr-kit training state"),
+    (lambda state: dict(state, epoch="two"), "epoch is 'two', not a count"),
+    (lambda state: dict(state, step_in_epoch=-3), "step_in_epoch is '-3', not a count"),
+], ids=["list", "string-epoch", "negative-step"])
+def test_a_training_state_that_loads_but_is_not_one_is_one_line(run, capsys, edit, message):
+    ckpt = latest_checkpoint(run)
+    _replace_state(ckpt, edit(load_train_state(ckpt)))
+    assert main(["pretrain", "--resume", str(run), "--epochs", "2"]) == 2
+    assert message in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("image_size", "big", "image_size = 'big', not a size in pixels"),
+    ("mean", [0.5, 0.5], "mean = '[0.5, 0.5]', not three numbers"),
+    ("stem", "tall", "stem = 'tall', not 'cifar' or 'imagenet'"),
+    ("config", "yes", "config = 'yes', not a mapping"),
+])
+@pytest.mark.parametrize("command", ["export", "evaluate"])
+def test_garbage_weights_metadata_is_one_line(run, tmp_path, capsys, field, value, message,
+                                              command):
+    ckpt = latest_checkpoint(run)
+    meta = json.loads((ckpt / "model.json").read_text())
+    meta = {k: v for k, v in meta.items() if k not in ("file", "bytes", "sha256", "format")}
+    checkpoint.save_weights(ckpt / "model.safetensors",
+                            load_weights(ckpt / "model.safetensors"), dict(meta, **{field: value}))
+    args = {"export": ["export", str(run), str(tmp_path / "out.safetensors")],
+            "evaluate": ["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path / "e")]}
+    assert main(args[command]) == 2
+    assert message in _one_error_line(capsys)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_model_json_that_is_not_a_mapping_is_one_line(run, tmp_path, capsys):
+    """Weights without metadata in their header fall back to model.json: here ``[1, 2]``."""
+    ckpt = latest_checkpoint(run)
+    bare = tmp_path / "bare" / "model.safetensors"
+    bare.parent.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(load_weights(ckpt / "model.safetensors"), str(bare))
+    (bare.parent / "model.json").write_text("[1, 2]")
+    assert main(["export", str(bare), str(tmp_path / "out.safetensors")]) == 2
+    assert "its metadata is a list, not a mapping" in _one_error_line(capsys)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -185,3 +186,22 @@ def test_two_process_pretraining_writes_one_checkpoint_set_and_resumes(tmp_path)
     assert [r["kind"] for r in records].count("resume") == 1
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 10))
     assert (checkpoints / "latest").read_text().strip() == "epoch-0003"
+
+
+@pytest.mark.slow
+def test_a_process_gone_from_the_job_is_one_line_in_the_others(tmp_path):
+    """One node failed (here: left) during the decode; the other meets it in wrap_model."""
+    mp.start_processes(workers.peer_gone_worker, args=(2, _free_port(), str(tmp_path)),
+                       nprocs=2, start_method="spawn")
+    message = (tmp_path / "rank0.txt").read_text()
+    # The transport's words depend on the moment the peer left: closed, or reset.
+    assert re.match(r"UserError: another process of this torchrun job stopped while this one "
+                    r"was building the model \(DistributedDataParallel\) \(Connection "
+                    r"(closed|reset) by peer\)", message), message
+    assert "its own error, the cause, is in its output" in message and "\n" not in message
+
+
+def test_a_collective_that_fails_for_another_reason_is_raised_as_it_is():
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        with distributed.collective("gathering"):
+            raise RuntimeError("shapes do not match")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +230,72 @@ def test_the_readme_example_of_a_backbone_of_ones_own_trains(tmp_path, monkeypat
     assert meta["backbone"] == "timm/tiny_net" and meta["feature_dim"] == 32
     encoder = load_encoder(tmp_path / module.run_dir)
     assert encoder(torch.rand(2, 3, 8, 8)).shape == (2, 32)
+
+
+def _vit_weights(tmp_path: Path, kwargs: dict) -> Path:
+    """A timm/test_vit backbone saved as simclr-kit saves one, with ``kwargs`` recorded."""
+    from simclr_kit.checkpoint import save_weights
+
+    model = build_backbone(VIT, "cifar", kwargs={"img_size": SIZE, "patch_size": 4})
+    file = tmp_path / "vit.safetensors"
+    save_weights(file, model.state_dict(), {
+        "backbone": VIT, "stem": "cifar", "image_size": SIZE, "feature_dim": 64,
+        "mean": [0.5] * 3, "std": [0.25] * 3, "kind": "backbone",
+        "create_model_kwargs": kwargs})
+    return file
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"img_size": SIZE, "patch_size": 4, "checkpoint_path": "/nowhere/evil.pth"},
+     "asks timm.create_model for 'checkpoint_path'"),
+    ({"img_size": SIZE, "pretrained_cfg_overlay": {"file": "/nowhere/evil.pth"}},
+     "asks timm.create_model for 'pretrained_cfg_overlay'"),
+    ({"img_size": "16", "patch_size": 4}, "create_model_kwargs img_size = '16' is not an integer"),
+    (["img_size"], "create_model_kwargs is a list, not a mapping"),
+], ids=["checkpoint_path", "overlay", "string", "list"])
+def test_checkpoint_metadata_cannot_choose_what_timm_loads(tmp_path, monkeypatch, capsys,
+                                                           kwargs, message):
+    called: list[dict] = []
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: called.append(k) or real(*a, **k))
+    file = _vit_weights(tmp_path, kwargs)
+    capsys.readouterr()
+    assert main(["export", str(file), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    with pytest.raises(UserError, match="not loaded"):
+        load_encoder(file)
+    with pytest.raises(UserError, match="only img_size, patch_size are taken"):
+        build_backbone(VIT, "cifar", kwargs={"checkpoint_path": "/nowhere/evil.pth"})
+    assert not [k for k in called if set(k) - {"pretrained", "num_classes", "img_size",
+                                               "patch_size"}]
+
+
+def test_the_recorded_kwargs_still_load(tmp_path):
+    encoder = load_encoder(_vit_weights(tmp_path, {"img_size": SIZE, "patch_size": 4}))
+    assert encoder.feature_dim == 64
+
+
+def test_a_mistyped_timm_name_suggests_the_names_it_resembles(capsys):
+    from simclr_kit.timm_backbones import check_timm_name
+
+    with pytest.raises(UserError) as err:
+        check_timm_name("timm/vit_tiny_patch16_22")
+    suggested = str(err.value).split("such as ", 1)[1].split(", ")
+    assert suggested[0] == "timm/vit_tiny_patch16_224"
+    assert all(n.startswith("timm/vit_") and "sapiens" not in n for n in suggested)
+
+
+def test_timm_imagenet_init_without_its_weights_fails_before_any_data_is_read(
+        data, tmp_path, monkeypatch, capsys):
+    from simclr_kit import timm_backbones, trainer
+
+    def read(*args, **kwargs):
+        raise AssertionError("the data was read before the weights were checked")
+
+    monkeypatch.setattr(timm_backbones, "cached_weights_file", lambda name: None)
+    monkeypatch.setattr(trainer, "_load_data", read)
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "r"),
+                 "--backbone", "timm/resnet18", "--init", "imagenet", *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not in the local cache" in err[0], err

@@ -259,10 +259,24 @@ def latest_checkpoint(run_dir: Path, required: bool = True) -> Path | None:
     return None
 
 
+# The positions a training state records: counts, read back as they were saved.
+_STATE_COUNTS = ("epoch", "step_in_epoch", "global_step", "total_epochs")
+
+
 def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
-    """``state.pt`` of a checkpoint, checked against ``state.json`` and loaded without pickle code."""
+    """``state.pt`` of a checkpoint, checked against ``state.json`` and loaded without pickle
+    code; a dict whose positions (:data:`_STATE_COUNTS`, where present) are counts, else a
+    one-line UserError."""
     path = ckpt_dir / "state.pt"
     if not path.is_file():
         raise UserError(f"{ckpt_dir} has no training state (state.pt): it cannot be resumed")
     verify_file(path)
-    return torch_load_safe(path)
+    state = torch_load_safe(path)
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a simclr-kit training "
+                        "state; it cannot be resumed")
+    for key in _STATE_COUNTS:
+        if key in state and (type(state[key]) is not int or state[key] < 0):
+            raise UserError(f"{path}: {key} is {str(state[key])[:40]!r}, not a count; it is not "
+                            "a simclr-kit training state as saved, and cannot be resumed")
+    return state

@@ -28,7 +28,7 @@ from simclr_kit.data.pixels import chosen_crop_fraction
 from simclr_kit.data.sources import PREDICT_SPLITS, open_splits, whole_split
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
 from simclr_kit.devices import resolve_device
-from simclr_kit.encoder import Encoder, load_encoder
+from simclr_kit.encoder import Encoder, checked_meta, load_encoder
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.features import extract_features, forward_images
 from simclr_kit.evaluation.finetune import FINETUNE_AUGMENT, accuracy, finetune
@@ -139,6 +139,11 @@ def train_classifier(checkpoint: str | Path, data: DataConfig | str | dict[str, 
     return {"val_accuracy": val_acc, "out": str(out), "classes": len(class_names)}
 
 
+# What a classifier's metadata must hold to be rebuilt and applied.
+_CLASSIFIER_FIELDS = ("backbone", "stem", "feature_dim", "class_names", "head", "hidden_dim",
+                      "image_size", "mean", "std")
+
+
 def load_classifier(cls_dir: str | Path, device: torch.device) -> tuple[Classifier, dict]:
     path = Path(cls_dir)
     file = path / "classifier.safetensors" if path.is_dir() else path
@@ -147,11 +152,19 @@ def load_classifier(cls_dir: str | Path, device: torch.device) -> tuple[Classifi
     meta = read_metadata(file)  # the header's copy: the sidecar may be lost or edited
     if meta.get("kind") != "classifier":
         raise UserError(f"{file} is not a classifier saved by train-classifier")
+    meta = checked_meta(meta, file, _CLASSIFIER_FIELDS)
     backbone = build_backbone(meta["backbone"], meta["stem"],
                               kwargs=meta.get("create_model_kwargs"))
     model = Classifier(backbone, meta["feature_dim"], len(meta["class_names"]), meta["head"],
                        meta["hidden_dim"], frozen=True)
-    model.load_state_dict(load_weights(file), strict=True)
+    try:
+        model.load_state_dict(load_weights(file), strict=True)
+    except RuntimeError as err:  # shapes or keys other than its metadata describes
+        detail = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise UserError(f"{file} does not fit the classifier its metadata describes "
+                        f"({meta['backbone']}, {meta['feature_dim']} features, "
+                        f"{len(meta['class_names'])} classes, {meta['head']} head): "
+                        f"{detail[-1][:160] if detail else err}") from None
     return model.to(device).eval(), meta
 
 

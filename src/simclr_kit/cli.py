@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -95,7 +96,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         cfg = pretrain_config(args)
     if args.print_config:
         return _print_config(cfg)
-    run_dir = pretrain(cfg, resume=args.resume)
+    if args.allow_changed_data and not args.resume:
+        raise UserError("--allow-changed-data applies to --resume RUN only")
+    run_dir = pretrain(cfg, resume=args.resume, allow_changed_data=args.allow_changed_data)
     print(f"checkpoint saved in {run_dir}")
     return 0
 
@@ -270,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "config.yaml; only --epochs, --device, --log-every, --checkpoint-every[-steps], "
                    "--logger, --stream and --decode-workers may change; a run that trained all "
                    "its epochs is left as it is")
+    p.add_argument("--allow-changed-data", action="store_true", help="with --resume: continue "
+                   "although the data changed since the last checkpoint (another dataset "
+                   "fingerprint: a file regenerated or images added under the same name); "
+                   "refused otherwise (default: off)")
     add_flags(p, DATA_FLAGS, "data")
     add_flags(p, PRETRAIN_FLAGS, "pretraining")
 
@@ -375,6 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Errors of the machine rather than of the code: a full disk, a read-only or forbidden folder.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_FULL_DISK = os.strerror(errno.ENOSPC)  # "No space left on device"
+
+
+def _environment_error(err: BaseException) -> str | None:
+    """One line for an error of the machine (a full disk, a read-only or forbidden folder),
+    also when a library wrapped it without its errno (torch.save, pyarrow); else None."""
+    if isinstance(err, OSError) and err.errno in _ENVIRONMENT_ERRNOS:
+        where = f"{err.filename}: " if err.filename else ""
+        full = " (free some space, then run again)" if err.errno in (errno.ENOSPC,
+                                                                      errno.EDQUOT) else ""
+        return f"{where}{err.strerror}{full}"
+    if isinstance(err, (OSError, RuntimeError)) and _FULL_DISK in str(err):
+        return f"{_FULL_DISK} ({str(err).splitlines()[0][:160]}): free some space, then run again"
+    return None
 
 
 def _command_parser(parser: argparse.ArgumentParser, name: str) -> Parser:
@@ -397,16 +418,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"simclr {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:
-        if err.errno not in _ENVIRONMENT_ERRNOS:
-            raise
-        if args.debug:
-            traceback.print_exc()
-        print(f"simclr {args.command}: error: {err.filename or ''}: {err.strerror}",
-              file=sys.stderr)
-        return 2
     except Exception as err:
-        code = getattr(err, "exit_code", None)  # a run stopped by a signal after saving
+        code = getattr(err, "exit_code", None)  # a run or a decode stopped by a signal
+        machine = _environment_error(err) if code is None else None
+        if machine is not None:
+            if args.debug:
+                traceback.print_exc()
+            print(f"simclr {args.command}: error: {machine}", file=sys.stderr)
+            return 2
         if code is None:
             raise
         print(f"simclr {args.command}: {err}", file=sys.stderr)

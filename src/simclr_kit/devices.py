@@ -63,3 +63,27 @@ def tune_backends(device: torch.device, deterministic: bool = False) -> None:
     """
     if device.type == "cuda" and not deterministic:
         torch.backends.cudnn.benchmark = True
+
+
+# What the allocators say when memory runs out: the CPU's DefaultCPUAllocator, CUDA, MPS.
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "Cannot allocate memory")
+
+
+def out_of_memory_error(err: BaseException, device: torch.device, batch_size: int, world: int,
+                        image_size: int, precision: str, channels_last: bool) -> UserError | None:
+    """A one-line UserError for a training step that ran out of memory (CUDA's
+    ``OutOfMemoryError``, or the RuntimeError of the CPU or MPS allocator), saying what to lower;
+    None for any other error. ``batch_size`` is the global batch, split over ``world``."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    if not isinstance(err, oom) and not (isinstance(err, RuntimeError) and
+                                         any(m in str(err) for m in _OUT_OF_MEMORY)):
+        return None
+    per_process = f", {batch_size // world} per process" if world > 1 else ""
+    advice = [f"lower --batch-size (now {batch_size}{per_process}) or --image-size (now "
+              f"{image_size})"]
+    if device.type == "cuda" and autocast_dtype(precision, device) is None:
+        advice.append("train in --precision bf16 (half the activation memory of fp32)")
+    if device.type == "cuda" and not channels_last:
+        advice.append("--channels-last true")
+    return UserError(f"out of memory on {device} in a training step of "
+                     f"{batch_size // world} images of {image_size} px: {'; or '.join(advice)}")

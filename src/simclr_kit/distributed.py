@@ -18,6 +18,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from simclr_kit.errors import UserError
+
+# What gloo, NCCL and the TCP store say when a process at the other end of a collective is gone.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "remote process exited", "NCCL communicator was aborted", "Connection refused")
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -64,6 +70,34 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
+def peer_failure(err: BaseException, what: str) -> UserError | None:
+    """A one-line UserError when ``err`` says that another process of the job is gone (it
+    failed or was killed: its own error is the one to read), else None."""
+    if not isinstance(err, RuntimeError):
+        return None
+    text = str(err)
+    said = next((m for m in _PEER_GONE if m in text), None)
+    if said is None and not isinstance(err, getattr(dist, "DistNetworkError", ())):
+        return None
+    return UserError(f"another process of this torchrun job stopped while this one was {what} "
+                     f"({said or text.splitlines()[0][:100]}): its own error, the cause, is in "
+                     "its output (torchrun prints each local process's; for another node, in "
+                     "that node's log); this process stops too")
+
+
+@contextmanager
+def collective(what: str) -> Iterator[None]:
+    """Around calls that need every process of the job: a process that is gone becomes
+    :func:`peer_failure`'s one line instead of the transport's traceback."""
+    try:
+        yield
+    except RuntimeError as err:
+        failure = peer_failure(err, what)
+        if failure is None:
+            raise
+        raise failure from None
+
+
 def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = True) -> nn.Module:
     """``model`` in DistributedDataParallel under torchrun; ``model`` itself in one process.
 
@@ -76,8 +110,9 @@ def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = True) -> 
         return model
     if device.type == "cuda" and sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+    with collective("building the model (DistributedDataParallel)"):
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def shutdown() -> None:
@@ -87,7 +122,8 @@ def shutdown() -> None:
 
 def barrier() -> None:
     if is_initialized():
-        dist.barrier()
+        with collective("waiting for the others at a barrier"):
+            dist.barrier()
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -139,14 +175,16 @@ def all_gather_tensor(x: Tensor) -> Tensor:
     if world_size() == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
+    with collective("gathering results"):
+        dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
 
 def all_reduce_sum(x: Tensor) -> Tensor:
     if world_size() > 1:
         x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        with collective("summing a value over the processes"):
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
 
@@ -162,7 +200,8 @@ def max_over_ranks(value: int) -> int:
     if world_size() == 1:
         return value
     x = torch.tensor([value], dtype=torch.int64, device=_comm_device())
-    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    with collective("agreeing with the others"):
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return int(x.item())
 
 
@@ -171,7 +210,8 @@ def broadcast_object(obj: Any) -> Any:
     if world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with collective("receiving a decision of the first process"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -199,7 +239,8 @@ def local_main_first() -> Iterator[None]:
 
 def _wait(group: Any) -> None:
     if group is not None:
-        dist.barrier(group=group)
+        with collective("waiting for the node's first process to read the data"):
+            dist.barrier(group=group)
 
 
 def shard_rows(n: int) -> Tensor:

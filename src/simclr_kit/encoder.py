@@ -12,6 +12,8 @@ shape of ``conv1.weight``; the projection head is never taken for the backbone. 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,6 +50,57 @@ class Weights:
     meta: dict[str, Any]
     path: Path
     full: dict[str, Tensor] | None = None  # the whole SimCLR state dict, when the file holds one
+
+
+def _count(v: Any) -> bool:
+    return type(v) is int and v >= 1
+
+
+def _three_numbers(v: Any, positive: bool) -> bool:
+    return isinstance(v, list) and len(v) == 3 and all(
+        type(x) in (int, float) and math.isfinite(x) and (x > 0 or not positive) for x in v)
+
+
+# The metadata fields simclr-kit reads, each with its test and what it must be.
+_META_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "backbone": (lambda v: isinstance(v, str) and bool(v), "a model name"),
+    "stem": (lambda v: v in ("cifar", "imagenet"), "'cifar' or 'imagenet'"),
+    "image_size": (lambda v: _count(v) and v <= 8192, "a size in pixels"),
+    "feature_dim": (_count, "a positive integer"),
+    "projection_dim": (_count, "a positive integer"),
+    "projection_hidden_dim": (_count, "a positive integer"),
+    "hidden_dim": (_count, "a positive integer"),
+    "mean": (lambda v: _three_numbers(v, False), "three numbers"),
+    "std": (lambda v: _three_numbers(v, True), "three positive numbers"),
+    "class_names": (lambda v: isinstance(v, list) and bool(v)
+                    and all(isinstance(c, str) for c in v), "a list of class names"),
+    "head": (lambda v: v in ("linear", "mlp"), "'linear' or 'mlp'"),
+    "dataset": (lambda v: isinstance(v, dict), "a mapping"),
+    "config": (lambda v: isinstance(v, dict), "a mapping"),
+}
+
+
+def checked_meta(meta: Any, file: Path, required: Sequence[str] = ()) -> dict[str, Any]:
+    """``meta`` (a weights file's metadata) when every field simclr-kit reads from it has the
+    type and range simclr-kit writes, and ``required`` are present; else a one-line UserError
+    naming ``file`` and the field. ``create_model_kwargs`` may hold only what
+    :data:`~simclr_kit.timm_backbones.CREATE_KWARGS` allows."""
+    if not isinstance(meta, dict):
+        raise UserError(f"{file}: its metadata is a {type(meta).__name__}, not a mapping; it was "
+                        "not written by simclr-kit as it stands, so it is not loaded")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise UserError(f"{file}: its metadata lacks {', '.join(missing)}; it was not written "
+                        "by simclr-kit as it stands, so it is not loaded")
+    for key, (ok, what) in _META_FIELDS.items():
+        if key in meta and not ok(meta[key]):
+            raise UserError(f"{file}: its metadata says {key} = {str(meta[key])[:60]!r}, not "
+                            f"{what}; it was edited or damaged, so it is not loaded")
+    if "create_model_kwargs" in meta:
+        from simclr_kit.timm_backbones import check_create_kwargs
+
+        check_create_kwargs(meta["create_model_kwargs"], str(file))
+    return meta
 
 
 def resolve_weights_file(path: str | Path) -> Path:
@@ -109,7 +162,12 @@ def read_weights(path: str | Path, backbone: str | None = None) -> Weights:
         meta = read_metadata(file)
         sidecar = file.with_suffix(".json")
         if not meta and sidecar.is_file():
-            meta = json.loads(sidecar.read_text())
+            try:
+                meta = json.loads(sidecar.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                raise UserError(f"{sidecar} is not readable JSON (truncated or corrupt?)") from None
+            meta = checked_meta(meta, sidecar)
+        meta = checked_meta(meta, file)
         state = load_weights(file)
     elif file.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         meta = {}

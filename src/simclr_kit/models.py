@@ -8,6 +8,9 @@ once ``fc`` is an Identity).
 
 from __future__ import annotations
 
+import os
+import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,15 +117,45 @@ def build_backbone(name: str = "resnet18", stem: str = "imagenet", weights: str 
     return model
 
 
-def _load_imagenet_model(name: str) -> nn.Module:
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def fetch_imagenet_weights(name: str) -> None:
+    """Make sure the ImageNet weights ``--init imagenet`` needs for ``name`` are on this
+    machine, before any data is decoded: timm's must be in its local cache; torchvision's are
+    downloaded into torch hub's cache now, unless offline (``HF_HUB_OFFLINE=1``), where a
+    missing file is an error at once. torchvision's file is also read with
+    ``weights_only=True`` here: torchvision's own loader would unpickle it in full."""
+    if is_timm_name(name):
+        from simclr_kit.timm_backbones import imagenet_weights_file
+
+        imagenet_weights_file(name)
+        return
+    check_backbone_name(name)
     weights = torchvision.models.get_model_weights(name).DEFAULT
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    file = weights.url.rsplit("/", 1)[-1]
+    hint = f"put {file} from {weights.url} into {cache}"
+    if _offline() and not (cache / file).is_file():
+        raise UserError(f"ImageNet weights for {name} are not in the local cache and the "
+                        f"network is off (HF_HUB_OFFLINE): {hint}")
     try:
-        return torchvision.models.get_model(name, weights=weights)
+        torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True,
+                                           weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{cache / file} holds pickled objects besides tensors: it is not "
+                        f"torchvision's file and is not loaded; {hint}") from None
     except Exception as err:  # offline: urllib raises URLError, hub raises RuntimeError
-        cache = torch.hub.get_dir() + "/checkpoints"
-        file = weights.url.rsplit("/", 1)[-1]
         raise UserError(f"cannot download ImageNet weights for {name} ({type(err).__name__}): "
-                        f"put {file} from {weights.url} into {cache}") from None
+                        f"{hint}") from None
+
+
+def _load_imagenet_model(name: str) -> nn.Module:
+    fetch_imagenet_weights(name)  # from here on, a checked file in the cache
+    return torchvision.models.get_model(name, weights=torchvision.models.get_model_weights(
+        name).DEFAULT)
 
 
 @torch.no_grad()

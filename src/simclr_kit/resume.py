@@ -3,7 +3,9 @@
 A resumed run continues the run it was: the config may differ from the saved ``config.yaml``
 only in how long it trains, where and how it reports (:data:`RESUMABLE_FIELDS`), and a run that
 has already trained its epochs is left exactly as it is. The command line and the Python API
-(``pretrain(config, resume=RUN)``) both go through :func:`check_resume`.
+(``pretrain(config, resume=RUN)``) both go through :func:`check_resume`. Once the data is read,
+:func:`check_same_data` refuses data that changed under the same name (a regenerated Parquet
+file, a folder with files added), unless asked to continue on it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from simclr_kit.checkpoint import latest_checkpoint, load_train_state
+from tqdm.auto import tqdm
+
+from simclr_kit import distributed
+from simclr_kit.checkpoint import latest_checkpoint, load_train_state, read_metadata
 from simclr_kit.config import PretrainConfig, flatten, from_dict, load_yaml, merge, to_dict
 from simclr_kit.errors import UserError
 
@@ -97,3 +102,29 @@ def check_resume(run_dir: Path, config: PretrainConfig) -> None:
         raise UserError(f"{'; '.join(changed)}: cannot change when resuming {run_dir} (only "
                         f"{', '.join(RESUMABLE_FIELDS)} can); start a new run for that")
     _check_epochs_left(run_dir, config)
+
+
+def check_same_data(run_dir: Path, provenance: dict[str, Any],
+                    allow_changed: bool = False) -> tuple[str, str] | None:
+    """Compare the dataset fingerprint recorded in the latest checkpoint of ``run_dir`` with the
+    data read now (``provenance``, the store's). Changed data is a one-line UserError naming
+    both, unless ``allow_changed``; then ``(before, now)`` is returned (None when unchanged,
+    or when nothing was recorded: a run killed before its first checkpoint starts afresh)."""
+    ckpt = latest_checkpoint(run_dir, required=False)
+    if ckpt is None:
+        return None
+    recorded = read_metadata(ckpt / "model.safetensors").get("dataset")
+    before = recorded.get("fingerprint") if isinstance(recorded, dict) else None
+    now = provenance.get("fingerprint")
+    if before is None or before == now:
+        return None
+    what = (f"the training data {provenance.get('source')!r} changed since {ckpt.name} was "
+            f"saved (dataset fingerprint {before} then, {now} now; "
+            f"{recorded.get('rows')} rows then, {provenance.get('rows')} now)")
+    if not allow_changed:
+        raise UserError(f"{what}: resuming would continue on other images in another order. "
+                        "Put the data back, start a new run, or pass --allow-changed-data to "
+                        f"continue {run_dir} on the new data")
+    if distributed.is_main():
+        tqdm.write(f"{what}: continuing on the new data (--allow-changed-data)")
+    return str(before), str(now)

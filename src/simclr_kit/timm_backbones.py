@@ -4,6 +4,8 @@ timm is an optional extra (``pip install 'simclr-kit[timm]'``), imported only wh
 name is used. A backbone is ``timm.create_model(NAME, num_classes=0, **kwargs)``: its forward
 gives pooled features ``(N, num_features)``. The keyword arguments are recorded with every
 checkpoint and export (``create_model_kwargs``), so the same call rebuilds the architecture.
+Only the arguments simclr-kit itself records (:data:`CREATE_KWARGS`) are taken from a file:
+others could make timm load files of their own (``checkpoint_path``) or run other code paths.
 
 Small images (the stem rule, ``--stem auto``: the small-image form at <= 64 px):
 - ViT-like models (a ``patch_embed`` and an absolute ``pos_embed``) always get ``img_size``;
@@ -20,7 +22,9 @@ Small images (the stem rule, ``--stem auto``: the small-image form at <= 64 px):
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,6 +36,9 @@ from simclr_kit.errors import UserError
 from simclr_kit.models import TIMM_PREFIX, apply_cifar_stem
 
 INSTALL_HINT = "pip install 'simclr-kit[timm]'"
+# Every keyword argument timm_create_kwargs writes, with its type and range: all a checkpoint's
+# ``create_model_kwargs`` may hold.
+CREATE_KWARGS = {"img_size": (int, 8, 8192), "patch_size": (int, 1, 1024)}
 
 
 def timm_model_name(name: str) -> str:
@@ -53,10 +60,36 @@ def check_timm_name(name: str) -> None:
     model = timm_model_name(name)
     if model and timm.is_model(model):
         return
-    stem = model.split("_")[0] or "vit"
-    near = timm.list_models(f"{stem}*")[:4] or ["resnet18", "vit_tiny_patch16_224"]
+    near = near_names(model, timm.list_models()) or ["resnet18", "vit_tiny_patch16_224"]
     raise UserError(f"unknown timm model {model!r}: use timm/NAME with a name from "
                     f"timm.list_models(), such as {', '.join('timm/' + n for n in near)}")
+
+
+def near_names(name: str, names: list[str], count: int = 4) -> list[str]:
+    """Up to ``count`` of ``names`` spelled like ``name`` (difflib's ratio >= 0.75), those
+    sharing its longest prefix first: ``vit_tiny_patch16_22`` -> ``vit_tiny_patch16_224``."""
+    close = difflib.get_close_matches(name, names, n=3 * count, cutoff=0.75)
+    shared = {n: len(os.path.commonprefix([name, n])) for n in close}
+    return sorted(close, key=lambda n: -shared[n])[:count]  # stable: then by similarity
+
+
+def check_create_kwargs(kwargs: Any, source: str) -> dict[str, Any]:
+    """``kwargs`` when it holds only keys of :data:`CREATE_KWARGS` with values of their type
+    and range; else a one-line UserError naming ``source`` (a file, a model name)."""
+    if not isinstance(kwargs, dict):
+        raise UserError(f"{source}: create_model_kwargs is a {type(kwargs).__name__}, not a "
+                        "mapping of timm.create_model arguments; it is not loaded")
+    unknown = sorted(set(kwargs) - set(CREATE_KWARGS))
+    if unknown:
+        raise UserError(f"{source} asks timm.create_model for {', '.join(map(repr, unknown))}: "
+                        f"only {', '.join(CREATE_KWARGS)} are taken from a file's metadata (all "
+                        "that simclr-kit records); it is not loaded")
+    for key, value in kwargs.items():
+        kind, low, high = CREATE_KWARGS[key]
+        if type(value) is not kind or not low <= value <= high:
+            raise UserError(f"{source}: create_model_kwargs {key} = {value!r} is not an integer "
+                            f"from {low} to {high}; it is not loaded")
+    return kwargs
 
 
 def _architecture(name: str) -> nn.Module:
@@ -130,23 +163,34 @@ def cached_weights_file(model_name: str) -> str | None:
     return None
 
 
+def imagenet_weights_file(name: str) -> str:
+    """:func:`cached_weights_file` for ``timm/NAME``, or a one-line UserError saying how to
+    fetch it (checked before any data is decoded, and again when the model is built)."""
+    check_timm_name(name)
+    model_name = timm_model_name(name)
+    file = cached_weights_file(model_name)
+    if file is None:
+        raise UserError(
+            f"timm's ImageNet weights for {name} are not in the local cache (simclr never "
+            f"downloads them mid-run): where the network is reachable, run once python -c "
+            f"\"import timm; timm.create_model('{model_name}', pretrained=True)\"")
+    return file
+
+
 def build_timm_backbone(name: str, stem: str, kwargs: dict[str, Any],
                         pretrained: bool = False) -> nn.Module:
     """``timm.create_model(NAME, num_classes=0, **kwargs)``; the CIFAR stem replaces a ResNet-like
     model's ``conv1`` and ``maxpool`` (``stem='cifar'``). ``pretrained=True`` takes timm's
-    default ImageNet weights from the local cache (:func:`cached_weights_file`)."""
+    default ImageNet weights from the local cache (:func:`cached_weights_file`). ``kwargs``
+    outside :data:`CREATE_KWARGS` are refused."""
     check_timm_name(name)
+    check_create_kwargs(kwargs, name)
     timm = import_timm()
     model_name = timm_model_name(name)
     if pretrained:
         if stem == "cifar":
             raise UserError("--init imagenet needs the ImageNet stem: drop --stem cifar")
-        file = cached_weights_file(model_name)
-        if file is None:
-            raise UserError(
-                f"timm's ImageNet weights for {name} are not in the local cache (simclr never "
-                f"downloads them mid-run): where the network is reachable, run once python -c "
-                f"\"import timm; timm.create_model('{model_name}', pretrained=True)\"")
+        file = imagenet_weights_file(name)
         return timm.create_model(model_name, pretrained=True, num_classes=0,
                                  pretrained_cfg_overlay={"file": file}, **kwargs)
     try:
@@ -176,6 +220,7 @@ def check_num_features(name: str, model: nn.Module, probed: int) -> int:
     return probed
 
 
-__all__ = ["INSTALL_HINT", "timm_model_name", "import_timm",
-           "check_timm_name", "cached_weights_file", "resolve_timm_stem", "timm_create_kwargs",
+__all__ = ["CREATE_KWARGS", "INSTALL_HINT", "timm_model_name", "import_timm",
+           "check_timm_name", "near_names", "check_create_kwargs", "cached_weights_file",
+           "imagenet_weights_file", "resolve_timm_stem", "timm_create_kwargs",
            "build_timm_backbone", "check_num_features", "vit_patch_size", "small_image_form"]

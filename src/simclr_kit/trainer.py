@@ -35,12 +35,13 @@ from simclr_kit.devices import compile_by_default, grad_scaler, resolve_device, 
 from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone, read_weights
 from simclr_kit.errors import UserError
 from simclr_kit.models import (SimCLR, backbone_feature_dim, backbone_kwargs, build_simclr,
-                               check_backbone_name, is_timm_name, resolve_stem)
+                               check_backbone_name, fetch_imagenet_weights, is_timm_name,
+                               resolve_stem)
 from simclr_kit.optim import build_optimizer, effective_lr, warmup_cosine, warmup_epochs_within
 from simclr_kit.report.loggers import check_loggers, open_loggers
 from simclr_kit.report.metrics import MetricsLog
 from simclr_kit.report.system import hardware_info
-from simclr_kit.resume import check_resume
+from simclr_kit.resume import check_resume, check_same_data
 from simclr_kit.run_checkpoints import restore
 
 
@@ -185,10 +186,14 @@ def _build_model(cfg: PretrainConfig, image_size: int) -> tuple[SimCLR, dict[str
     return model, dict(init_meta, stem=stem)
 
 
-def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
-    """Build data, model, optimizer and run directory (or reopen ``resume``)."""
+def prepare(cfg: PretrainConfig, resume: Path | None = None,
+            allow_changed_data: bool = False) -> Trainer:
+    """Build data, model, optimizer and run directory (or reopen ``resume``; data that changed
+    since its last checkpoint is refused unless ``allow_changed_data``)."""
     check_backbone_name(cfg.backbone)  # what this machine lacks fails before any data is read
     check_loggers(cfg.loggers)
+    if cfg.init == "imagenet":
+        fetch_imagenet_weights(cfg.backbone)
     if resume is not None:
         check_resume(resume, cfg)  # a changed config or a finished run: refused, nothing touched
     device = distributed.init(resolve_device(cfg.device))
@@ -198,6 +203,8 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
     _check_world(cfg)
     run_dir = resume if resume is not None else _new_run_dir(cfg)
     store, eval_store, image_size = _load_data(cfg)
+    changed = check_same_data(resume, store.provenance, allow_changed_data) \
+        if resume is not None else None
     cfg = _check_batch(cfg, len(store))
     announce_skipped(store, f"; listed in {run_dir / 'skipped.txt'}")
 
@@ -247,6 +254,9 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None) -> Trainer:
         trainer.hooks.append(knn_monitor(trainer, cfg.monitor_knn))
     if resume is not None:
         restore(trainer)
+        if changed is not None:
+            trainer.log.write("data_changed", fingerprint_before=changed[0],
+                              fingerprint_now=changed[1], dataset=store.provenance)
     elif distributed.is_main():
         _write_run_files(trainer)
     return trainer

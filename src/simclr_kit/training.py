@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from simclr_kit import distributed
 from simclr_kit.config import PretrainConfig, with_data_recipe
 from simclr_kit.data.loader import batch_indices, epoch_permutation
-from simclr_kit.devices import autocast_dtype
+from simclr_kit.devices import autocast_dtype, out_of_memory_error
+from simclr_kit.errors import UserError
 from simclr_kit.loop_events import Interrupted, LoopEvents
 from simclr_kit.optim import set_lr
 from simclr_kit.run_checkpoints import NonFiniteLoss, check_finite, checkpoint_name, save
@@ -40,6 +41,15 @@ def train_step(t: Trainer, idx: Tensor) -> Tensor:
                        t.scaler)
 
 
+def _step_failure(t: Trainer, err: RuntimeError) -> UserError | None:
+    """One line for a step that cannot go on: out of memory (what to lower), or another
+    process of the torchrun job gone; None for any other error (raised as it is)."""
+    cfg = t.config
+    return (out_of_memory_error(err, t.device, cfg.batch_size, distributed.world_size(),
+                                t.meta["image_size"], cfg.precision, cfg.channels_last)
+            or distributed.peer_failure(err, f"training step {t.global_step + 1}"))
+
+
 def fit(t: Trainer) -> Path:
     """Train from ``t``'s position to ``t.total_epochs``; returns the final checkpoint.
 
@@ -49,7 +59,13 @@ def fit(t: Trainer) -> Path:
         while t.epoch < t.total_epochs:
             events.start_epoch()
             for idx in t.batches.epoch(t.epoch, t.step_in_epoch, t.steps_per_epoch):
-                loss = train_step(t, idx)
+                try:
+                    loss = train_step(t, idx)
+                except RuntimeError as err:
+                    failure = _step_failure(t, err)
+                    if failure is None:
+                        raise
+                    raise failure from None
                 t.step_in_epoch += 1
                 t.global_step += 1
                 events.after_step(loss)  # log, stop on a signal, fit the budget, roll a save
@@ -67,12 +83,14 @@ def fit(t: Trainer) -> Path:
 
 
 def pretrain(config: PretrainConfig, resume: str | Path | None = None,
-             report: bool = True) -> Path:
+             report: bool = True, allow_changed_data: bool = False) -> Path:
     """Pretrain (or resume) a SimCLR encoder; returns the run directory.
 
     ``resume``: a run directory to continue. ``config`` must equal its ``config.yaml`` except
     for the fields in :data:`simclr_kit.resume.RESUMABLE_FIELDS` (``epochs`` among them), and a
     run that has trained all its epochs is refused, unchanged (:func:`resume.check_resume`).
+    Data whose fingerprint differs from the one its last checkpoint recorded (regenerated under
+    the same name) is refused too, unless ``allow_changed_data`` (:func:`resume.check_same_data`).
 
     ``report``: write ``RUN/report.html`` at the end with the sections that need no forward
     passes over the data (``simclr report RUN`` adds the embedding sections).
@@ -81,7 +99,8 @@ def pretrain(config: PretrainConfig, resume: str | Path | None = None,
     if taken and distributed.is_main():
         tqdm.write(f"digits: the demo recipe's {', '.join(taken)} (recipes/digits.yaml, "
                    "as `simclr run` uses it; PretrainConfig.from_recipe('digits') asks for it)")
-    trainer = prepare(config, Path(resume) if resume is not None else None)
+    trainer = prepare(config, Path(resume) if resume is not None else None,
+                      allow_changed_data)
     try:
         fit(trainer)
     finally:

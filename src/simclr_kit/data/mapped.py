@@ -17,36 +17,66 @@ Layout under ``cache_root()/decoded/``::
 
     KEY/images.npy        (K, 3, L, L) uint8: the images kept, in the split's row order
     KEY/sizes.npy         (K, 2) int32: each image's (height, width) at the top-left of its slot
-    KEY/meta.json         rows of the split, shape, files, skipped rows (written last)
-    .KEY.tmp-HOST-PID/    a decode in progress, or killed: images.npy with one slot per row of
-                          the split, chunks/START.json per finished chunk, ``compacting`` marker
+    KEY/meta.json         rows of the split, shape, files, skipped rows, each chunk's SHA-256
+                          (written last)
+    .KEY.tmp-HOST-PID-R/  a decode in progress, or killed: images.npy with one slot per row of
+                          the split, chunks/START.json per finished chunk, ``lock``, and a
+                          ``compacting`` marker during the final pass
+    .lock                 held for a moment while a temporary is created, adopted, deleted or
+                          published
 
 A decode is published by renaming its finished temporary directory to KEY (atomic), after the
-pixels and meta.json are fsynced; a reader also checks meta.json against the file. A killed
-decode leaves only its temporary directory: the next decode of the key on the same host adopts
-it once its process is gone and decodes only the chunks without a record (a chunk's pixels are
-flushed to the disk before its record is written). Temporaries killed while compacting (a short
-final pass, only when rows were skipped) are deleted and decoded again.
+pixels and meta.json are fsynced; a reader also checks meta.json against the file. The decoding
+process holds a lock on its temporary from start to end (:mod:`simclr_kit.data.decode_lock`),
+so a live decode is never adopted or deleted, whatever its name says: two containers on one
+host may both be PID 1 of the same hostname, and the random suffix R keeps their names apart
+too. The kernel releases the lock of a process that dies, so a killed decode is adopted by the
+next decode of the key on the same host, which decodes only the chunks without a record (a
+chunk's pixels are flushed to the disk before its record is written). Temporaries killed while
+compacting (a short final pass, only when rows were skipped) are deleted and decoded again.
+
+The images file is allocated in full when the decode starts (``fallocate``): a disk without room
+is one error naming the size and the folder, never a SIGBUS when a page of the map is written.
+
+Each chunk's kept rows carry a SHA-256 (computed by the worker that wrote them, from the map;
+after compaction they are contiguous rows of the published file). Hashing is not free: SHA-256
+runs at 0.5-1.1 GB/s on one core (bench/RESULTS.md), so checking all 252 GB of ImageNet at 256
+px would add 4-8 minutes to every start. Opening a published decode checks chunks worth
+:data:`VERIFY_BYTES` (a quarter to half a second): all of a file up to that size (CIFAR-10 at
+32 px is 153 MB), else a sample of whole chunks that every process of the machine draws alike
+on a given day and that changes from day to day, so an edit is found within days of runs.
+``SIMCLR_KIT_VERIFY_CACHE=all`` checks every chunk. A file that fails is decoded again.
 """
 
 from __future__ import annotations
 
+import ctypes
+import datetime
+import errno
+import hashlib
 import json
 import math
 import mmap
 import os
+import random
+import secrets
 import shutil
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from simclr_kit.atomic import atomic_write_text, fsync_dir, fsync_file
+from simclr_kit.data.decode_lock import claim, folder_lock, hold, release
+from simclr_kit.errors import UserError
 
-VERSION = 5  # 5: slots with sizes.npy; the key names the form (training frame or crop)
+VERSION = 5  # 5: slots with sizes.npy, chunk SHA-256s; the key names the form (frame or crop)
 CHUNK_ROWS = 1024  # rows per decoding task: the unit of work, of progress and of resuming
 _MOVE_ROWS = 256  # rows moved per copy while compacting: bounds the temporary numpy makes
+VERIFY_BYTES = 256 << 20  # pixel bytes checked against their SHA-256 at each opening
+VERIFY_ENV = "SIMCLR_KIT_VERIFY_CACHE"
 
 
 @dataclass
@@ -74,6 +104,16 @@ def record_sizes(records: list[dict]) -> np.ndarray:
     return np.asarray([s for r in records for s in r["sizes"]], np.int32).reshape(-1, 2)
 
 
+def rows_digest(images: np.ndarray, rows: list[int] | np.ndarray) -> str:
+    """SHA-256 of ``images[rows]`` in order (``rows`` sorted), hashed run by contiguous run."""
+    h = hashlib.sha256()
+    rows = np.asarray(rows, np.int64)
+    for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1):
+        if len(run):
+            h.update(images[int(run[0]):int(run[-1]) + 1])
+    return h.hexdigest()
+
+
 def npy_offset(path: Path) -> tuple[tuple[int, ...], int]:
     """The shape of a uint8 ``.npy`` and the byte offset of its data."""
     with open(path, "rb") as f:
@@ -92,10 +132,43 @@ def _write_header(f, shape: tuple[int, ...]) -> int:
     return f.tell()
 
 
+def _fallocate(fd: int, length: int) -> None:
+    """fallocate(2) itself: posix_fallocate is not used because glibc emulates it, where the
+    file system lacks it (NFSv3), by writing to every block of the file."""
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    call = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if call is None:
+        raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if call(fd, 0, 0, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
+
+
+def _no_room(path: Path, size: int) -> UserError:
+    free = shutil.disk_usage(path.parent).free
+    return UserError(f"not enough disk space for the decoded images: {_gb(size)} needed in "
+                     f"{path.parent.parent} ({_gb(free)} free); free some space there, or set "
+                     "SIMCLR_KIT_CACHE to a folder on a disk with room")
+
+
 def create_images_file(path: Path, shape: tuple[int, ...]) -> None:
-    """A zero-filled (sparse) uint8 ``.npy`` of ``shape``: no pixel is written yet."""
+    """A zero-filled uint8 ``.npy`` of ``shape``, its blocks allocated now (where the file
+    system allows it; else its free space is checked): no pixel is written yet."""
     with open(path, "wb") as f:
-        f.truncate(_write_header(f, shape) + math.prod(shape))
+        size = _write_header(f, shape) + math.prod(shape)
+        f.truncate(size)
+        try:
+            _fallocate(f.fileno(), size)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise _no_room(path, size) from None
+            if shutil.disk_usage(path.parent).free < size:  # fallocate unsupported here
+                raise _no_room(path, size) from None
 
 
 def map_rows(path: Path) -> tuple[mmap.mmap, np.ndarray, int]:
@@ -131,18 +204,66 @@ def compact_rows(images: np.ndarray, keep: np.ndarray) -> None:
             dest += e - s
 
 
+def _read_meta(final: Path, size: int) -> tuple[dict, tuple[int, ...]]:
+    """meta.json of a published decode, checked field by field; ValueError when it is not one
+    this version wrote (any JSON may be there: ``[]``, ``null``, ``"rows": 1e12``)."""
+    meta = json.loads((final / "meta.json").read_text())
+    if not isinstance(meta, dict) or meta.get("version") != VERSION:
+        raise ValueError("another version")
+    shape = tuple(meta.get("shape") or ())
+    rows, skipped, files = meta.get("rows"), meta.get("skipped"), meta.get("files")
+    chunks, counts = meta.get("chunks"), np.asarray(meta.get("counts"))
+    ok = (len(shape) == 4 and all(type(d) is int for d in shape)
+          and shape[1:] == (3, size, size) and isinstance(skipped, list)
+          and type(rows) is int and rows == shape[0] + len(skipped)
+          and isinstance(files, list) and len(files) in (0, shape[0])
+          and counts.shape == (3, 256) and counts.dtype.kind in "iu"
+          and isinstance(chunks, list) and all(isinstance(c, list) and len(c) == 2 and
+                                               type(c[0]) is int and c[0] >= 0 and
+                                               isinstance(c[1], str) for c in chunks)
+          and sum(c[0] for c in chunks) == shape[0])
+    if not ok or not all(isinstance(s, list) and len(s) == 3 and type(s[0]) is int and
+                         0 <= s[0] < rows for s in skipped):
+        raise ValueError("damaged")
+    return meta, shape
+
+
+def _chunks_to_verify(chunks: list[list], row_bytes: int) -> list[int]:
+    """Indices of the chunks checked at this opening: every one within :data:`VERIFY_BYTES` (or
+    with ``SIMCLR_KIT_VERIFY_CACHE=all``), else a sample drawn from today's date, the same in
+    every process of a job (so they agree on the file) and different each day."""
+    sizes = [c[0] * row_bytes for c in chunks]
+    if os.environ.get(VERIFY_ENV) == "all" or sum(sizes) <= VERIFY_BYTES:
+        return list(range(len(chunks)))
+    rng = random.Random(f"{datetime.date.today().isoformat()}|{len(chunks)}")
+    picked, total = [], 0
+    for i in rng.sample(range(len(chunks)), len(chunks)):
+        if total + sizes[i] > VERIFY_BYTES and picked:
+            break
+        picked.append(i)
+        total += sizes[i]
+    return sorted(picked)
+
+
+def verify(images: np.ndarray, chunks: list[list], which: list[int]) -> int | None:
+    """The first chunk of ``which`` whose rows of ``images`` differ from their SHA-256, or None."""
+    starts = np.cumsum([0] + [c[0] for c in chunks])
+    for i in which:
+        if rows_digest(images, range(starts[i], starts[i + 1])) != chunks[i][1]:
+            return i
+    return None
+
+
 def open_complete(final: Path, size: int) -> Decoded | None:
-    """The published decode in ``final``, mapped copy-on-write; None when absent or damaged."""
+    """The published decode in ``final``, mapped copy-on-write; None when absent or damaged
+    (a meta.json of any other form, a file of another shape, rows that fail their SHA-256)."""
     try:
-        meta = json.loads((final / "meta.json").read_text())
-        if meta.get("version") != VERSION:
-            return None
-        shape = tuple(meta["shape"])
+        meta, shape = _read_meta(final, size)
         images = np.load(final / "images.npy", mmap_mode="c", allow_pickle=False)
-        if images.shape != shape or images.dtype != np.uint8 or shape[1:] != (3, size, size):
+        if images.shape != shape or images.dtype != np.uint8:
             return None
         skipped = [(int(r), str(f), str(m)) for r, f, m in meta["skipped"]]
-        rows = np.setdiff1d(np.arange(int(meta["rows"]), dtype=np.int64),
+        rows = np.setdiff1d(np.arange(meta["rows"], dtype=np.int64),
                             np.asarray([r for r, _, _ in skipped], dtype=np.int64))
         files = [str(f) for f in meta["files"]] or [""] * len(rows)
         counts = np.asarray(meta["counts"], np.int64)
@@ -151,17 +272,13 @@ def open_complete(final: Path, size: int) -> Decoded | None:
         return None
     if len(rows) != shape[0] or len(files) != shape[0] or sizes.shape != (shape[0], 2):
         return None
+    row_bytes = math.prod(shape[1:])
+    bad = verify(images, meta["chunks"], _chunks_to_verify(meta["chunks"], row_bytes))
+    if bad is not None:
+        print(f"the decoded cache {final} fails its SHA-256 check (chunk {bad}): it is decoded "
+              "again", file=sys.stderr)
+        return None
     return Decoded(images, rows, files, skipped, counts, sizes.astype(np.int32))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True
 
 
 def _fits(tmp: Path, shape: tuple[int, ...]) -> bool:
@@ -172,32 +289,44 @@ def _fits(tmp: Path, shape: tuple[int, ...]) -> bool:
 
 
 def begin(final: Path, n: int, size: int) -> Path:
-    """The temporary directory to decode ``final`` in: a killed decode of the same key on this
-    host adopted (renamed to this process's name), else a new one with an empty images file."""
-    host = socket.gethostname()
-    prefix = f".{final.name}.tmp-{host}-"
-    mine = final.with_name(f"{prefix}{os.getpid()}")
-    final.parent.mkdir(parents=True, exist_ok=True)
+    """The temporary directory to decode ``final`` in, its lock held by this process until
+    :func:`publish`, :func:`discard` or :func:`release`: a killed decode of the same key on this
+    host adopted, else a new one (unique name) with an images file allocated in full."""
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    prefix = f".{final.name}.tmp-{socket.gethostname()}-"
     shape = (n, 3, size, size)
-    adopted = False
-    for old in sorted(final.parent.glob(prefix + "*"), key=lambda p: p != mine):
-        pid = old.name[len(prefix):]
-        if old != mine and (not pid.isdigit() or _alive(int(pid))):
-            continue  # a decode running now (or not ours to judge): leave it alone
-        if not adopted and _fits(old, shape):
-            try:
-                if old != mine:
-                    os.replace(old, mine)
-                adopted = True
+    with folder_lock(root):
+        adopted = None
+        for old in sorted(root.glob(prefix + "*")):
+            if not claim(old, prefix):
+                continue  # a decode running now: leave it alone
+            if adopted is None and _fits(old, shape):
+                adopted = old
                 continue
-            except OSError:  # another process adopted it first
-                continue
-        shutil.rmtree(old, ignore_errors=True)  # killed while compacting, or stale
-    if not adopted:
-        shutil.rmtree(mine, ignore_errors=True)
+            _remove(old)  # killed while compacting, or stale
+        if adopted is not None:
+            return adopted
+        mine = root / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
         (mine / "chunks").mkdir(parents=True)
-        create_images_file(mine / "images.npy", shape)
+        hold(mine)
+        try:
+            create_images_file(mine / "images.npy", shape)
+        except BaseException:
+            _remove(mine)
+            raise
     return mine
+
+
+def _remove(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    release(tmp)
+
+
+def discard(tmp: Path) -> None:
+    """Delete this process's temporary ``tmp``: a decode whose result is of no use."""
+    with folder_lock(tmp.parent):
+        _remove(tmp)
 
 
 def done_chunks(tmp: Path) -> dict[int, dict]:
@@ -206,7 +335,7 @@ def done_chunks(tmp: Path) -> dict[int, dict]:
     for path in (tmp / "chunks").glob("*.json"):
         try:
             record = json.loads(path.read_text())
-            if set(record) >= {"start", "stop", "files", "skipped", "counts", "sizes"}:
+            if set(record) >= {"start", "stop", "files", "skipped", "counts", "sizes", "sha256"}:
                 records[int(record["start"])] = record
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -214,14 +343,26 @@ def done_chunks(tmp: Path) -> dict[int, dict]:
 
 
 def record_chunk(tmp: Path, record: dict) -> None:
-    """Mark a chunk done: ``{start, stop, files, skipped, counts, sizes}``, its pixels already
-    on the disk."""
+    """Mark a chunk done: ``{start, stop, files, skipped, counts, sizes, sha256}``, its pixels
+    already on the disk."""
     atomic_write_text(tmp / "chunks" / f"{record['start']}.json", json.dumps(record))
 
 
 def publish(tmp: Path, final: Path, n: int, size: int, records: list[dict]) -> Decoded:
     """Compact the kept rows, write sizes.npy, then meta.json last, and rename ``tmp`` to
-    ``final``."""
+    ``final``; the lock on ``tmp`` is released whatever happens."""
+    try:
+        _finish(tmp, final, n, size, records)
+    finally:
+        release(tmp)
+    fsync_dir(final.parent)
+    done = open_complete(final, size)
+    if done is None:
+        raise RuntimeError(f"the decoded cache {final} could not be read back after writing it")
+    return done
+
+
+def _finish(tmp: Path, final: Path, n: int, size: int, records: list[dict]) -> None:
     skipped = [(int(r), str(f), str(m)) for rec in records for r, f, m in rec["skipped"]]
     files = [str(f) for rec in records for f in rec["files"]]
     path = tmp / "images.npy"
@@ -244,21 +385,20 @@ def publish(tmp: Path, final: Path, n: int, size: int, records: list[dict]) -> D
     fsync_file(tmp / "sizes.npy")
     meta = {"version": VERSION, "rows": n, "shape": [len(keep), 3, size, size],
             "files": files if any(files) else [], "skipped": skipped,
-            "counts": total_counts(records).tolist()}
+            "counts": total_counts(records).tolist(),
+            "chunks": [[rec["stop"] - rec["start"] - len(rec["skipped"]), rec["sha256"]]
+                       for rec in records]}
     atomic_write_text(tmp / "meta.json", json.dumps(meta))
     (tmp / "compacting").unlink(missing_ok=True)
     shutil.rmtree(tmp / "chunks", ignore_errors=True)
-    fsync_dir(tmp)
-    try:
-        os.replace(tmp, final)
-    except OSError:  # ``final`` appeared meanwhile: keep a complete one, replace a damaged one
-        if open_complete(final, size) is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(final, ignore_errors=True)
+    with folder_lock(final.parent):
+        (tmp / "lock").unlink(missing_ok=True)
+        fsync_dir(tmp)
+        try:
             os.replace(tmp, final)
-    fsync_dir(final.parent)
-    done = open_complete(final, size)
-    if done is None:
-        raise RuntimeError(f"the decoded cache {final} could not be read back after writing it")
-    return done
+        except OSError:  # ``final`` appeared meanwhile: keep a complete one, replace a damaged one
+            if open_complete(final, size) is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)

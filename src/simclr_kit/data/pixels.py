@@ -27,6 +27,9 @@ from PIL import Image, ImageOps
 
 SMALL_SIZE = 64  # at and below: no border cut at evaluation (and the CIFAR stem, models.py)
 CROP_FRACTION = 0.875  # the evaluation crop's side over the resized shorter side: 224 / 256
+# The most pixels a decoding worker decodes of one image: a decode peaks at ~17 bytes per pixel,
+# 1.1 GB at 8000 x 8000 (bench/RESULTS.md); a larger image is skipped, naming this limit.
+MAX_DECODE_PIXELS = 8000 * 8000
 # A 16-bit PNG has pixel values up to 65535; PIL's convert("RGB") would clip them to 255.
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
@@ -151,17 +154,27 @@ class Layout:
         return arr if self.kind == "frame" else _center_crop(arr, self.side)
 
 
+class ImageTooLarge(ValueError):
+    """An image that would decode to more than :data:`MAX_DECODE_PIXELS` pixels: skipped (or
+    named, under ``--bad-images error``) before any pixel of it is decoded."""
+
+
 def decode_image(img: Image.Image, layout: Layout) -> np.ndarray:
     """An opened (not yet loaded) image -> ``(h, w, 3) uint8`` in ``layout``'s form.
 
     A JPEG reduced by 2x or more on both sides is decoded at the largest DCT scale that stays
-    at or above the target (``draft``); the exact resize then finishes the job.
+    at or above the target (``draft``); the exact resize then finishes the job. An image that
+    would still decode to more than :data:`MAX_DECODE_PIXELS` raises :class:`ImageTooLarge`.
     """
     width, height = img.size  # as stored in the file: EXIF may turn it by 90 degrees
     th, tw = layout.target(height, width)
     if img.format == "JPEG" and 2 * th <= height and 2 * tw <= width:
         img.draft(None, (tw, th))
     reduced = img.size
+    if reduced[0] * reduced[1] > MAX_DECODE_PIXELS:
+        raise ImageTooLarge(f"{width}x{height} pixels, more than the "
+                            f"{MAX_DECODE_PIXELS / 1e6:.0f} megapixels decoded per image (to "
+                            "bound each decoding process's memory); downscale it to keep it")
     arr = to_rgb_array(img)
     if arr.shape[:2] != (reduced[1], reduced[0]):  # EXIF turned it: so does the target
         th, tw = tw, th

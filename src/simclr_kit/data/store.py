@@ -258,11 +258,15 @@ class ChunkDecoder:
                     sizes.append([h, w])
                 except Exception as err:  # PIL raises many types for bad bytes; each is one bad row
                     skipped.append((row, _item_name(item), _reason(err)))
+        record = {"start": start, "stop": stop, "files": files, "skipped": skipped,
+                  "counts": counts.tolist(), "sizes": sizes}
         if self._map is not None:
             mm, array, offset = self._map[1]
             mapped.flush_rows(mm, offset, array[0].nbytes, start, stop)
-        return {"start": start, "stop": stop, "files": files, "skipped": skipped,
-                "counts": counts.tolist(), "sizes": sizes}
+            bad = {r for r, _, _ in skipped}
+            record["sha256"] = mapped.rows_digest(array, [r for r in range(start, stop)
+                                                          if r not in bad])
+        return record
 
     def close(self) -> None:
         if self._map is not None and self._map[0] == os.getpid():
@@ -293,26 +297,33 @@ def _decode(split: Split, layout: Layout, bad_images: str, progress: bool,
     records = {s: r for s, r in (mapped.done_chunks(tmp) if tmp else {}).items()
                if (s, r["stop"]) in chunks}  # a record of other chunk bounds is redone
     todo = [c for c in chunks if c[0] not in records]
+    # The bar starts at the rows already decoded and counts only the chunks decoded now.
     bar = tqdm(total=n, initial=n - sum(e - s for s, e in todo), desc=f"decoding {split.split}",
                unit="img", disable=not progress, mininterval=1.0)
     # Forked workers write into a shared map; an array in RAM would be each worker's own copy.
     results = decode_pool.run_in_order(decoder, todo, workers if tmp is not None else 1)
+    finished = False
     try:
         for start, stop in chunks:
             if start not in records:
                 records[start] = next(results)
                 if tmp is not None:
                     mapped.record_chunk(tmp, records[start])
-            bar.update(stop - start)
+                bar.update(stop - start)
             if bad_images == "error" and records[start]["skipped"]:
                 raise _bad_image(split, *records[start]["skipped"][0])
+        finished = True
     finally:
         results.close()
         bar.close()
         decoder.close()
+        if tmp is not None and not finished:
+            mapped.release(tmp)  # stopped early: kept for the next decode to continue
     ordered = [records[s] for s, _ in chunks]
     skipped = [tuple(x) for rec in ordered for x in rec["skipped"]]
     if len(skipped) == n:
+        if tmp is not None:
+            mapped.discard(tmp)  # nothing to continue: the next decode reads every row again
         first = f"row {skipped[0][0]} {skipped[0][1]}: {skipped[0][2]}"
         raise UserError(f"none of the {n} images in {split.split!r} could be decoded, so there "
                         f"is nothing to train on (first problem: {first})")
