@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from simclr_kit import distributed, faults
 from simclr_kit.augment.stats import channel_stats, stats_from_counts
 from simclr_kit.data import decode_pool, mapped
-from simclr_kit.data.sources import Split
+from simclr_kit.data.sources import Split, label_values
 from simclr_kit.errors import UserError
 
 MAX_DEFAULT_SIZE = 224
@@ -185,19 +185,20 @@ def training_sizes(split: Split, image_size: int | None,
     return size, -(-size // 7) * 8
 
 
-def _labels(split: Split, keep: list[int], missing_labels: str) -> Tensor | None:
+def _labels(split: Split, keep: np.ndarray, missing_labels: str) -> Tensor | None:
+    """The labels ``(len(keep),)`` int64 of rows ``keep`` of ``split``, read as one column; a
+    row without one (None or negative) is -1 with ``missing_labels="keep"``, else an error."""
     if split.label_column is None:
         return None
-    values = split.dataset.select_columns([split.label_column])[split.label_column]
-    picked = [values[i] for i in keep]
+    picked = label_values(split.dataset, split.label_column)[keep]
     if missing_labels == "keep":  # as -1, for output that shows the labels it has
-        return torch.tensor([-1 if v is None or v < 0 else v for v in picked], dtype=torch.int64)
-    missing = sum(v is None or v < 0 for v in picked)
+        return torch.from_numpy(np.maximum(picked, -1))
+    missing = int((picked < 0).sum())
     if missing:  # hub test splits often carry -1 for "no label"
         raise UserError(f"split {split.split!r} has {missing} of {len(picked)} rows without a "
                         f"label in {split.label_column!r}: evaluate on a labelled split "
                         "(--eval-split) or name another --label-column")
-    return torch.tensor(picked, dtype=torch.int64)
+    return torch.from_numpy(picked)
 
 
 def _cache_dir(split: Split, size: int) -> Path | None:
@@ -354,7 +355,7 @@ def decode_split(split: Split, image_size: int | None = None, bad_images: str = 
     skipped = skipped + [(-1, name, "not an image file (by its suffix): ignored")
                          for name in split.ignored]
     return ImageStore(images=torch.from_numpy(decoded.images),
-                      labels=_labels(split, keep.tolist(), missing_labels) if labels else None,
+                      labels=_labels(split, keep, missing_labels) if labels else None,
                       class_names=split.class_names, row_ids=torch.from_numpy(keep),
                       image_size=size, provenance=provenance, skipped=skipped, files=decoded.files,
                       channel_counts=None if decoded.counts is None
