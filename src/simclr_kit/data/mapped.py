@@ -46,13 +46,15 @@ _MOVE_ROWS = 256  # rows moved per copy while compacting: bounds the temporary n
 class Decoded:
     """A decoded split: ``images (K, 3, S, S) uint8`` (a map or an array), the ``rows (K,)``
     of the split they came from, their ``files``, the ``skipped`` ``(row, file, reason)`` and
-    the images' per-channel histograms ``counts (3, 256)`` (None in an older cache)."""
+    the images' per-channel histograms ``counts (3, 256)`` (None in an older cache); ``key``:
+    the name of the cache directory it was read from (None for a decode held in memory)."""
 
     images: np.ndarray
     rows: np.ndarray
     files: list[str]
     skipped: list[tuple[int, str, str]]
     counts: np.ndarray | None = None
+    key: str | None = None
 
 
 def total_counts(records: list[dict]) -> np.ndarray:
@@ -136,7 +138,7 @@ def open_complete(final: Path, size: int) -> Decoded | None:
         return None
     if len(rows) != shape[0] or len(files) != shape[0]:
         return None
-    return Decoded(images, rows, files, skipped, counts)
+    return Decoded(images, rows, files, skipped, counts, key=final.name)
 
 
 def _alive(pid: int) -> bool:

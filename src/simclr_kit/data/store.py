@@ -53,7 +53,10 @@ class ImageStore:
     ``files`` the file each came from ('' for images stored in the dataset without a name);
     ``skipped`` holds ``(row, file, reason)`` for each of those rows, and ``(-1, file, reason)``
     for files of an image folder that are not images and were ignored. ``provenance["images"]``
-    counts the images kept, ``provenance["rows"]`` the rows of the split.
+    counts the images kept, ``provenance["rows"]`` the rows of the split. ``key`` names the
+    decoded cache the images were mapped from (a digest of the dataset's fingerprint, the image
+    column, the size and the cache version; None for a set held in memory): it identifies the
+    pixels without reading them. A store made from another with other images must not keep it.
     """
 
     images: Tensor
@@ -65,6 +68,7 @@ class ImageStore:
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     channel_counts: Tensor | None = None  # (3, 256) histograms of the images' uint8 values
+    key: str | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -359,7 +363,7 @@ def decode_split(split: Split, image_size: int | None = None, bad_images: str = 
                       class_names=split.class_names, row_ids=torch.from_numpy(keep),
                       image_size=size, provenance=provenance, skipped=skipped, files=decoded.files,
                       channel_counts=None if decoded.counts is None
-                      else torch.from_numpy(decoded.counts))
+                      else torch.from_numpy(decoded.counts), key=decoded.key)
 
 
 def store_channel_stats(store: ImageStore) -> tuple[tuple[float, float, float],
