@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from simclr_kit.augment import normalize
 from simclr_kit.checkpoint import latest_checkpoint, load_train_state, save_checkpoint
 from simclr_kit.encoder import export_backbone, load_encoder, read_weights
 from simclr_kit.errors import UserError
-from simclr_kit.models import build_simclr
+from simclr_kit.models import SimCLR, build_simclr
 
 META = {"backbone": "resnet18", "stem": "cifar", "image_size": 8, "mean": [0.5] * 3,
         "std": [0.25] * 3, "feature_dim": 512}
@@ -66,7 +68,61 @@ def test_export_strict_loads_into_plain_torchvision(run_dir, tmp_path):
     plain.load_state_dict(load_file(str(out)), strict=True)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(plain.eval()(x), model.backbone.eval()(x))
-    assert (tmp_path / "bb.json").is_file()
+    assert json.loads((tmp_path / "bb.json").read_text())["final_layer"] == "fc"
+
+
+def _saved_run(tmp_path, model, name: str):
+    """A run directory holding ``model`` (a SimCLR of torchvision ``name``, ImageNet stem)."""
+    meta = dict(META, backbone=name, stem="imagenet", image_size=32,
+                feature_dim=model.feature_dim)
+    save_checkpoint(tmp_path / "run", "epoch-0001", model, meta, None, keep=True)
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("name,final,dim", [("mobilenet_v3_small", "classifier.3", 1024),
+                                            ("mnasnet0_5", "classifier.1", 1280)])
+def test_a_sequential_classifier_keeps_all_but_its_final_layer_through_export(
+        tmp_path, name, final, dim):
+    """Trained, loaded and exported, the backbone keeps every layer of torchvision's classifier
+    but the last (MobileNetV3: its 1024-wide hidden layer), and the export loads strictly into
+    plain torchvision once that layer (named in the sidecar) is an Identity."""
+    torch.manual_seed(0)
+    model = build_simclr(name, "imagenet", 32, projection_dim=16)
+    model.train()(torch.randn(4, 3, 32, 32))  # move BN running stats away from their init
+    run = _saved_run(tmp_path, model, name)
+    x = torch.randn(2, 3, 32, 32)
+    expected = model.backbone.eval()(x)
+    encoder = load_encoder(run)
+    assert encoder.feature_dim == model.feature_dim == dim
+    torch.testing.assert_close(encoder(x), expected)
+    out = export_backbone(run, tmp_path / "bb.safetensors")
+    assert json.loads((tmp_path / "bb.json").read_text())["final_layer"] == final
+    plain = torchvision.models.get_model(name)
+    parent, _, child = final.rpartition(".")
+    setattr(plain.get_submodule(parent), child, nn.Identity())
+    state = OrderedDict(load_file(str(out)))
+    state._metadata = plain.state_dict()._metadata  # MNASNet's loader reads it (README)
+    plain.load_state_dict(state, strict=True)
+    torch.testing.assert_close(plain.eval()(x), expected)
+
+
+def test_a_checkpoint_of_the_former_headless_form_still_loads(tmp_path):
+    """Before, the whole classifier attribute became an Identity: such a checkpoint loads in
+    that form, features and export included."""
+    torch.manual_seed(0)
+    backbone = torchvision.models.mobilenet_v3_small()
+    backbone.classifier = nn.Identity()
+    model = SimCLR(backbone, 576, 16)
+    run = _saved_run(tmp_path, model, "mobilenet_v3_small")
+    x = torch.randn(2, 3, 32, 32)
+    encoder = load_encoder(run)
+    assert encoder.feature_dim == 576
+    torch.testing.assert_close(encoder(x), backbone.eval()(x))
+    out = export_backbone(run, tmp_path / "bb.safetensors")
+    assert json.loads((tmp_path / "bb.json").read_text())["final_layer"] == "classifier"
+    plain = torchvision.models.mobilenet_v3_small()
+    plain.classifier = nn.Identity()
+    plain.load_state_dict(load_file(str(out)), strict=True)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])

@@ -185,3 +185,83 @@ def test_one_split_rule_with_each_commands_preference():
         pick_split(["a", "b"], None, TRAIN_SPLITS, "--train-split")
     with pytest.raises(UserError, match=r"split 'x' not found; .* \(choose with --split\)"):
         pick_split(names, "x", PREDICT_SPLITS, "--split")
+
+
+
+def _forbid_row_reads(monkeypatch) -> None:
+    """Reading a column one Python object per row (slow at 1.28 M rows) becomes an error."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a column was read row by row")
+
+    monkeypatch.setattr(datasets.arrow_dataset.Column, "__getitem__", refuse)
+    monkeypatch.setattr(datasets.arrow_dataset.Column, "__iter__", refuse)
+
+
+def _labelled_parquet(folder, labels, label_feature) -> datasets.Dataset:
+    """``folder/train.parquet``: 4 px images with ``labels`` and an ``id`` column (the row
+    number); row 1's image is broken, so decoding skips it. Returns the split as loaded."""
+    rng = np.random.default_rng(0)
+    images = [{"bytes": _png_bytes(Image.fromarray(rng.integers(0, 255, (4, 4, 3), np.uint8))),
+               "path": None} for _ in labels]
+    images[1] = {"bytes": b"not an image", "path": None}
+    features = datasets.Features({"image": datasets.Image(), "label": label_feature,
+                                  "id": datasets.Value("int64")})
+    folder.mkdir(parents=True)
+    datasets.Dataset.from_dict({"image": images, "label": labels, "id": list(range(len(labels)))},
+                               features=features).to_parquet(str(folder / "train.parquet"))
+    return datasets.load_dataset("parquet", data_dir=str(folder))["train"]
+
+
+@pytest.mark.parametrize("feature", [datasets.ClassLabel(names=list("abcd")),
+                                     datasets.Value("int32")])
+@pytest.mark.parametrize("val_fraction, seed", [(0.2, 0), (0.35, 7)])
+def test_a_carved_split_reads_its_labels_as_one_column(tmp_path, monkeypatch, feature,
+                                                       val_fraction, seed):
+    """The carved rows are those of datasets' own ``train_test_split`` (stratified by a
+    ClassLabel column), and the labels of the kept rows are the column's, at no per-row read."""
+    labels = [i % 4 for i in range(40)]
+    ds = _labelled_parquet(tmp_path / "pq", labels, feature)
+    stratify = "label" if isinstance(feature, datasets.ClassLabel) else None
+    want = ds.train_test_split(test_size=val_fraction, seed=seed, stratify_by_column=stratify)
+    cfg = DataConfig(data=str(tmp_path / "pq"), label_column="label",
+                     val_fraction=val_fraction, split_seed=seed)
+    _forbid_row_reads(monkeypatch)
+    train, val = open_splits(cfg, need_eval=True)
+    stores = [decode_split(part, progress=False) for part in (train, val)]
+    monkeypatch.undo()
+    for part, store, reference in zip((train, val), stores, (want["train"], want["test"])):
+        ids = list(part.dataset["id"])
+        assert ids == list(reference["id"])
+        assert store.labels.tolist() == [labels[ids[r]] for r in store.row_ids.tolist()]
+    assert 1 in list(train.dataset["id"]) + list(val.dataset["id"])  # the broken row: skipped
+    assert len(stores[0]) + len(stores[1]) == 39
+    assert train.class_names == (list("abcd") if stratify else ["0", "1", "2", "3"])
+
+
+@pytest.mark.parametrize("feature", [datasets.Value("int64"), datasets.Value("uint8")])
+def test_missing_labels_read_as_one_column(tmp_path, monkeypatch, feature):
+    from simclr_kit.data.sources import TRAIN_SPLITS, whole_split
+
+    labels = [2, 0, None, 5, 1, None, 3, 7]
+    if feature.dtype == "int64":
+        labels[3] = -1  # "no label" on the hub
+    _labelled_parquet(tmp_path / "pq", labels, feature)
+    cfg = DataConfig(data=str(tmp_path / "pq"), label_column="label")
+    _forbid_row_reads(monkeypatch)
+    split = whole_split(cfg, TRAIN_SPLITS)
+    store = decode_split(split, progress=False, missing_labels="keep")
+    kept = [0] + list(range(2, 8))  # row 1's image is broken
+    assert store.row_ids.tolist() == kept
+    assert store.labels.tolist() == [-1 if labels[r] is None or labels[r] < 0 else labels[r]
+                                     for r in kept]
+    assert split.class_names == [str(i) for i in range(8)]
+    missing = sum(labels[r] is None or labels[r] < 0 for r in kept)
+    with pytest.raises(UserError, match=f"has {missing} of 7 rows without a label in 'label'"):
+        decode_split(split, progress=False)
+
+
+def test_a_class_too_small_to_stratify_is_one_clear_error(tmp_path):
+    _labelled_parquet(tmp_path / "pq", [0, 0, 0, 0, 1, 1, 1, 2],
+                      datasets.ClassLabel(names=list("abc")))
+    with pytest.raises(UserError, match="cannot split off a validation part"):
+        open_splits(DataConfig(data=str(tmp_path / "pq")), need_eval=True)

@@ -144,12 +144,18 @@ def test_all_four_protocols_labelled_and_consistent(run, data, tmp_path, capsys)
 
 
 def test_second_evaluate_reads_the_cache_without_a_backbone_pass(run, data, tmp_path,
-                                                                 count_forwards):
+                                                                 count_forwards, monkeypatch):
+    hashed: list[str] = []
+    real_hash = cache_module._hash_tensor
+    monkeypatch.setattr(cache_module, "_hash_tensor", lambda h, name, tensor: (
+        hashed.append(name), real_hash(h, name, tensor)))
     out = tmp_path / "ev"
     argv = ["evaluate", str(run), "--data", str(data), "--out", str(out), *QUICK,
             "--protocols", "knn,linear,fractions"]
     assert main(argv) == 0
     assert count_forwards == [30, 30]  # train and test, once each
+    # Decoded from files, each split is keyed by its decoded cache: no pass over the pixels.
+    assert hashed.count("rows") == 2 and "images" not in hashed
     first = _rows(out)
     assert main(argv) == 0
     assert count_forwards == [30, 30]  # nothing new: both splits came from features/
@@ -180,6 +186,37 @@ def test_cache_key_follows_weights_pixels_and_split() -> None:
     assert cache_key(encoder, store, "train") != key
     moved = Encoder(encoder.backbone, 8, (0.4,) * 3, (0.25,) * 3)
     assert cache_key(moved, store, "train") != cache_key(encoder, store, "train")
+
+
+def test_cache_key_of_a_decoded_store_follows_its_key_and_rows_not_its_pixels() -> None:
+    torch.manual_seed(0)
+    encoder = Encoder(build_backbone("resnet18", "cifar"), 8, (0.5,) * 3, (0.25,) * 3)
+    # Pixels on the meta device cannot be read: the key must come from the store's own key.
+    images = torch.empty((6, 3, 8, 8), dtype=torch.uint8, device="meta")
+    store = ImageStore(images, None, None, torch.arange(6), 8, key="3f2a")
+    key = cache_key(encoder, store, "train")
+    assert cache_key(encoder, ImageStore(images, None, None, torch.arange(6), 8, key="3f2a"),
+                     "train") == key
+    assert cache_key(encoder, ImageStore(images, None, None, torch.arange(6), 8, key="3f2b"),
+                     "train") != key
+    skipped = ImageStore(images[:5], None, None, torch.tensor([0, 1, 2, 4, 5]), 8, key="3f2a")
+    assert cache_key(encoder, skipped, "train") != key
+    pixels = torch.zeros((6, 3, 8, 8), dtype=torch.uint8)
+    unkeyed = ImageStore(pixels, None, None, torch.arange(6), 8)  # held in memory: pixels hashed
+    assert cache_key(encoder, unkeyed, "train") != key
+
+
+def test_decode_split_keys_a_store_by_its_decoded_cache(data) -> None:
+    from simclr_kit.config import DataConfig
+    from simclr_kit.data.sources import open_splits
+    from simclr_kit.data.store import _cache_dir, decode_split
+
+    train, _ = open_splits(DataConfig(data=str(data)), need_eval=False)
+    store = decode_split(train, progress=False)
+    assert store.key == _cache_dir(train, store.image_size).name
+    assert decode_split(train, progress=False).key == store.key  # a cache hit: the same key
+    digits, _ = open_splits(DataConfig(data="digits"), need_eval=False)
+    assert decode_split(digits, progress=False).key is None  # in memory, no fingerprint
 
 
 def _tiny_stores(n: int = 24) -> tuple[ImageStore, ImageStore]:

@@ -13,15 +13,75 @@ from simclr_kit.models import (Classifier, ProjectionHead, build_backbone, build
 
 
 @pytest.mark.parametrize("name,expected", [("resnet18", 512), ("resnet50", 2048),
-                                           ("mobilenet_v3_small", 576), ("efficientnet_b0", 1280)])
-def test_feature_dim_probe_matches_torchvision_classifier_input(name, expected):
+                                           ("mobilenet_v3_small", 1024), ("efficientnet_b0", 1280)])
+def test_feature_dim_probe_matches_torchvision_final_layer_input(name, expected):
     backbone = build_backbone(name, "imagenet")
     assert feature_dim(backbone, 32) == expected
-    # Independent check: the size the torchvision classifier would have consumed.
+    # Independent check: the size torchvision's final Linear would have consumed.
     reference = torchvision.models.get_model(name, weights=None)
     head = getattr(reference, "fc", None) or reference.classifier
-    first = head if isinstance(head, nn.Linear) else next(m for m in head if isinstance(m, nn.Linear))
-    assert first.in_features == expected
+    last = head if isinstance(head, nn.Linear) else [m for m in head if isinstance(m, nn.Linear)][-1]
+    assert last.in_features == expected
+
+
+_SLOW = pytest.mark.slow  # over ~5 s to build on 2 busy cores (a random init of 30-130 M weights)
+# The smallest member of each torchvision classification family, the name of its final layer
+# (read from torchvision's source), and the smallest input size (px) it runs on, at least 32.
+FAMILIES = [
+    ("resnet18", "fc", 32), ("resnext50_32x4d", "fc", 32),
+    pytest.param("wide_resnet50_2", "fc", 32, marks=_SLOW),
+    ("regnet_x_400mf", "fc", 32), ("regnet_y_400mf", "fc", 32),
+    ("mobilenet_v2", "classifier.1", 32), ("mobilenet_v3_small", "classifier.3", 32),
+    ("efficientnet_b0", "classifier.1", 32), ("efficientnet_v2_s", "classifier.1", 32),
+    pytest.param("convnext_tiny", "classifier.2", 32, marks=_SLOW),
+    pytest.param("vgg11", "classifier.6", 32, marks=_SLOW),
+    ("alexnet", "classifier.6", 64), ("densenet121", "classifier", 32),
+    ("shufflenet_v2_x0_5", "fc", 32), ("mnasnet0_5", "classifier.1", 32),
+    # 64 px, not the 24 px it takes: its last map must be larger than 1 x 1 to tell the
+    # pooled features from the flattened map.
+    ("squeezenet1_0", "classifier.1", 64), ("squeezenet1_1", "classifier.1", 64),
+    pytest.param("googlenet", "fc", 32, marks=_SLOW),
+    pytest.param("inception_v3", "fc", 75, marks=_SLOW),
+    pytest.param("vit_b_32", "heads.head", 224, marks=_SLOW),
+    pytest.param("swin_t", "head", 32, marks=_SLOW),
+    pytest.param("swin_v2_t", "head", 32, marks=_SLOW),
+    ("maxvit_t", "classifier.5", 224),
+]
+
+
+@pytest.mark.parametrize("name,final,size", FAMILIES)
+def test_features_are_torchvision_forward_up_to_its_final_layer(name, final, size):
+    """Same weights, eval mode: the backbone's features are what torchvision's own model feeds
+    its final layer (SqueezeNet's is a 1x1 conv: its input, globally averaged). Its state dict
+    loads strictly into the torchvision model once that layer is restored, and in train mode
+    the backbone returns a tensor (auxiliary classifiers removed)."""
+    torch.manual_seed(0)
+    backbone = build_backbone(name, "imagenet")
+    # Without auxiliary classifiers (the backbone has none); built on the meta device where it
+    # can be (no random init to wait for), the torchvision model takes the backbone's weights
+    # plus a final layer of its own.
+    extra = {"aux_logits": False, "init_weights": False} if name in (
+        "googlenet", "inception_v3") else {}
+    try:
+        with torch.device("meta"):
+            reference = torchvision.models.get_model(name, weights=None, **extra)
+    except NotImplementedError:  # RegNet computes its widths with tensors while it is built
+        reference = torchvision.models.get_model(name, weights=None, **extra)
+    state = backbone.state_dict()
+    head = {k: torch.randn(v.shape) for k, v in reference.state_dict().items()
+            if k.startswith(final + ".")}
+    assert head and not set(head) & set(state), "the final layer is the one thing missing"
+    state.update(head)  # keeps the state dict's version metadata, which MNASNet's loader reads
+    reference.load_state_dict(state, strict=True, assign=True)
+    seen = []
+    reference.get_submodule(final).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        reference.eval()(x)
+        features = backbone.eval()(x)
+    expected = seen[0].mean((2, 3)) if seen[0].ndim == 4 else seen[0]
+    torch.testing.assert_close(features.flatten(1), expected.flatten(1))
+    assert isinstance(backbone.train()(x), torch.Tensor)
 
 
 def test_classifier_is_removed_and_output_is_features():

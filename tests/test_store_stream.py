@@ -88,11 +88,47 @@ def test_automatic_choice_and_the_forcing_flag(monkeypatch, capsys):
     assert isinstance(batch_source(images, cpu, BATCH, SEED, "off"), ResidentBatches)
 
 
+class _Stopped(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name, current, index", [
+    ("auto", 0, 0), ("cuda", 1, 1), ("cuda:1", 0, 1), (torch.device("cuda"), 2, 2),
+    (torch.device("cuda", 1), 0, 1)])
+def test_the_gathering_thread_sets_the_device_with_its_index(monkeypatch, name, current, index):
+    """The device comes as a run outside torchrun has it (``process_device``, "cuda" without an
+    index); the thread's ``set_device`` gets it through torch's own index check."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: None)  # no CUDA here
+    set_to = []
+
+    def set_device(device) -> None:
+        set_to.append(torch.cuda._utils._get_device_index(device))  # what set_device checks
+        raise _Stopped  # the rest of the thread's work needs a GPU
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    device = distributed.process_device(name) if isinstance(name, str) else name
+    source = StreamedBatches(_images(), device, BATCH, SEED)
+    with pytest.raises(_Stopped):
+        next(source.epoch(0, 0, N // BATCH))
+    assert set_to == [index]
+    assert stream.indexed_device(device) == torch.device("cuda", index)
+
+
+def test_an_indexed_device_leaves_other_devices_alone():
+    assert stream.indexed_device("cpu") == torch.device("cpu")
+    assert stream.indexed_device(torch.device("meta")) == torch.device("meta")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_streamed_batches_on_cuda_are_the_resident_batches():
-    images, cuda = _images(), torch.device("cuda")
-    resident = _batches(ResidentBatches(images, cuda, BATCH, SEED), 1)
-    streamed = _batches(StreamedBatches(images, cuda, BATCH, SEED), 1)
+    images, cuda = _images(), distributed.process_device("cuda")  # as the trainer has it
+    assert cuda.index is None, "outside torchrun the trainer's device has no index"
+    resident_source = batch_source(images, cuda, BATCH, SEED, "off")
+    streamed_source = batch_source(images, cuda, BATCH, SEED, "on")
+    assert isinstance(streamed_source, StreamedBatches)
+    resident, streamed = _batches(resident_source, 1), _batches(streamed_source, 1)
     assert len(streamed) == len(resident) == N // BATCH
     for (i, x), (j, y) in zip(streamed, resident):
         assert i.device.type == x.device.type == "cuda"

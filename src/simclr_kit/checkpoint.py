@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,15 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
                         f"{err}") from None
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state, strict=True)`` with the module's own version metadata,
+    which a safetensors file does not keep and some torchvision modules need (MNASNet refuses
+    a state dict without its version)."""
+    versioned = OrderedDict(state)
+    versioned._metadata = module.state_dict()._metadata  # type: ignore[attr-defined]
+    module.load_state_dict(versioned, strict=True)
 
 
 def torch_load_safe(path: Path) -> Any:

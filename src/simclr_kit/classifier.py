@@ -22,7 +22,7 @@ import torch
 
 from simclr_kit import __version__
 from simclr_kit.atomic import atomic_write_text
-from simclr_kit.checkpoint import load_weights, read_metadata, save_weights
+from simclr_kit.checkpoint import load_into, load_weights, read_metadata, save_weights
 from simclr_kit.config import ClassifierConfig, DataConfig, EvalConfig
 from simclr_kit.data.pixels import chosen_crop_fraction
 from simclr_kit.data.sources import PREDICT_SPLITS, open_splits, whole_split
@@ -33,7 +33,7 @@ from simclr_kit.errors import UserError
 from simclr_kit.evaluation.features import extract_features, forward_images
 from simclr_kit.evaluation.finetune import FINETUNE_AUGMENT, accuracy, finetune
 from simclr_kit.evaluation.linear import train_linear_probe
-from simclr_kit.models import Classifier, build_backbone
+from simclr_kit.models import Classifier, build_backbone, fit_former_classifier, is_timm_name
 from simclr_kit.provenance import data_for, run_directory
 
 __all__ = ["FINETUNE_AUGMENT", "accuracy", "load_classifier", "predict", "train_classifier"]
@@ -155,10 +155,14 @@ def load_classifier(cls_dir: str | Path, device: torch.device) -> tuple[Classifi
     meta = checked_meta(meta, file, _CLASSIFIER_FIELDS)
     backbone = build_backbone(meta["backbone"], meta["stem"],
                               kwargs=meta.get("create_model_kwargs"))
+    state = load_weights(file)
+    if not is_timm_name(meta["backbone"]):
+        fit_former_classifier(backbone, [k[len("backbone."):] for k in state
+                                         if k.startswith("backbone.")])
     model = Classifier(backbone, meta["feature_dim"], len(meta["class_names"]), meta["head"],
                        meta["hidden_dim"], frozen=True)
     try:
-        model.load_state_dict(load_weights(file), strict=True)
+        load_into(model, state)
     except RuntimeError as err:  # shapes or keys other than its metadata describes
         detail = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise UserError(f"{file} does not fit the classifier its metadata describes "

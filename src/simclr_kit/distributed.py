@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from simclr_kit.devices import resolve_device
 from simclr_kit.errors import UserError
 
 # What gloo, NCCL and the TCP store say when a process at the other end of a collective is gone.
@@ -68,6 +69,14 @@ def init(device: torch.device) -> torch.device:
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     atexit.register(shutdown)  # a group left open at exit makes PyTorch warn (and NCCL may hang)
     return device
+
+
+def process_device(name: str) -> torch.device:
+    """The device this process runs on: ``name`` ("auto", "cpu", "cuda", "cuda:1", ...) resolved
+    by :func:`~simclr_kit.devices.resolve_device`, then this rank's GPU under torchrun
+    (:func:`init`). Outside torchrun a CUDA device keeps the index it was given, none for
+    "cuda" or "auto"."""
+    return init(resolve_device(name))
 
 
 def peer_failure(err: BaseException, what: str) -> UserError | None:

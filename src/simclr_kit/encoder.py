@@ -24,12 +24,13 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor, nn
 
-from simclr_kit.checkpoint import (latest_checkpoint, load_weights, read_metadata, save_weights,
-                                   torch_load_safe)
+from simclr_kit.checkpoint import (latest_checkpoint, load_into, load_weights, read_metadata,
+                                   save_weights, torch_load_safe)
 from simclr_kit.data.pixels import (chosen_crop_fraction, resize_center_crop, resize_side,
                                     to_rgb_array)
 from simclr_kit.errors import UserError
-from simclr_kit.models import build_backbone, feature_dim, is_timm_name
+from simclr_kit.models import (build_backbone, feature_dim, fit_former_classifier, is_timm_name,
+                               removed_layer)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -198,6 +199,8 @@ def build_loaded_backbone(weights: Weights) -> nn.Module:
     ``create_model_kwargs``) with the weights loaded strictly."""
     model = build_backbone(weights.meta["backbone"], weights.meta["stem"],
                            kwargs=weights.meta.get("create_model_kwargs"))
+    if not is_timm_name(weights.meta["backbone"]):
+        fit_former_classifier(model, list(weights.backbone))
     missing, unexpected = _key_diff(model.state_dict(), weights.backbone)
     if missing or unexpected:
         raise UserError(
@@ -206,7 +209,7 @@ def build_loaded_backbone(weights: Weights) -> nn.Module:
             f"keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}; pass the right "
             "--backbone")
     try:
-        model.load_state_dict(weights.backbone, strict=True)
+        load_into(model, weights.backbone)
     except RuntimeError as err:
         raise UserError(f"{weights.path} does not fit {weights.meta['backbone']}: "
                         f"{str(err).splitlines()[1].strip() if chr(10) in str(err) else err}") from None
@@ -288,11 +291,14 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu",
 
 def export_backbone(path: str | Path, out: str | Path, backbone: str | None = None) -> Path:
     """Write the backbone alone as safetensors (+ JSON sidecar) that loads with ``strict=True``
-    into ``torchvision.models.<backbone>()`` after the classifier becomes ``nn.Identity()``, or
-    for ``timm/NAME`` into ``timm.create_model(NAME, num_classes=0, **create_model_kwargs)``
-    (the CIFAR stem of a ResNet-like model replaced as the README shows)."""
+    into ``torchvision.models.<backbone>()`` after its final layer becomes ``nn.Identity()``
+    (the sidecar's ``final_layer`` names it: ``fc`` for a ResNet, ``classifier.3`` for
+    MobileNetV3, whose classifier is a Sequential that keeps its other layers; GoogLeNet and
+    Inception v3 are built with ``aux_logits=False``), or for ``timm/NAME`` into
+    ``timm.create_model(NAME, num_classes=0, **create_model_kwargs)`` (the CIFAR stem of a
+    ResNet-like model replaced as the README shows)."""
     weights = read_weights(path, backbone)
-    build_loaded_backbone(weights)  # proves the keys fit before anything is written
+    model = build_loaded_backbone(weights)  # proves the keys fit before anything is written
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UserError(f"export target {out} must end in .safetensors")
@@ -306,5 +312,7 @@ def export_metadata(weights: Weights) -> dict[str, Any]:
     meta = {k: weights.meta[k] for k in EXPORT_KEYS if k in weights.meta}
     if is_timm_name(meta["backbone"]):
         meta.setdefault("create_model_kwargs", {})
+    else:
+        meta["final_layer"] = removed_layer(model)
     meta["kind"] = "backbone"
     return meta

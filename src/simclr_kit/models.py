@@ -1,9 +1,10 @@
 """Backbones, the projection head and the SimCLR module. Knows nothing about training or data.
 
-The backbone is any torchvision classification model with its classifier replaced by
-``nn.Identity()``, or a timm model named ``timm/NAME`` (see :mod:`simclr_kit.timm_backbones`);
-its feature size is found by a dummy forward, never read from ``fc.in_features`` (which is gone
-once ``fc`` is an Identity).
+The backbone is any torchvision classification model with the final layer of its classifier
+replaced by ``nn.Identity()`` (:func:`final_layer`: everything before it stays, such as
+ConvNeXt's last LayerNorm or MobileNetV3's 1024-wide hidden layer), or a timm model named
+``timm/NAME`` (see :mod:`simclr_kit.timm_backbones`); its feature size is found by a dummy
+forward, never read from ``fc.in_features`` (which is gone once ``fc`` is an Identity).
 """
 
 from __future__ import annotations
@@ -72,13 +73,73 @@ def backbone_kwargs(name: str, stem: str, image_size: int) -> dict[str, Any]:
     return timm_create_kwargs(name, stem, image_size)
 
 
-def _drop_classifier(model: nn.Module) -> None:
-    """Replace the final classifier of a torchvision model by an Identity, in place."""
-    for attr in ("fc", "classifier", "head", "heads"):
+_CLASSIFIER_ATTRIBUTES = ("fc", "classifier", "head", "heads")
+
+
+def classifier_attribute(model: nn.Module) -> str:
+    """The attribute holding a torchvision model's classifier: ``fc``, ``classifier``,
+    ``head`` or ``heads``."""
+    for attr in _CLASSIFIER_ATTRIBUTES:
         if isinstance(getattr(model, attr, None), nn.Module):
-            setattr(model, attr, nn.Identity())
-            return
+            return attr
     raise UserError(f"cannot find the classifier of {type(model).__name__} to remove")
+
+
+def final_layer(model: nn.Module) -> str:
+    """The dotted name of a torchvision classification model's final layer, the one that
+    makes the class scores: its classifier when that is a single layer (``fc``), else the
+    classifier's last Linear (``classifier.3``, ``heads.head``). SqueezeNet's classifier is
+    convolutional (dropout, 1x1 conv to the classes, ReLU, global average pool): its final
+    layer is that conv, so its features are the global average of the last Fire module's
+    ``(N, 512, h, w)`` output."""
+    attr = classifier_attribute(model)
+    head = getattr(model, attr)
+    if not isinstance(head, nn.Sequential):
+        return attr
+    for name, layer in reversed(list(head.named_children())):
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            return f"{attr}.{name}"
+    raise UserError(f"cannot find the final layer of {type(model).__name__}'s {attr}")
+
+
+def _drop_classifier(model: nn.Module) -> None:
+    """Replace the final layer (:func:`final_layer`) of a torchvision model by an Identity,
+    in place, so the model returns what that layer took in; dropout before it is kept (the
+    identity in eval mode, as in torchvision's own forward). Auxiliary classifiers (GoogLeNet,
+    Inception v3) are removed: in train mode they would make the model return a tuple."""
+    parent, _, child = final_layer(model).rpartition(".")
+    setattr(model.get_submodule(parent), child, nn.Identity())
+    if hasattr(model, "aux_logits"):
+        model.aux_logits = False
+        for aux in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(model, aux):
+                setattr(model, aux, None)
+
+
+def removed_layer(backbone: nn.Module) -> str:
+    """The dotted name of the Identity that stands in a torchvision ``backbone`` where
+    torchvision's model has its final layer (or, in the former form, its whole classifier):
+    set that to ``nn.Identity()`` in ``torchvision.models.<name>()`` and the backbone's
+    weights load into it strictly."""
+    attr = classifier_attribute(backbone)
+    head = getattr(backbone, attr)
+    if isinstance(head, nn.Sequential):
+        for name, layer in reversed(list(head.named_children())):
+            if isinstance(layer, nn.Identity):
+                return f"{attr}.{name}"
+    return attr
+
+
+def fit_former_classifier(backbone: nn.Module, stored: list[str]) -> None:
+    """Give a torchvision ``backbone`` the form of the checkpoints written before only the
+    final layer was replaced, in place, when the ``stored`` state dict keys call for it: then
+    the whole classifier attribute was an Identity, so a classifier with weights before its
+    final layer (ConvNeXt's LayerNorm, MobileNetV3's hidden layer, VGG's) has none stored."""
+    attr = classifier_attribute(backbone)
+    prefix = attr + "."
+    if (any(k.startswith(prefix) for k in backbone.state_dict())
+            and not any(k.startswith(prefix) for k in stored)):
+        setattr(backbone, attr, nn.Identity())
 
 
 def apply_cifar_stem(model: nn.Module, name: str) -> None:

@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from simclr_kit import distributed
-from simclr_kit.checkpoint import latest_checkpoint, load_train_state, load_weights, save_checkpoint
+from simclr_kit.checkpoint import (latest_checkpoint, load_into, load_train_state, load_weights,
+                                   save_checkpoint)
 from simclr_kit.errors import UserError
 from simclr_kit.report.system import hardware_info
 
@@ -107,7 +108,7 @@ def restore(t: Trainer) -> None:
         raise UserError(f"{ckpt / 'state.pt'} is not a simclr-kit training state (missing "
                         f"{missing}); it cannot be resumed")
     try:
-        t.model.load_state_dict(load_weights(ckpt / "model.safetensors"))
+        load_into(t.model, load_weights(ckpt / "model.safetensors"))
         t.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise UserError(f"checkpoint {ckpt} does not fit this run's model or optimizer "

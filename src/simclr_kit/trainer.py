@@ -31,7 +31,7 @@ from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import (ImageStore, announce_skipped, decode_split, skipped_report,
                                    store_channel_stats, training_sizes)
 from simclr_kit.data.stream import StreamedBatches, batch_source
-from simclr_kit.devices import compile_by_default, grad_scaler, resolve_device, tune_backends
+from simclr_kit.devices import compile_by_default, grad_scaler, tune_backends
 from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone, read_weights
 from simclr_kit.errors import UserError
 from simclr_kit.models import (SimCLR, backbone_feature_dim, backbone_kwargs, build_simclr,
@@ -196,7 +196,7 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None,
         fetch_imagenet_weights(cfg.backbone)
     if resume is not None:
         check_resume(resume, cfg)  # a changed config or a finished run: refused, nothing touched
-    device = distributed.init(resolve_device(cfg.device))
+    device = distributed.process_device(cfg.device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     tune_backends(device, cfg.deterministic)

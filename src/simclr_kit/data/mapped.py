@@ -84,7 +84,8 @@ class Decoded:
     """A decoded split: ``images (K, 3, L, L) uint8`` (a map or an array), the ``rows (K,)``
     of the split they came from, their ``files``, the ``skipped`` ``(row, file, reason)``, the
     images' per-channel histograms ``counts (3, 256)`` and their valid ``(height, width)`` in
-    their slots, ``sizes (K, 2) int32``."""
+    their slots, ``sizes (K, 2) int32``; ``key``: the name of the cache directory it was read
+    from (None for a decode held in memory)."""
 
     images: np.ndarray
     rows: np.ndarray
@@ -92,6 +93,7 @@ class Decoded:
     skipped: list[tuple[int, str, str]]
     counts: np.ndarray
     sizes: np.ndarray
+    key: str | None = None
 
 
 def total_counts(records: list[dict]) -> np.ndarray:
@@ -278,7 +280,8 @@ def open_complete(final: Path, size: int) -> Decoded | None:
         print(f"the decoded cache {final} fails its SHA-256 check (chunk {bad}): it is decoded "
               "again", file=sys.stderr)
         return None
-    return Decoded(images, rows, files, skipped, counts, sizes.astype(np.int32))
+    return Decoded(images, rows, files, skipped, counts, sizes.astype(np.int32),
+                   key=final.name)
 
 
 def _fits(tmp: Path, shape: tuple[int, ...]) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from simclr_kit.config import DataConfig
 from simclr_kit.errors import UserError
@@ -258,14 +261,27 @@ def find_label_column(features: datasets.Features, override: str | None) -> str 
     return None
 
 
+def label_values(ds: datasets.Dataset, column: str) -> np.ndarray:
+    """``ds``'s integer ``column`` as ``(len(ds),)`` int64 in row order, a missing label (None)
+    as -1: read as one Arrow column, then put in the order of ``ds``'s rows (a split carved
+    or selected from a larger one is a list of rows of it). ``ds[column]`` would build a
+    Python object per row (bench/RESULTS.md)."""
+    column_values = ds.data.column(column).cast(pa.int64())  # unsigned ones have no -1
+    values = pc.fill_null(column_values, -1).to_numpy()
+    rows = getattr(ds, "_indices", None)  # the rows of ``ds.data`` that ``ds`` holds, if not all
+    if rows is not None:
+        values = values[rows.column(0).to_numpy()]
+    return values
+
+
 def _class_names(ds: datasets.Dataset, label_column: str | None) -> list[str] | None:
     if label_column is None:
         return None
     feature = ds.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
-    values = [v for v in ds[label_column] if v is not None]
-    top = int(max(values)) if values else -1
+    values = label_values(ds, label_column)
+    top = int(values.max()) if len(values) else -1
     return [str(i) for i in range(top + 1)]
 
 
@@ -316,16 +332,40 @@ def whole_split(cfg: DataConfig, preferred: Sequence[str]) -> Split:
 
 def _carve_validation(ds: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset,
                                                                        datasets.Dataset]:
-    """Split a single split into train and a stratified validation part (seed recorded)."""
+    """Split a single split into train and a validation part of ``cfg.val_fraction`` (seed
+    recorded), stratified by a ClassLabel column.
+
+    The rows are those of ``ds.train_test_split(test_size=cfg.val_fraction,
+    seed=cfg.split_seed, stratify_by_column=...)``, drawn by the same function from the same
+    generator; only the label column is read as one array, where ``train_test_split`` reads it
+    one row at a time (over a minute for 1.28 M rows, bench/RESULTS.md).
+    """
+    from datasets.utils.stratify import stratified_shuffle_split_generate_indices
+
+    n = len(ds)
+    if n == 0:
+        return ds, ds  # as train_test_split: the decode then says the split is empty
+    n_val = math.ceil(cfg.val_fraction * n)
+    if n_val >= n:
+        raise UserError(f"cannot split off a validation part: {n} row(s) leave none to train on "
+                        f"after {cfg.val_fraction:.0%} for validation")
+    rng = np.random.default_rng(cfg.split_seed)
     label_column = find_label_column(ds.features, cfg.label_column)
-    stratify = label_column if label_column and isinstance(
-        ds.features[label_column], datasets.ClassLabel) else None
-    try:
-        parts = ds.train_test_split(test_size=cfg.val_fraction, seed=cfg.split_seed,
-                                    stratify_by_column=stratify)
-    except ValueError as err:  # too few rows per class to stratify
-        raise UserError(f"cannot split off a validation part: {err}") from None
-    return parts["train"], parts["test"]
+    if label_column and isinstance(ds.features[label_column], datasets.ClassLabel):
+        labels = label_values(ds, label_column)
+        classes, counts = np.unique(labels, return_counts=True)
+        if counts.min() < 2 or min(n_val, n - n_val) < len(classes):
+            raise UserError(f"cannot split off a validation part stratified by "
+                            f"{label_column!r}: each of its {len(classes)} classes needs a row "
+                            f"on both sides ({n_val} validation and {n - n_val} train rows; the "
+                            f"smallest class has {counts.min()}); name an --eval-split or "
+                            "change --val-fraction")
+        train, val = next(stratified_shuffle_split_generate_indices(labels, n - n_val, n_val,
+                                                                    rng=rng))
+    else:
+        order = rng.permutation(n)
+        train, val = order[n_val:], order[:n_val]
+    return ds.select(train), ds.select(val)
 
 
 def open_splits(cfg: DataConfig, need_eval: bool) -> tuple[Split, Split | None]:

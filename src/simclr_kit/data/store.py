@@ -44,7 +44,7 @@ from simclr_kit import distributed, faults
 from simclr_kit.augment.stats import channel_stats, stats_from_counts
 from simclr_kit.data import decode_pool, mapped
 from simclr_kit.data.pixels import CROP_FRACTION, Layout, decode_image
-from simclr_kit.data.sources import Split
+from simclr_kit.data.sources import Split, label_values
 from simclr_kit.errors import UserError
 
 MAX_DEFAULT_SIZE = 224
@@ -66,7 +66,10 @@ class ImageStore:
     ``files`` the file each came from ('' for images stored in the dataset without a name);
     ``skipped`` holds ``(row, file, reason)`` for each of those rows, and ``(-1, file, reason)``
     for files of an image folder that are not images and were ignored. ``provenance["images"]``
-    counts the images kept, ``provenance["rows"]`` the rows of the split.
+    counts the images kept, ``provenance["rows"]`` the rows of the split. ``key`` names the
+    decoded cache the images were mapped from (a digest of the dataset's fingerprint, the image
+    column, the size and the cache version; None for a set held in memory): it identifies the
+    pixels without reading them. A store made from another with other images must not keep it.
     """
 
     images: Tensor
@@ -79,6 +82,7 @@ class ImageStore:
     files: list[str] = field(default_factory=list)
     channel_counts: Tensor | None = None  # (3, 256) histograms of the images' uint8 values
     sizes: Tensor | None = None
+    key: str | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -173,19 +177,20 @@ def training_sizes(split: Split, image_size: int | None,
     return size, min(frame_cap(size), largest)
 
 
-def _labels(split: Split, keep: list[int], missing_labels: str) -> Tensor | None:
+def _labels(split: Split, keep: np.ndarray, missing_labels: str) -> Tensor | None:
+    """The labels ``(len(keep),)`` int64 of rows ``keep`` of ``split``, read as one column; a
+    row without one (None or negative) is -1 with ``missing_labels="keep"``, else an error."""
     if split.label_column is None:
         return None
-    values = split.dataset.select_columns([split.label_column])[split.label_column]
-    picked = [values[i] for i in keep]
+    picked = label_values(split.dataset, split.label_column)[keep]
     if missing_labels == "keep":  # as -1, for output that shows the labels it has
-        return torch.tensor([-1 if v is None or v < 0 else v for v in picked], dtype=torch.int64)
-    missing = sum(v is None or v < 0 for v in picked)
+        return torch.from_numpy(np.maximum(picked, -1))
+    missing = int((picked < 0).sum())
     if missing:  # hub test splits often carry -1 for "no label"
         raise UserError(f"split {split.split!r} has {missing} of {len(picked)} rows without a "
                         f"label in {split.label_column!r}: evaluate on a labelled split "
                         "(--eval-split) or name another --label-column")
-    return torch.tensor(picked, dtype=torch.int64)
+    return torch.from_numpy(picked)
 
 
 def _cache_dir(split: Split, layout: Layout) -> Path | None:
@@ -367,12 +372,12 @@ def decode_split(split: Split, image_size: int | None = None, bad_images: str = 
     skipped = skipped + [(-1, name, "not an image file (by its suffix): ignored")
                          for name in split.ignored]
     return ImageStore(images=torch.from_numpy(decoded.images),
-                      labels=_labels(split, keep.tolist(), missing_labels) if labels else None,
+                      labels=_labels(split, keep, missing_labels) if labels else None,
                       class_names=split.class_names, row_ids=torch.from_numpy(keep),
                       image_size=size, provenance=provenance, skipped=skipped, files=decoded.files,
                       channel_counts=None if decoded.counts is None
                       else torch.from_numpy(decoded.counts),
-                      sizes=torch.from_numpy(decoded.sizes))
+                      sizes=torch.from_numpy(decoded.sizes), key=decoded.key)
 
 
 def store_channel_stats(store: ImageStore) -> tuple[tuple[float, float, float],

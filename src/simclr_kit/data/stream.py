@@ -47,16 +47,30 @@ def choose(mode: str, images: Tensor, device: torch.device) -> tuple[bool, str]:
                       f"({room / 2**30:.1f} GiB)")
 
 
+def indexed_device(device: torch.device | str) -> torch.device:
+    """``device`` with an index where it is CUDA: the device the gathering thread sets.
+
+    The current CUDA device is per thread, so the thread must set it, and
+    ``torch.cuda.set_device`` refuses a device without an index, which is what a run outside
+    torchrun has ("cuda"): that one becomes the caller's current device, once, when the batch
+    source is built. Other devices come back as they are."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class StreamedBatches:
     """This rank's batches from ``images (N, 3, S, S) uint8`` on the CPU (a map), gathered
     ahead: the interface of :class:`~simclr_kit.data.loader.ResidentBatches`.
 
-    ``global_batch``: images per step over all ranks; ``depth``: batches gathered ahead.
+    ``global_batch``: images per step over all ranks; ``depth``: batches gathered ahead;
+    ``device`` as :func:`~simclr_kit.distributed.process_device` gives it ("cuda" included).
     """
 
-    def __init__(self, images: Tensor, device: torch.device, global_batch: int, seed: int,
+    def __init__(self, images: Tensor, device: torch.device | str, global_batch: int, seed: int,
                  depth: int = 2) -> None:
-        self.images, self.device = images, torch.device(device)
+        self.images, self.device = images, indexed_device(device)
         self.global_batch, self.seed, self.depth = global_batch, seed, max(1, depth)
         self.cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None

@@ -9,9 +9,11 @@ The cache key is a SHA-256 over everything the features depend on:
 - every tensor of the encoder's state dict (names, dtypes, shapes and bytes, BatchNorm buffers
   included): another checkpoint, a baseline or a fine-tuned copy never hits;
 - the input normalisation (mean, std) and the image size;
-- the decoded uint8 images and the dataset rows they came from: another dataset, split,
-  revision, working size or skipped-image set gives another key (hashing the pixels, not a
-  dataset name, also covers in-memory sets that have no fingerprint);
+- the decoded split: the key of its decoded cache (``ImageStore.key``: the dataset's
+  fingerprint, image column, size and cache version) and the rows the images came from, so
+  another dataset, split, revision, working size or skipped-image set gives another key without
+  a pass over the pixels (which took minutes at ImageNet scale, bench/RESULTS.md); a set held
+  in memory has no such key (no fingerprint), and its uint8 pixels are hashed instead;
 - the split name and a format version.
 
 A damaged or mismatching file is recomputed, never trusted. Writing is an optimisation: a full
@@ -66,9 +68,14 @@ def weights_hash(encoder: Encoder) -> str:
 
 
 def data_hash(store: ImageStore) -> str:
-    """SHA-256 of a decoded split: its uint8 ``(N, 3, S, S)`` images and their row ids."""
+    """SHA-256 of what identifies a decoded split's pixels, and their row ids: its decoded
+    cache's key and the images' shape when it has a key, else its uint8 ``(N, 3, S, S)``
+    images themselves."""
     h = hashlib.sha256()
-    _hash_tensor(h, "images", store.images)
+    if store.key is not None:
+        h.update(f"decoded|{store.key}|{tuple(store.images.shape)}|".encode())
+    else:
+        _hash_tensor(h, "images", store.images)
     _hash_tensor(h, "rows", store.row_ids)
     return h.hexdigest()
 

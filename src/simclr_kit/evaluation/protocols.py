@@ -34,7 +34,6 @@ from simclr_kit.config import DataConfig, EvalConfig
 from simclr_kit.data.pixels import chosen_crop_fraction
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
-from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, load_encoder
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.cache import cached_features, weights_hash
@@ -240,7 +239,7 @@ def evaluate(checkpoint: str | Path, data: DataConfig | str | dict[str, Any] | N
     error naming ``out`` as the way to keep both.
     """
     cfg = cfg or EvalConfig()
-    dev = distributed.init(resolve_device(device))  # under torchrun the ranks share the embedding
+    dev = distributed.process_device(device)  # under torchrun the ranks share the embedding
     progress = progress and distributed.is_main()
     encoder = load_encoder(checkpoint, dev)
     out_dir = _output_dir(checkpoint, out)
