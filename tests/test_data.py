@@ -94,7 +94,7 @@ def test_a_mistyped_path_fails_at_once_without_asking_the_hub(spelling, hint, tm
     (tmp_path / "data" / "unlabeled").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     asked = []
-    monkeypatch.setattr(sources, "_load_hub", lambda cfg: asked.append(cfg.data))
+    monkeypatch.setattr(sources, "_load_hub", lambda cfg, near="": asked.append(cfg.data))
     with pytest.raises(UserError, match="no such file or folder") as err:
         open_splits(DataConfig(data=spelling), need_eval=False)
     assert hint in str(err.value) and asked == []
@@ -123,7 +123,7 @@ def test_local_folders_load_without_the_loaders_progress_bars(tmp_path, monkeypa
 def test_a_name_that_may_be_a_hub_id_goes_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     asked = []
-    monkeypatch.setattr(sources, "_load_hub", lambda cfg: asked.append(cfg.data) or
+    monkeypatch.setattr(sources, "_load_hub", lambda cfg, near="": asked.append(cfg.data) or
                         sources.digits_dataset())
     for name in ("cifar10", "uoft-cs/cifar10"):
         open_splits(DataConfig(data=name), need_eval=False)
@@ -168,6 +168,52 @@ def test_unreachable_hub_id_is_one_clear_error():
     # conftest sets HF_HUB_OFFLINE=1, so nothing is requested.
     with pytest.raises(UserError, match="hub dataset could not be reached"):
         open_splits(DataConfig(data="someone/some-images"), need_eval=False)
+
+
+@pytest.mark.parametrize("spelling,hint", [
+    ("unlabelled", "(did you mean unlabeled?)"),  # next to unlabeled/
+    ("data/unlabelled", "(did you mean unlabeled?)"),  # no data/ either: names of this folder
+])
+def test_a_name_looked_up_on_the_hub_says_so_first_with_near_local_names(
+        spelling, hint, tmp_path, monkeypatch, capsys):
+    (tmp_path / "unlabeled").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="could not be reached") as err:
+        open_splits(DataConfig(data=spelling), need_eval=False)
+    assert hint in str(err.value)
+    said = capsys.readouterr().err.splitlines()
+    assert said == [f"{spelling!r} is not a file or folder here {hint}: looking it up on the "
+                    "Hugging Face hub (its local cache only: HF_HUB_OFFLINE)"]
+
+
+def test_an_unreachable_hub_gives_up_within_seconds(tmp_path):
+    """With the network allowed but the hub unreachable, the lookup is announced at once and
+    the error follows within seconds (the hub client alone retries for half a minute)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "unlabeled").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: nothing listens
+    proc = subprocess.Popen([sys.executable, "-m", "simclr_kit", "pretrain", "--data",
+                             "unlabelled", "--device", "cpu"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines, announced = [], None
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        lines.append(line.strip())
+        if announced is None and "looking it up on the Hugging Face hub" in line:
+            announced = time.monotonic()
+    assert proc.wait(timeout=300) == 2, lines
+    assert announced is not None, lines
+    assert time.monotonic() - announced < 15, lines  # generous: the bound is 5 s, load varies
+    assert lines[0] == ("'unlabelled' is not a file or folder here (did you mean unlabeled?): "
+                        "looking it up on the Hugging Face hub (http://127.0.0.1:9)")
+    assert lines[-1].startswith("simclr pretrain: error: cannot load 'unlabelled': it is not a "
+                                "file or folder here (did you mean unlabeled?), and the hub "
+                                "(http://127.0.0.1:9) could not be reached"), lines
 
 
 def test_one_split_rule_with_each_commands_preference():
