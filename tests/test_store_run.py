@@ -65,7 +65,8 @@ def test_above_64_px_the_images_are_stored_larger_and_evaluated_at_the_training_
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--stream", "maybe"], "stream = 'maybe' is out of range: must be 'auto', 'on' or 'off'"),
+    (["--stream", "maybe"], "unknown stream setting 'maybe' (--stream): choose from 'auto', "
+                            "'on', 'off'"),
     (["--decode-workers", "0"], "decode_workers = 0 is out of range: must be at least 1"),
     (["--store-size", "4"], "store_size = 4 is out of range"),
 ])
