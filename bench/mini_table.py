@@ -11,14 +11,16 @@ Runs, each in its own process and in a temporary folder (so ``runs/mini`` is
         --baseline random
 
 then prints the README's abridged table (top-1 of kNN at the first k, the linear probe, the 10%
-label fraction and fine-tuning; the lines of ``eval.md``), the verdict sentence, and each
-command's wall time with the load average. Rerun it whenever a default that these commands use
-changes, and paste the table into the README.
+label fraction and fine-tuning; the lines of ``eval.md``) and the line under it (date, CPU
+cores, the verdict sentence ``simclr run`` prints), then each command's wall time with the load
+average. Rerun it whenever a default that these commands use changes, and paste the table and
+the line under it into the README.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -71,7 +73,8 @@ def main() -> None:
                 sys.exit(f"simclr {' '.join(words)} failed:\n{done.stderr[-3000:]}")
         result = json.loads((Path(tmp) / "runs" / "mini" / "eval.json").read_text())
     print(markdown_table(abridged(result["results"])), end="")
-    print(f"\n{result_verdict(result)}")
+    print(f"\n(Rows abridged; {datetime.date.today()}, {os.cpu_count()}-core CPU. "
+          f"{result_verdict(result)}.)\n")
     print(f"wall time (s): pretrain {seconds[0]:.0f}, evaluate {seconds[1]:.0f}; "
           f"load average {os.getloadavg()[0]:.1f}")
 
