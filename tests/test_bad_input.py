@@ -304,13 +304,16 @@ def test_a_misspelled_yaml_key_gets_the_suggestion_not_every_key(tmp_path, capsy
     ([], "epochs: ten\n", "epochs = 'ten' has the wrong type: expected int"),
 ])
 def test_config_errors_win_before_any_data_is_read(flags, yaml_text, message, tmp_path, capsys):
-    args = ["pretrain", "--data", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "r")]
+    # A folder that exists (a missing path is refused at once, as a config error is) and holds
+    # no images: reading it would be an error of its own.
+    (tmp_path / "empty").mkdir()
+    args = ["pretrain", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]
     if yaml_text is not None:
         (tmp_path / "c.yaml").write_text(yaml_text)
         args += ["--config", str(tmp_path / "c.yaml")]
     assert main(args + flags) == 2
     line = _one_error_line(capsys)
-    assert message in line and "no such file" not in line  # the data was never looked at
+    assert message in line and "empty" not in line  # the data was never looked at
     assert not (tmp_path / "r").exists()
 
 

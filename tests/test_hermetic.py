@@ -64,18 +64,28 @@ def test_module_fixtures_never_touch_the_users_caches(tmp_path):
 HEAVY = ("datasets", "matplotlib", "timm", "sklearn", "pyarrow", "scipy", "torch")
 
 
-def test_help_and_a_config_error_leave_the_heavy_libraries_out():
-    """`simclr --help` and a one-line config error need none of these: each command imports
-    them where it uses them, after its flags are checked."""
+def test_help_and_a_config_error_leave_the_heavy_libraries_out(tmp_path):
+    """`simclr --help`, a one-line config error and a mistyped --data path need none of these:
+    each command imports them where it uses them, after its flags, config and paths are
+    checked."""
+    (tmp_path / "data").mkdir()
     code = ("import sys\n"
             "from simclr_kit.cli import main\n"
             "for argv in (['--help'], ['pretrain', '--help'], ['pretrain', '--epochs', '0'],\n"
-            "             ['run', '--optimizer', 'adamx'], ['evaluate', 'RUN', '--knn-k', '0']):\n"
+            "             ['run', '--optimizer', 'adamx'], ['evaluate', 'RUN', '--knn-k', '0'],\n"
+            "             ['pretrain', '--data', 'data/unlabelled'],\n"
+            "             ['evaluate', 'RUN', '--data', './photos'],\n"
+            "             ['predict', 'CLS', '--out', 'p.csv', '--data', 'new/*.jpg']):\n"
             "    print(f'rc={main(argv)}', file=sys.stderr)\n"
             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(SRC)),
-                          capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     codes = [w for w in done.stderr.split() if w.startswith("rc=")]
-    assert codes == ["rc=0", "rc=0", "rc=2", "rc=2", "rc=2"], done.stderr
+    assert codes == ["rc=0", "rc=0", "rc=2", "rc=2", "rc=2", "rc=2", "rc=2", "rc=2"], done.stderr
+    said = [line for line in done.stderr.splitlines() if "no such file or folder" in line]
+    assert said == ["simclr pretrain: error: no such file or folder: data/unlabelled; data/ is a "
+                    "folder here, so this is a path, not the hub id 'data/unlabelled'",
+                    "simclr evaluate: error: no such file or folder: ./photos"], done.stderr
+    assert "simclr predict: error: no files match 'new/*.jpg'" in done.stderr.splitlines()
     assert done.stdout.splitlines()[-1].split() == [], done.stdout.splitlines()[-1]

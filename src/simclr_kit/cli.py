@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 from simclr_kit import __version__
 from simclr_kit.config import (AugmentConfig, ClassifierConfig, DataConfig, EvalConfig,
                                PretrainConfig, config_source, from_dict, merge, recipe)
+from simclr_kit.data.names import check_data_name
 from simclr_kit.errors import UserError
 from simclr_kit.flags import Parser, add_bool, add_flags, config_flags, overrides
 from simclr_kit.resume import resumable_text
@@ -57,8 +58,11 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
 
 
 def data_flags(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The data flags the user gave, for a command that otherwise takes the run's dataset."""
-    return overrides(args, DATA_FLAGS).get("data")
+    """The data flags the user gave, for a command that otherwise takes the run's dataset; a
+    mistyped ``--data`` path is refused here, before the command loads torch and datasets."""
+    given = overrides(args, DATA_FLAGS).get("data")
+    check_data_name((given or {}).get("data"))
+    return given
 
 
 def eval_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,8 +98,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         cfg = resume_config(Path(args.resume), overrides(args, DATA_FLAGS + PRETRAIN_FLAGS))
     else:
         cfg = pretrain_config(args)
-    if args.print_config:
+    if args.print_config:  # before the data check: a config may name a path of elsewhere
         return _print_config(cfg)
+    check_data_name(cfg.data.data)  # a mistyped path: one line, before torch loads
     from simclr_kit.training import pretrain, summary
 
     text = summary(pretrain(cfg, resume=args.resume))  # empty on ranks other than 0
@@ -109,6 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     eval_cfg = from_dict(EvalConfig, merge({"baselines": ("random",)}, eval_flags(args)), "eval")
     if args.print_config:
         return _print_config(cfg)
+    check_data_name(cfg.data.data)
     from simclr_kit.evaluation.protocols import evaluate
     from simclr_kit.training import pretrain
 
@@ -127,38 +133,41 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     eval_cfg = from_dict(EvalConfig, eval_flags(args), "eval")
+    data = data_flags(args)
     from simclr_kit.evaluation.protocols import evaluate
 
-    result = evaluate(args.checkpoint, data_flags(args), eval_cfg, out=args.out,
-                      device=args.device)
+    result = evaluate(args.checkpoint, data, eval_cfg, out=args.out, device=args.device)
     _print_result_table(result)
     return 0
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     cfg = from_dict(ClassifierConfig, overrides(args, CLASSIFIER_FLAGS), "classifier")
+    data = data_flags(args)
     from simclr_kit.classifier import train_classifier
 
-    result = train_classifier(args.checkpoint, data_flags(args), args.out, cfg, args.device)
+    result = train_classifier(args.checkpoint, data, args.out, cfg, args.device)
     print(f"validation accuracy {result['val_accuracy']:.2f}% ({result['classes']} classes); "
           f"classifier saved in {result['out']}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    data = data_flags(args)
     from simclr_kit.classifier import predict
 
-    n = predict(args.classifier, data_flags(args), args.out, args.device, split=args.split)
+    n = predict(args.classifier, data, args.out, args.device, split=args.split)
     print(f"{n} predictions written to {args.out}")
     return 0
 
 
 def cmd_show_augment(args: argparse.Namespace) -> int:
-    from simclr_kit.report.views import show_augment
-
     cfg = pretrain_config(args)
     if args.print_config:
         return _print_config(cfg)
+    check_data_name(cfg.data.data)
+    from simclr_kit.report.views import show_augment
+
     out, drawn = show_augment(cfg, args.out, args.count, args.epoch)
     print(f"{drawn} images and their two views saved to {out}")
     return 0
@@ -184,9 +193,10 @@ def cmd_check_distributed(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    data = data_flags(args)  # on top of the run's recorded data
     from simclr_kit.report.html import write_report
 
-    path = write_report(args.run_dir, data_flags(args),  # on top of the run's recorded data
+    path = write_report(args.run_dir, data,
                         embeddings=args.embeddings, device=args.device,
                         max_points=args.max_points, progress=True)
     print(f"report written to {path}")
@@ -194,9 +204,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    given = dict(data_flags(args) or {}, **({"train_split": args.split} if args.split else {}))
     from simclr_kit.embed import embed
 
-    given = dict(data_flags(args) or {}, **({"train_split": args.split} if args.split else {}))
     emb = embed(args.checkpoint, given or None, args.out, args.format, args.projections, args.device,
                 args.batch_size)
     shapes = f"features {tuple(emb.features.shape)}" + (

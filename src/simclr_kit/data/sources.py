@@ -7,10 +7,8 @@ of Parquet files, an image folder (sub-folder per class, or flat and unlabeled).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import glob
 import os
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,9 +18,8 @@ import datasets
 import numpy as np
 
 from simclr_kit.config import DataConfig
+from simclr_kit.data.names import IMAGE_SUFFIXES, check_data_name, near_names
 from simclr_kit.errors import UserError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
 @dataclass(frozen=True)
@@ -201,9 +198,7 @@ def _load_hub(cfg: DataConfig, near: str = "") -> datasets.DatasetDict:
 
 def _load_glob(pattern: str) -> datasets.DatasetDict:
     """The Parquet files a glob matches, else its image files (one split, 'train')."""
-    files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-    if not files:
-        raise UserError(f"no files match {pattern!r}")
+    files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))  # >= 1: checked
     parquet = [f for f in files if f.endswith(".parquet")]
     images = [f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
     if not parquet and not images:
@@ -212,58 +207,17 @@ def _load_glob(pattern: str) -> datasets.DatasetDict:
     return _read_files(pattern, datasets.load_dataset, kind, data_files={"train": chosen})
 
 
-# A hub id: NAME or OWNER/NAME of letters, digits, '-', '_' and '.'.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-
-
-def _missing_path(text: str) -> str | None:
-    """Why ``text``, which names nothing on disk, is a mistyped path rather than a hub id, or
-    None when it may be a hub id. Answered at once: the hub is never asked about a path."""
-    suffix = Path(text).suffix.lower()
-    if not _HUB_ID.fullmatch(text) or suffix in IMAGE_SUFFIXES | {".parquet", ".arrow"}:
-        return ""  # a path by its form: ./x, /x, ~/x, a/b/c, x/, photo.jpg
-    first = text.split("/")[0]
-    if "/" in text and Path(first).is_dir():
-        return f"; {first}/ is a folder here, so this is a path, not the hub id {text!r}"
-    return None
-
-
-def _near_names(text: str) -> str:
-    """' (did you mean X?)' for a close name in the folder ``text`` points into, else ''. When
-    that folder does not exist either (``data/unlabelled`` without ``data/``), the names of the
-    nearest folder that does (here: the current one) are matched against each missing part."""
-    given = text.rstrip("/" + os.sep)
-    path = Path(os.path.expanduser(given))
-    if not path.name:
-        return ""
-    if path.parent.is_dir():
-        names = [p.name for p in path.parent.iterdir() if not p.name.startswith(".")]
-        close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.7)
-        return f" (did you mean {given[:-len(path.name)]}{close[0]}?)" if close else ""
-    folder = next((p for p in path.parents if p.is_dir()), None)
-    if folder is None:
-        return ""
-    names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
-    missing = path.relative_to(folder).parts
-    close = list(dict.fromkeys(c for part in (missing[0], missing[-1])
-                               for c in difflib.get_close_matches(part, names, n=1, cutoff=0.7)))
-    shown = [c if str(folder) == "." else str(folder / c) for c in close]
-    return f" (did you mean {' or '.join(shown)}?)" if shown else ""
-
-
 def open_source(cfg: DataConfig) -> datasets.DatasetDict:
     """All splits of the source named by ``cfg.data``."""
     if cfg.data == "digits":
         return digits_dataset()
+    check_data_name(cfg.data)  # a mistyped path or an empty glob: refused, the hub never asked
     if any(ch in cfg.data for ch in "*?["):
         return _load_glob(cfg.data)
     path = Path(os.path.expanduser(cfg.data))
     if path.exists():
         return _load_local(path)
-    why, near = _missing_path(cfg.data), _near_names(cfg.data)
-    if why is not None:
-        raise UserError(f"no such file or folder: {cfg.data}{near}{why}")
-    return _load_hub(cfg, near)
+    return _load_hub(cfg, near_names(cfg.data))
 
 
 def _checked_override(features: datasets.Features, name: str, role: str, fits: bool,
