@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +12,23 @@ import pytest
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
+# The caches of the whole session (decoded images, the `datasets` library's Arrow files), set
+# here, before any test module is imported: fixtures of every scope run after this point, and
+# `datasets` and `huggingface_hub` read their cache folders and offline switches when imported.
+# Removed at the session's end, passed or failed: nothing in it is worth keeping.
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="simclr-kit-tests-"))
+os.environ.update({
+    "SIMCLR_KIT_CACHE": str(SESSION_CACHE / "simclr-kit"),
+    "HF_HOME": str(SESSION_CACHE / "huggingface"),
+    "HF_DATASETS_CACHE": str(SESSION_CACHE / "huggingface" / "datasets"),
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+})
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("SIMCLR_KIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TQDM_DISABLE", "1")
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 def make_class_images(n_per_class: int = 12, classes: int = 3, size: int = 12,
@@ -105,5 +117,3 @@ def needs_shared(name: str) -> Path:
         pytest.skip(f"{path} not present (only beside the development checkout)")
     return path
 
-
-os.environ.setdefault("TQDM_DISABLE", "1")

@@ -254,6 +254,42 @@ def test_evaluation_data_shape_errors(tiny_run, tmp_path, capsys, case, message)
 
 # ---- configuration -------------------------------------------------------------------------
 
+@pytest.mark.parametrize("argv,says,not_said", [
+    (["pretrain", "--optimizer", "adamx"],
+     ["unknown optimizer 'adamx' (--optimizer): choose from 'lars', 'sgd', 'adam'"],
+     "out of range"),
+    (["evaluate", "RUN", "--protocols", "knn,lnear"],
+     ["unknown protocol 'lnear' (--protocols): choose from 'knn', 'linear', 'finetune', "
+      "'fractions'; did you mean 'linear'?"], "subset of"),
+    (["pretrain", "--stream", "of"], ["(--stream): choose from 'auto', 'on', 'off'; did you mean "
+                                     "'off'?"], "out of range"),
+    (["train-classifier", "RUN", "--out", "x", "--head", "mpl"],
+     ["unknown head 'mpl' (--head)", "did you mean 'mlp'?"], "out of range"),
+    (["pretrain", "--config", "cifar100"],
+     ["--config cifar100: no such file, and not a built-in recipe (built-in: cifar10, digits)",
+      "did you mean cifar10?"], "does not exist"),
+    (["pretrain", "--deterministic", "maybe"],
+     ["--deterministic takes true or false", "not 'maybe'"], "unrecognized arguments"),
+    (["pretrain", "--resume", "NOSUCH"], ["--resume NOSUCH: no such run directory"],
+     "config.yaml"),
+])
+def test_choice_errors_name_the_flag_and_the_choices(argv, says, not_said, tmp_path, capsys):
+    argv = [str(tmp_path / "nosuch") if a == "NOSUCH" else
+            str(tmp_path / "run") if a == "RUN" else a for a in argv]
+    says = [s.replace("NOSUCH", str(tmp_path / "nosuch")) for s in says]
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert all(s in line for s in says) and not_said not in line, line
+
+
+def test_a_misspelled_yaml_key_gets_the_suggestion_not_every_key(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("tempreature: 0.2\n")
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml")]) == 2
+    line = _one_error_line(capsys)
+    assert "unknown key(s) ['tempreature'] (did you mean 'tempreature' -> 'temperature'?)" in line
+    assert "batch_size" not in line and "known keys" not in line
+
+
 @pytest.mark.parametrize("flags,yaml_text,message", [
     (["--temperature", "0"], None, "temperature = 0.0 is out of range: must be a finite number > 0"),
     (["--temperature", "-0.5"], None, "temperature"),
@@ -268,13 +304,16 @@ def test_evaluation_data_shape_errors(tiny_run, tmp_path, capsys, case, message)
     ([], "epochs: ten\n", "epochs = 'ten' has the wrong type: expected int"),
 ])
 def test_config_errors_win_before_any_data_is_read(flags, yaml_text, message, tmp_path, capsys):
-    args = ["pretrain", "--data", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "r")]
+    # A folder that exists (a missing path is refused at once, as a config error is) and holds
+    # no images: reading it would be an error of its own.
+    (tmp_path / "empty").mkdir()
+    args = ["pretrain", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]
     if yaml_text is not None:
         (tmp_path / "c.yaml").write_text(yaml_text)
         args += ["--config", str(tmp_path / "c.yaml")]
     assert main(args + flags) == 2
     line = _one_error_line(capsys)
-    assert message in line and "no such file" not in line  # the data was never looked at
+    assert message in line and "empty" not in line  # the data was never looked at
     assert not (tmp_path / "r").exists()
 
 
@@ -315,9 +354,15 @@ def test_predict_on_image_files_follows_the_bad_image_policy(tiny_run, tmp_path,
     capsys.readouterr()
     assert main(["predict", str(cls), "--data", str(photos), "--out", str(tmp_path / "p.csv")]) == 0
     out = capsys.readouterr().out  # the line pretraining prints for the same folder
-    assert "skipped 1 unreadable image(s) in 'train'" in out and "no prediction" in out
+    # A folder of new images is named as given, not as the 'train' split the loader made of it.
+    assert f"skipped 1 unreadable image(s) in '{photos}/'" in out and "no prediction" in out
+    assert "'train'" not in out
     assert (tmp_path / "p.csv").read_text().count("a.png") == 1
     assert "b.png" not in (tmp_path / "p.csv").read_text()
+    listed = (tmp_path / "p.skipped.txt").read_text().splitlines()
+    assert f"listed in {tmp_path / 'p.skipped.txt'}" in out
+    assert listed[0] == "row\tfile\treason" and len(listed) == 2
+    assert listed[1].split("\t")[1].endswith("b.png")
     assert main(["predict", str(cls), "--data", str(photos), "--out", str(tmp_path / "q.csv"),
                  "--bad-images", "error"]) == 2
     assert "b.png) is not a readable image" in _one_error_line(capsys)
@@ -343,10 +388,18 @@ def test_evaluate_says_what_it_skipped_and_counts_images_not_rows(tiny_run, tmp_
                      str(tmp_path / "eval"), "--protocols", "knn", "--knn-k", "3",
                      "--device", "cpu"]) == 0, attempt
         out = capsys.readouterr().out
+        listed = tmp_path / "eval" / "eval-skipped.txt"
         for split in ("train", "test"):
-            assert f"skipped 1 unreadable image(s) in '{split}' (OSError x1), kept 6" in out, \
-                (attempt, out)
+            assert f"skipped 1 unreadable image(s) in '{split}' (OSError x1), kept 6; listed " \
+                f"in {listed}" in out, (attempt, out)
         assert "evaluation on test (6 images)" in out
+        # Each skipped image by split, row, file and reason, as pretraining's skipped.txt.
+        lines = [line.split("\t") for line in listed.read_text().splitlines()]
+        assert lines[0] == ["split", "row", "file", "reason"]
+        assert [(s, Path(f).name) for s, _, f, _ in lines[1:]] == [("train", "torn.jpg"),
+                                                                   ("test", "torn.jpg")]
+        assert all(f"{s}/a/torn.jpg" in f and why.startswith("OSError")
+                   for s, _, f, why in lines[1:])
     report = (tmp_path / "eval" / "eval.md").read_text()
     assert "Train split: `train` (6 images); evaluated split: `test` (6 images)." in report
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())

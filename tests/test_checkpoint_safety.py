@@ -303,7 +303,8 @@ def test_dataset_loading_scripts_are_refused_with_a_way_out(tmp_path, monkeypatc
 
     monkeypatch.setattr(datasets, "load_dataset", scripted)
     assert main(["pretrain", "--data", "someone/scripted", "--out", str(tmp_path / "r")]) == 2
-    line = _one_error_line(capsys)
+    announced, line = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert announced.startswith("'someone/scripted' is not a file or folder here: looking it up")
     assert "needs a loading script (scripted.py)" in line and "never run" in line
     assert "to_parquet" in line and "refs/convert/parquet" in line
     local = tmp_path / "local"

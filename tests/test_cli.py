@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
+import re
 import subprocess
 import sys
+from contextlib import redirect_stdout
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,10 +26,18 @@ from simclr_kit.report.metrics import read_metrics
 
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+PRETRAINED = {}  # what the module's pretraining printed
+
+
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "1",
+                     *TINY]) == 0
+    PRETRAINED["out"] = printed.getvalue()
     return out
 
 
@@ -34,12 +46,36 @@ def test_pretrain_writes_run_directory(run):
     records = read_metrics(run / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) == 3 and all(r["loss"] > 0 for r in train)  # 24 images / batch 8
+    assert [r["epoch"] for r in train] == [1, 1, 1]  # from 1, as checkpoints and the bar count
     # the default rate, 2.83 per 256 images, scaled by the square root of 8 / 256
     assert records[0]["effective_lr"] == pytest.approx(2.83 * (8 / 256) ** 0.5)
 
 
-def test_resume_continues_to_more_epochs(run, tmp_path):
+def test_pretrain_ends_with_the_loss_the_files_and_the_next_command(run):
+    """The closing lines: the epochs and final loss (the last logged one), the checkpoint, the
+    report and the command to run next (on the run's own, labelled, dataset)."""
+    loss = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"][-1]["loss"]
+    lines = PRETRAINED["out"].splitlines()[-4:]
+    assert lines == [f"pretrained {run}: 1 epoch(s) trained, final loss {loss:.4f}",
+                     f"checkpoint: {run / 'checkpoints' / 'epoch-0001'}",
+                     f"report: {run / 'report.html'}",
+                     f"next: simclr evaluate {run}   (on its own labelled dataset; --data "
+                     "chooses another)"]
+
+
+def test_config_yaml_records_the_run_directory_it_chose(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--data", str(data), "--epochs", "1", *TINY]) == 0
+    (made,) = (tmp_path / "runs").iterdir()
+    import yaml
+
+    out = yaml.safe_load((made / "config.yaml").read_text())["out"]
+    assert out is not None and (tmp_path / out).resolve() == made.resolve()
+
+
+def test_resume_continues_to_more_epochs(run, tmp_path, capsys):
     assert main(["pretrain", "--resume", str(run), "--epochs", "2"]) == 0
+    assert f"resuming from epoch-0001 in {run}" in capsys.readouterr().out
     records = read_metrics(run / "metrics.jsonl")
     assert [r["kind"] for r in records].count("resume") == 1
     assert max(r["step"] for r in records if r["kind"] == "train") == 6
@@ -79,6 +115,10 @@ def test_train_classifier_predict_and_export(run, data, tmp_path):
     assert [r["label"] for r in rows] == [f"c{y}" for y in truth]  # the true class, by name
     assert [r["id"] for r in rows] == [str(i) for i in range(24)]  # rows of the split
     assert all(0 < float(r["probability"]) <= 1 for r in rows)
+    # Without --data: the dataset the classifier was trained on, the same rows.
+    own = tmp_path / "own.csv"
+    assert main(["predict", str(cls), "--out", str(own)]) == 0
+    assert own.read_text() == preds.read_text()
 
     out = tmp_path / "bb.safetensors"
     assert main(["export", str(run), str(out)]) == 0
@@ -154,6 +194,52 @@ def test_pretrain_from_init_weights(run, data, tmp_path):
                  "--init", str(run), *TINY]) == 0
     meta = json.loads(next((out / "checkpoints").glob("epoch-*/model.json")).read_text())
     assert meta["init_from"].endswith("model.safetensors") and meta["stem"] == "cifar"
+
+
+def test_show_augment_counts_epochs_from_1(data, tmp_path, monkeypatch, capsys):
+    """--epoch 1 draws the views of the first epoch: the keyed draws' epoch index 0."""
+    import simclr_kit.report.views as views
+
+    drawn = []
+    monkeypatch.setattr(views, "save_view_grid", lambda *a, epoch, **k: drawn.append(epoch))
+    for epoch in ("1", "3"):
+        assert main(["show-augment", "--data", str(data), "--out", str(tmp_path / "g.png"),
+                     "--count", "2", "--epoch", epoch]) == 0
+    assert drawn == [0, 2]
+    assert main(["show-augment", "--data", str(data), "--epoch", "0"]) == 2
+    assert "epochs count from 1" in capsys.readouterr().err
+
+
+def test_resumable_fields_are_one_list_in_help_readme_and_error(run, capsys):
+    from simclr_kit.resume import RESUMABLE_FIELDS, resumable_flags, resumable_text
+
+    flags = resumable_flags()
+    assert len(flags) == len(RESUMABLE_FIELDS) - 1  # progress has no flag
+    readme = " ".join(README.read_text().split())
+    listed = re.search(r"`--resume RUN_DIR` continues it with its `config.yaml`: only (.*?) may "
+                       r"change", readme)
+    assert listed and re.findall(r"`(--[a-z-]+)`", listed.group(1)) == flags
+    assert f"only {resumable_text()} may change" in _help("pretrain", capsys)
+    assert main(["pretrain", "--resume", str(run), "--lr", "0.01"]) == 2
+    assert f"(only {resumable_text()} can)" in capsys.readouterr().err
+
+
+def _help(command: str, capsys) -> str:
+    assert main([command, "--help"]) == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_says_what_flags_do(capsys):
+    """Help texts hold no measurements, and embed's names every file it writes."""
+    text = _help("pretrain", capsys)
+    temperature = text.split("--temperature TEMPERATURE")[1].split(" --")[0]
+    assert not re.search(r"best|level|worse|points|\d%", temperature), temperature
+    text = _help("embed", capsys)
+    for name in ("OUT.ids.npy", "OUT.files.npy", "OUT.labels.npy", "OUT.projections.npy",
+                 "OUT.json", "OUT.skipped.txt"):
+        assert name in text, name
+    for command in ("evaluate", "train-classifier", "report"):
+        assert "--store-size" not in _help(command, capsys), command
 
 
 def test_show_augment_writes_a_grid(data, tmp_path):
@@ -296,9 +382,10 @@ def test_each_command_has_its_flags_and_no_two_write_the_same_value():
     assert len(augment) == 13 and {"--flip-p", "--grayscale-p", "--solarize-threshold"} <= augment
     by_name = {"--data", "--data-config", "--revision", "--image-column", "--label-column",
                "--bad-images"}
+    run_data = data - {"--store-size"}  # the stored size concerns pretraining alone
     expected = {"run": data | pretrain | flags(EVAL_FLAGS), "pretrain": data | pretrain,
-                "evaluate": data | flags(EVAL_FLAGS), "report": data,
-                "train-classifier": data | flags(CLASSIFIER_FLAGS), "predict": by_name,
+                "evaluate": run_data | flags(EVAL_FLAGS), "report": run_data,
+                "train-classifier": run_data | flags(CLASSIFIER_FLAGS), "predict": by_name,
                 "embed": by_name, "show-augment": data | augment | {"--seed"}}
     every = data | pretrain | flags(EVAL_FLAGS) | flags(CLASSIFIER_FLAGS)
     table = DATA_FLAGS + PRETRAIN_FLAGS + EVAL_FLAGS + CLASSIFIER_FLAGS

@@ -85,7 +85,7 @@ def test_learning_rate_scaling_rules_and_capped_warmup():
     assert effective_lr(1.2, 4096, "sqrt") == pytest.approx(0.075 * math.sqrt(4096))
     assert effective_lr(2.83, 128, "sqrt") == pytest.approx(2.0, abs=2e-3)
     assert effective_lr(1.0, 512, "linear") == pytest.approx(2.0)
-    with pytest.raises(ConfigError, match="lr_scaling"):
+    with pytest.raises(ConfigError, match="scaling 'cubic' \\(--lr-scaling\\)"):  # the flag
         PretrainConfig(lr_scaling="cubic")
     assert warmup_epochs_within(10.0, 5, 0.1) == 0.5  # a 5-epoch run warms up for half an epoch
     assert warmup_epochs_within(10.0, 500, 0.1) == 10.0

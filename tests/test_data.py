@@ -95,7 +95,7 @@ def test_a_mistyped_path_fails_at_once_without_asking_the_hub(spelling, hint, tm
     (tmp_path / "data" / "unlabeled").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     asked = []
-    monkeypatch.setattr(sources, "_load_hub", lambda cfg: asked.append(cfg.data))
+    monkeypatch.setattr(sources, "_load_hub", lambda cfg, near="": asked.append(cfg.data))
     with pytest.raises(UserError, match="no such file or folder") as err:
         open_splits(DataConfig(data=spelling), need_eval=False)
     assert hint in str(err.value) and asked == []
@@ -124,7 +124,7 @@ def test_local_folders_load_without_the_loaders_progress_bars(tmp_path, monkeypa
 def test_a_name_that_may_be_a_hub_id_goes_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     asked = []
-    monkeypatch.setattr(sources, "_load_hub", lambda cfg: asked.append(cfg.data) or
+    monkeypatch.setattr(sources, "_load_hub", lambda cfg, near="": asked.append(cfg.data) or
                         sources.digits_dataset())
     for name in ("cifar10", "uoft-cs/cifar10"):
         open_splits(DataConfig(data=name), need_eval=False)
@@ -169,6 +169,71 @@ def test_unreachable_hub_id_is_one_clear_error():
     # conftest sets HF_HUB_OFFLINE=1, so nothing is requested.
     with pytest.raises(UserError, match="hub dataset could not be reached"):
         open_splits(DataConfig(data="someone/some-images"), need_eval=False)
+
+
+@pytest.mark.parametrize("spelling,hint", [
+    ("unlabelled", "(did you mean unlabeled?)"),  # next to unlabeled/
+    ("data/unlabelled", "(did you mean unlabeled?)"),  # no data/ either: names of this folder
+])
+def test_a_name_looked_up_on_the_hub_says_so_first_with_near_local_names(
+        spelling, hint, tmp_path, monkeypatch, capsys):
+    (tmp_path / "unlabeled").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="could not be reached") as err:
+        open_splits(DataConfig(data=spelling), need_eval=False)
+    assert hint in str(err.value)
+    said = capsys.readouterr().err.splitlines()
+    assert said == [f"{spelling!r} is not a file or folder here {hint}: looking it up on the "
+                    "Hugging Face hub (its local cache only: HF_HUB_OFFLINE)"]
+
+
+def test_an_unreachable_hub_is_announced_then_refused_in_one_line(tmp_path):
+    """With the network allowed but nothing listening at the hub's address, the command says
+    first that it looks the name up on the hub, then stops with one error that repeats the
+    near local name."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "unlabeled").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: nothing listens
+    done = subprocess.run([sys.executable, "-m", "simclr_kit", "pretrain", "--data",
+                           "unlabelled", "--device", "cpu"], cwd=tmp_path, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=300)
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 2, lines
+    assert lines[0] == ("'unlabelled' is not a file or folder here (did you mean unlabeled?): "
+                        "looking it up on the Hugging Face hub (http://127.0.0.1:9)")
+    assert lines[1].startswith("simclr pretrain: error: cannot load 'unlabelled': it is not a "
+                               "file or folder here (did you mean unlabeled?), and the hub "
+                               "(http://127.0.0.1:9) could not be reached"), lines
+
+
+def test_a_hub_that_never_answers_is_given_up_on_before_the_loader_runs(tmp_path, monkeypatch):
+    """A hub address that accepts the connection and then says nothing (a network that drops
+    the packets): one request bounded by HUB_CONNECT_SECONDS decides, and datasets.load_dataset,
+    whose retries wait for half a minute, is never called."""
+    import socket
+
+    import huggingface_hub
+
+    loads: list[tuple] = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(sources, "HUB_CONNECT_SECONDS", 0.5)
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)  # the kernel completes the handshake; nothing ever reads or answers
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+        with pytest.raises(UserError, match=rf"the hub \({endpoint}\) could not be reached in "
+                                            r"0.5 s \(\w*Timeout\)"):
+            open_splits(DataConfig(data="someone/images"), need_eval=False)
+    assert loads == []
 
 
 def test_one_split_rule_with_each_commands_preference():

@@ -81,6 +81,11 @@ def test_npy_format_writes_the_same_rows(run, data, tmp_path):
     assert np.allclose(features, np.stack(table.column("feature").to_numpy(zero_copy_only=False)))
     meta = json.loads((tmp_path / "b.json").read_text())
     assert meta["split"] == "train" and meta["rows"] == 24 and "projections" not in meta["files"]
+    # Without --data: the run's own dataset (the one it was pretrained on), the same rows.
+    own = tmp_path / "own.npy"
+    assert main(["embed", str(run), "--out", str(own), "--device", "cpu"]) == 0
+    assert np.array_equal(np.load(own), features)
+    assert np.array_equal(np.load(tmp_path / "own.ids.npy"), np.load(tmp_path / "b.ids.npy"))
 
 
 def test_projections_need_a_pretraining_checkpoint(run, data, tmp_path, capsys):
@@ -131,8 +136,12 @@ def test_an_image_folder_embeds_with_file_names_and_says_what_it_skipped(run, tm
         assert main(["embed", str(run), "--data", str(folder), "--out", str(out),
                      "--device", "cpu"]) == 0
         text = capsys.readouterr().out  # the line pretraining prints for the same folder
+        listed = tmp_path / "e.skipped.txt"
         assert "skipped 1 unreadable image(s) in 'train' (UnidentifiedImageError x1), kept 6" \
-            in text and "no embedding" in text
+            in text and "no embedding" in text and f"listed in {listed}" in text
+        rows = [line.split("\t") for line in listed.read_text().splitlines()]
+        assert rows[0] == ["row", "file", "reason"] and len(rows) == 2
+        assert rows[1][1] == str(folder / "dog" / "9_broken.png")
     expected = [str(folder / label / f"{i}.png") for label in ("cat", "dog") for i in range(3)]
     table = pq.read_table(tmp_path / "e.parquet")
     assert table.column("file").to_pylist() == expected

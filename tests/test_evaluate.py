@@ -94,8 +94,12 @@ def test_all_four_protocols_labelled_and_consistent(run, data, tmp_path, capsys)
         assert set(r) >= {"encoder", "protocol", "metric", "value", "split", "seed",
                           "hyperparameters"}
         assert r["encoder"] == "simclr" and r["split"] == "test" and 0 <= r["value"] <= 100
-    assert [r["protocol"] for r in rows] == ["knn"] * 4 + ["linear"] + ["fractions"] * 6 + \
-        ["finetune"]
+    # 3 classes: no top-5 (it would be 100% whenever the true class got a vote); k=200 capped
+    # at the 30 training images; label subsets of the same labels share one row (below).
+    protocols = [r["protocol"] for r in rows]
+    assert protocols[:3] == ["knn", "knn", "linear"] and protocols[-1] == "finetune"
+    assert set(protocols[3:-1]) == {"fractions"}
+    assert all(r["metric"] == "top1" for r in rows)
 
     # The cached features are the encoder's eval-mode features, and each number is what the
     # protocol functions give on them (independent recomputation).
@@ -110,27 +114,39 @@ def test_all_four_protocols_labelled_and_consistent(run, data, tmp_path, capsys)
     f_val = extract_features(encoder, val.images, encoder.mean, encoder.std)
     files = json.loads((out / "eval.json").read_text())["features"]["simclr"]
     torch.testing.assert_close(load_file(files["train"]["file"])["features"], f_train)
-    knn = knn_accuracy(f_train, train.labels, f_val, val.labels, 3, ks=(5, 200))
-    assert [r["value"] for r in rows[:4]] == [knn[5]["top1"], knn[5]["top5"],
-                                              knn[200]["top1"], knn[200]["top5"]]
+    knn = knn_accuracy(f_train, train.labels, f_val, val.labels, 3, ks=(5, 30))
+    assert [r["value"] for r in rows[:2]] == [knn[5]["top1"], knn[30]["top1"]]
+    assert [r["hyperparameters"]["k"] for r in rows[:2]] == [5, 30]
+    assert "k_asked" not in rows[0]["hyperparameters"]
+    assert rows[1]["hyperparameters"]["k_asked"] == 200
     assert 0 < knn[5]["top1"] < 100  # the noisy labels make the comparison meaningful
     probe = train_linear_probe(f_train, train.labels, f_val, val.labels, 3, epochs=3,
                                min_steps=12)
-    linear = rows[4]
+    linear = rows[2]
     assert linear["value"] == pytest.approx(probe.val_accuracy)
     # 30 rows = 1 step per epoch at batch 256: min_steps raises 3 epochs to 12, and says so.
     assert linear["hyperparameters"].items() >= {"epochs": 3, "min_steps": 12, "epochs_run": 12,
                                                  "steps": 12, "lr": 1e-3,
                                                  "batch_size": 256}.items()
 
-    fractions = rows[5:11]
-    assert [r["subset"] for r in fractions] == ["1%", "10%", "100%", "1-shot", "5-shot", "10-shot"]
+    # Each subset takes a prefix of one per-class shuffle, so two subsets hold the same labels
+    # exactly when they take as many of every class: grouped by those counts, by hand.
+    per_class = torch.bincount(train.labels).tolist()
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name in ("1%", "10%", "100%", "1-shot", "5-shot", "10-shot"):
+        take = ([min(int(name[:-5]), n) for n in per_class] if name.endswith("-shot") else
+                [max(1, math.floor(float(name[:-1]) / 100 * n + 0.5)) for n in per_class])
+        groups.setdefault(tuple(take), []).append(name)
+    fractions = rows[3:-1]
+    assert [(r["subset"], r.get("same_as")) for r in fractions] == \
+        [(names[0], names[1:] or None) for names in groups.values()]
+    assert [r["labels"] for r in fractions] == [sum(take) for take in groups]
+    assert groups[(1, 1, 1)] == ["1%", "10%", "1-shot"]  # 10 images or so per class
     for r in fractions:
         assert r["seed"] == [0, 1] and len(r["runs"]) == 2
         assert r["std"] == pytest.approx(float(np.std(r["runs"], ddof=1)))
-    assert fractions[4]["labels"] == 15 and fractions[2]["labels"] == 30
 
-    finetune_row = rows[11]
+    finetune_row = rows[-1]
     hp = finetune_row["hyperparameters"]
     assert hp["backbone_lr"] == pytest.approx(hp["lr"] * hp["backbone_lr_mult"])
     assert hp["epochs"] == 1 and "crop" in hp["augmentation"]
@@ -139,7 +155,11 @@ def test_all_four_protocols_labelled_and_consistent(run, data, tmp_path, capsys)
         assert png.format == "PNG" and min(png.size) > 100
     table = (out / "eval.md").read_text()
     assert "| fractions | top1 | test | 0,1 | 5-shot (15 labels)" in table
+    assert "| fractions | top1 | test | 0,1 | 1% = 10% = 1-shot (3 labels, the same labels)" \
+        in table
     assert "| knn | top1 | test | - | k=5, T=0.1 |" in table
+    assert "| knn | top1 | test | - | k=30 (200 asked; the train split has 30 images), " \
+        "T=0.1 |" in table
     assert "| linear | top1 |" in capsys.readouterr().out
 
 
@@ -311,15 +331,19 @@ def test_bad_protocol_settings_are_one_line(flag, value, field, run, data, capsy
     assert len(err) == 1 and field in err[0]
 
 
-def test_monitor_knn_logs_records_without_changing_training(run, data, tmp_path):
+def test_monitor_knn_logs_records_without_changing_training(run, data, tmp_path, capsys):
     out = tmp_path / "mon"
     assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "2",
                  "--monitor-knn", "1", *TINY]) == 0
     records = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "knn"]
     assert [r["epoch"] for r in records] == [1, 2]
+    # The closing line names the last of them.
+    assert f"kNN top-1 {records[-1]['top1']:.2f}% (k=30)" in capsys.readouterr().out
     for r in records:
-        assert r["k"] == 200 and r["temperature"] == 0.1 and r["split"] == "test"
-        assert r["keys"] == 30 and r["queries"] == 30 and 0 <= r["top1"] <= r["top5"] <= 100
+        # k capped at the 30 keys; no top-5 with 3 classes, as in evaluate
+        assert r["k"] == 30 and r["temperature"] == 0.1 and r["split"] == "test"
+        assert r["keys"] == 30 and r["queries"] == 30 and 0 <= r["top1"] <= 100
+        assert "top5" not in r
 
     # Monitoring reads the model and draws no random numbers: the weights (BatchNorm buffers
     # included) are bit-identical to the same run without it.

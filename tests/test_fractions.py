@@ -124,3 +124,23 @@ def test_label_efficiency_seed_offsets_probe_and_subset() -> None:
     c = label_efficiency(x_train, y_train, x_train, y_train, 4, **kwargs, seed=1)
     assert a == b  # the default base seed is EvalConfig.seed = 0
     assert c[0]["runs"][0] == a[0]["runs"][1]  # run 0 with base 1 is run 1 with base 0
+
+
+def test_subsets_of_the_same_labels_are_one_row_named_for_both() -> None:
+    """With 100 images per class, 1% is 1 per class and 10% is 10: the very labels of 1-shot and
+    10-shot (each subset is a prefix of the same per-class shuffle). Each pair is one row whose
+    numbers are those the k-shot subset gives on its own."""
+    from simclr_kit.evaluation.fractions import _name_groups
+
+    labels = torch.arange(10).repeat_interleave(100)
+    features = torch.nn.functional.one_hot(labels, 10).float() + 0.5 * torch.randn(1000, 10)
+    kwargs = dict(seeds=2, epochs=2, min_steps=0)
+    rows = label_efficiency(features, labels, features, labels, 10, fractions=(0.01, 0.1),
+                            shots=(1, 5, 10), **kwargs)
+    assert [(r["subset"], r.get("same_as")) for r in rows] == [
+        ("1%", ["1-shot"]), ("10%", ["10-shot"]), ("5-shot", None)]
+    alone = label_efficiency(features, labels, features, labels, 10, fractions=(),
+                             shots=(1, 10), **kwargs)
+    assert [r["runs"] for r in rows[:2]] == [r["runs"] for r in alone]
+    assert [names for _, names in _name_groups(rows)] == [["1%", "1-shot"], ["5-shot"],
+                                                          ["10%", "10-shot"]]

@@ -55,11 +55,13 @@ def test_missing_library_is_a_one_line_error_before_any_data(tmp_path, monkeypat
                         present if name == "tensorboard" else real(name, *a))
     with pytest.raises(UserError, match=r"pip install 'simclr-kit\[wandb\]'"):
         loggers.check_loggers(["wandb"])
-    # The data path does not exist: the logger error comes first, from the config check.
-    code = main(["pretrain", "--data", str(tmp_path / "absent"), "--logger", "tensorboard,wandb",
+    # A folder without images (reading it would be an error of its own): the logger error
+    # comes first, before any data is read.
+    (tmp_path / "empty").mkdir()
+    code = main(["pretrain", "--data", str(tmp_path / "empty"), "--logger", "tensorboard,wandb",
                  "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1
+    assert code == 2 and len(err.splitlines()) == 1 and "empty" not in err
     assert "--logger wandb needs the wandb package" in err and not (tmp_path / "run").exists()
     assert main(["pretrain", "--logger", "neptune", "--out", str(tmp_path / "r")]) == 2
     assert "unknown logger 'neptune'" in capsys.readouterr().err

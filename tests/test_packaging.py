@@ -71,3 +71,17 @@ def test_readme_commands_use_what_a_user_has_and_parse():
                             len(words))]  # the shell's part of the line
         args, extra = parser.parse_known_args(words)
         assert extra == [], command
+
+
+def test_the_readme_table_script_runs_the_readmes_commands():
+    """bench/mini_table.py regenerates the README's cifar10-mini table: it must run the very
+    commands the README shows above it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "mini_table", README.parent / "bench" / "mini_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shown = [shlex.split(c) for c in readme_commands() if "runs/mini" in c]
+    assert shown == [["simclr", *(w.format(data="cifar10-mini/") for w in command)]
+                     for command in (script.PRETRAIN, script.EVALUATE)]

@@ -19,8 +19,9 @@ from simclr_kit.cli import main
 from simclr_kit.report import analysis
 from simclr_kit.report.html import write_report
 
-SECTIONS = ["config", "hardware", "curves", "knn-monitor", "evaluation", "label-efficiency",
-            "confusion", "augmentations", "embedding-map", "retrieval"]
+# The result first, the machine and the config last.
+SECTIONS = ["result", "curves", "knn-monitor", "evaluation", "label-efficiency", "confusion",
+            "augmentations", "embedding-map", "retrieval", "hardware", "config"]
 
 
 class Page(HTMLParser):
@@ -86,7 +87,7 @@ def test_run_writes_self_contained_report_with_every_section(run):
     for sid in SECTIONS:
         if sid in ("knn-monitor", "label-efficiency"):
             assert page.sections[sid]["notes"] and not page.sections[sid]["images"]
-        elif sid not in ("config", "hardware", "evaluation"):
+        elif sid not in ("result", "config", "hardware", "evaluation"):
             assert page.sections[sid]["images"] and not page.sections[sid]["notes"], sid
     text = (run / "report.html").read_text()
     assert "peak memory" in text and "training wall time" in text
@@ -182,6 +183,66 @@ def test_report_reuses_the_features_evaluation_cached(run, monkeypatch):
     assert main(["report", str(run), "--device", "cpu"]) == 0
     assert calls == []
     assert "t-SNE" in (run / "report.html").read_text()
+
+
+def _section(text: str, sid: str) -> str:
+    return text.split(f'<section id="{sid}">')[1].split("</section>")[0]
+
+
+def test_report_opens_with_the_verdict_and_folds_the_config_at_the_end(run, tmp_path):
+    """The sentence `simclr run` prints, the accuracies against the baseline, wall time and
+    images/s come first; the config comes last, folded."""
+    from simclr_kit.evaluation.tables import result_verdict
+
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("config.yaml", "metrics.jsonl"):
+        (copy / name).write_bytes((run / name).read_bytes())
+    hp = {"k": 5, "temperature": 0.1}
+    result = {"checkpoint": str(run), "encoder": {"backbone": "resnet18"}, "results": [
+        {"encoder": encoder, "protocol": protocol, "metric": "top1", "value": value,
+         "split": "test", "seed": None, "hyperparameters": hp}
+        for encoder, protocol, value in (("simclr", "knn", 61.25), ("random-init", "knn", 40.5),
+                                         ("simclr", "linear", 70.0),
+                                         ("random-init", "linear", 72.5))]}
+    (copy / "eval.json").write_text(json.dumps(result))
+    text = write_report(copy, embeddings=False).read_text()
+    page = parse(copy / "report.html")
+    assert list(page.sections)[0] == "result" and list(page.sections)[-1] == "config"
+    sentence = result_verdict(result)
+    assert sentence == ("SimCLR differs from a random-init resnet18 by +20.8 points (kNN) and "
+                        "-2.5 (linear)")
+    head = _section(text, "result")
+    assert sentence in head and text.index(sentence) < text.index('<section id="curves">')
+    for value in ("61.25%", "40.50%", "70.00%", "72.50%"):
+        assert value in head
+    assert "training wall time" in head and "images/s" in head
+    config = _section(text, "config")
+    assert "<details><summary>Resolved configuration (config.yaml)</summary><pre>" in config
+    assert "<pre>" not in text.split('<section id="config">')[0]  # no YAML before it
+
+    (copy / "eval.json").unlink()  # not evaluated yet: it says so, and how
+    head = _section(write_report(copy, embeddings=False).read_text(), "result")
+    assert f"Not evaluated yet: run  simclr evaluate {copy} --baseline random" in head
+
+
+def test_a_run_on_unlabeled_images_is_not_told_to_monitor_knn(run, tmp_path):
+    """--monitor-knn needs labels: for a run pretrained on unlabeled images the report points
+    at an evaluation on a labelled set instead. Views are of epoch 1, as epochs are counted."""
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "config.yaml").write_bytes((run / "config.yaml").read_bytes())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records[0]["dataset"]["label_column"] = None
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = write_report(copy, embeddings=False).read_text()
+    monitor = _section(text, "knn-monitor")
+    assert "--monitor-knn" not in monitor and "needs labelled pretraining images" in monitor
+    assert f"simclr evaluate {copy} --data LABELLED_DATASET" in monitor
+    assert f"simclr evaluate {copy} --data LABELLED_DATASET --baseline random" in \
+        _section(text, "result")
+    views = _section((run / "report.html").read_text(), "augmentations")
+    assert "in epoch 1." in views and "epoch 0" not in views
 
 
 def test_evaluation_table_puts_encoders_side_by_side(run, tmp_path):

@@ -70,7 +70,8 @@ def test_above_64_px_training_images_are_stored_whole_never_enlarged_and_evaluat
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--stream", "maybe"], "stream = 'maybe' is out of range: must be 'auto', 'on' or 'off'"),
+    (["--stream", "maybe"], "unknown stream setting 'maybe' (--stream): choose from 'auto', "
+                            "'on', 'off'"),
     (["--decode-workers", "0"], "decode_workers = 0 is out of range: must be at least 1"),
     (["--store-size", "4"], "store_size = 4 is out of range"),
 ])

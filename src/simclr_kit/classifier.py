@@ -26,7 +26,7 @@ from simclr_kit.checkpoint import load_into, load_weights, read_metadata, save_w
 from simclr_kit.config import ClassifierConfig, DataConfig, EvalConfig
 from simclr_kit.data.pixels import chosen_crop_fraction
 from simclr_kit.data.sources import PREDICT_SPLITS, open_splits, whole_split
-from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
+from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, list_skipped
 from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, checked_meta, load_encoder
 from simclr_kit.errors import UserError
@@ -101,8 +101,9 @@ def train_classifier(checkpoint: str | Path, data: DataConfig | str | dict[str, 
                          workers=data.decode_workers, crop_fraction=crop_fraction)
     val = decode_split(val_split, encoder.image_size, data.bad_images, progress,  # type: ignore[arg-type]
                        workers=data.decode_workers, crop_fraction=crop_fraction)
+    listed = list_skipped(out / "skipped.txt", train, val)
     for store, role in ((train, "train"), (val, "validation")):
-        announce_skipped(store)
+        announce_skipped(store, listed)
         if store.labels is None:
             raise UserError(f"the {role} split has no labels: a classifier needs a label column")
     if int(train.labels.unique().numel()) < 2:  # type: ignore[union-attr]
@@ -131,7 +132,8 @@ def train_classifier(checkpoint: str | Path, data: DataConfig | str | dict[str, 
             "stem": encoder.meta.get("stem", "imagenet"), "feature_dim": encoder.feature_dim,
             "head": cfg.head, "hidden_dim": cfg.hidden_dim, "finetune": cfg.finetune,
             "encoder_checkpoint": str(checkpoint), "val_accuracy": val_acc,
-            "val_split": val.provenance, "config": cfg.__dict__, "package_version": __version__}
+            "val_split": val.provenance, "data": dataclasses.asdict(data), "config": cfg.__dict__,
+            "package_version": __version__}
     if "create_model_kwargs" in encoder.meta:  # a timm backbone: how to rebuild it
         meta["create_model_kwargs"] = encoder.meta["create_model_kwargs"]
     out.mkdir(parents=True, exist_ok=True)
@@ -185,32 +187,42 @@ def _ids_and_labels(store: ImageStore) -> tuple[list[str], list[str] | None]:
     return ids, labels
 
 
-def predict(cls_dir: str | Path, data: str, out: str | Path, device: str = "auto",
-            data_config: DataConfig | None = None, batch_size: int = 256) -> int:
+def predict(cls_dir: str | Path, data: DataConfig | str | dict[str, Any] | None,
+            out: str | Path, device: str = "auto", data_config: DataConfig | None = None,
+            batch_size: int = 256, split: str | None = None) -> int:
     """Write ``out``, one CSV row per image: ``id``, ``label`` (the true class, when the split
     has labels), ``predicted`` (class name) and ``probability``; returns the rows written.
 
     ``data``: anything ``--data`` takes, image files, globs and folders of images included,
-    read as pretraining reads it (the same skipped-images line), every row of ``--split``, else
-    of the only split, else of 'test', else of 'train'. ``id`` is the file for images read from
-    files on this machine, else the row of the split.
+    read as pretraining reads it (the same skipped-images line, the images listed in
+    ``OUT.skipped.txt``), or a dict of data fields; None (or a dict without ``data``) takes the
+    dataset the classifier was trained on. ``data_config`` replaces it whole. Every row of
+    ``split``, else of the only split, else of 'test', else of 'train'. ``id`` is the file for
+    images read from files on this machine, else the row of the split.
     """
     dev = resolve_device(device)
     model, meta = load_classifier(cls_dir, dev)
-    store = decode_for_predict(meta, data, data_config)
+    store = decode_for_predict(meta, data, out, data_config, split)
     logits = forward_images(model, store.images, meta["mean"], meta["std"], dev, batch_size)
     return write_predictions(store, logits, meta["class_names"], out)
 
 
-def decode_for_predict(meta: dict[str, Any], data: str,
-                       data_config: DataConfig | None = None) -> ImageStore:
-    """The images to predict, decoded as the classifier's metadata ``meta`` says (its image
-    size), with the skipped-images line; shared by ``predict`` and ``predict --onnx``."""
-    cfg = data_config or DataConfig(data=data)
-    store = decode_split(whole_split(cfg, PREDICT_SPLITS), meta["image_size"], cfg.bad_images,
-                         progress=False, missing_labels="keep", workers=cfg.decode_workers,
+def decode_for_predict(meta: dict[str, Any], data: DataConfig | str | dict[str, Any] | None,
+                       out: str | Path, data_config: DataConfig | None = None,
+                       split: str | None = None) -> ImageStore:
+    """The images to predict (see :func:`predict` for ``data``, ``data_config`` and ``split``),
+    decoded as the classifier's metadata ``meta`` says (its image size and crop), with the
+    skipped-images line and ``OUT.skipped.txt``; shared by ``predict`` and ``predict --onnx``."""
+    cfg = data_config or data_for("predict", meta, data, None)
+    if split is not None or not isinstance(data_config or data, DataConfig):
+        cfg = dataclasses.replace(cfg, train_split=split)
+    out = Path(out)
+    store = decode_split(whole_split(cfg, PREDICT_SPLITS, name_files=True), meta["image_size"],
+                         cfg.bad_images, progress=False, missing_labels="keep",
+                         workers=cfg.decode_workers,
                          crop_fraction=chosen_crop_fraction(cfg.crop_fraction, meta))
-    announce_skipped(store, ": they get no prediction")
+    announce_skipped(store, ": they get no prediction"
+                     + list_skipped(out.with_name(f"{out.stem}.skipped.txt"), store))
     return store
 
 

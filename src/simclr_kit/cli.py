@@ -7,7 +7,6 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import os
 import sys
@@ -17,33 +16,41 @@ from typing import Any, Callable, Sequence
 
 from simclr_kit import __version__
 from simclr_kit.config import (AugmentConfig, ClassifierConfig, DataConfig, EvalConfig,
-                               PretrainConfig, from_dict, load_yaml, merge, recipe,
-                               recipe_names)
+                               PretrainConfig, config_source, from_dict, merge, recipe)
+from simclr_kit.data.names import check_data_name
 from simclr_kit.errors import UserError
 from simclr_kit.flags import Parser, add_bool, add_flags, config_flags, overrides
+from simclr_kit.resume import resumable_text
+
+# Every command imports what it runs (torch, datasets, matplotlib) inside its function, after
+# its flags are checked: --help and a mistyped value answer without loading them.
 
 DATA_FLAGS = config_flags(DataConfig, "data.")
+# The data flags of the commands that work on a run's dataset: the stored size of the
+# training images concerns pretraining alone.
+RUN_DATA_FLAGS = [f for f in DATA_FLAGS if f.flag != "--store-size"]
 PRETRAIN_FLAGS = config_flags(PretrainConfig) + config_flags(AugmentConfig, "augment.")
 # "eval.": in `run`, --eval-seed and --eval-batch-size must not land on the pretraining seed
 # and batch.
 EVAL_FLAGS = config_flags(EvalConfig, "eval.")
 CLASSIFIER_FLAGS = config_flags(ClassifierConfig)
-# The data flags of the commands that read files given by name rather than a run's dataset.
+# The data flags of predict and embed, which read one whole split: of the run's own dataset,
+# or of the files --data names.
 FILE_DATA_FLAGS = [f for f in DATA_FLAGS if f.flag in ("--data", "--data-config", "--revision",
                                                         "--image-column", "--label-column",
                                                         "--bad-images", "--crop-fraction")]
 
 RUN_DATA = ("data (default: the run's own dataset: the one its last evaluation used, else the one "
             "it was pretrained on)")
+CLASSIFIER_DATA = ("data (default: the dataset the classifier was trained on; an image file, "
+                   "folder or glob is also accepted)")
 
 
 def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
     """YAML file (or the digits recipe when no data is named), then the flags on top."""
     given = overrides(args, DATA_FLAGS + PRETRAIN_FLAGS)
-    if args.config and not Path(args.config).exists() and args.config in recipe_names():
-        base = recipe(args.config)  # a built-in recipe by name: --config cifar10
-    elif args.config:
-        base = load_yaml(args.config, PretrainConfig)
+    if args.config:  # a file, or a built-in recipe by name: --config cifar10
+        base = config_source(args.config, PretrainConfig)
     elif given.get("data", {}).get("data", "digits") == "digits":
         base = recipe("digits")
     else:
@@ -51,13 +58,12 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
     return from_dict(PretrainConfig, merge(base, given))
 
 
-def data_config(args: argparse.Namespace) -> DataConfig:
-    return from_dict(DataConfig, overrides(args, DATA_FLAGS).get("data", {}), "data")
-
-
 def data_flags(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The data flags the user gave, for a command that otherwise takes the run's dataset."""
-    return overrides(args, DATA_FLAGS).get("data")
+    """The data flags the user gave, for a command that otherwise takes the run's dataset; a
+    mistyped ``--data`` path is refused here, before the command loads torch and datasets."""
+    given = overrides(args, DATA_FLAGS).get("data")
+    check_data_name((given or {}).get("data"))
+    return given
 
 
 def eval_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,44 +79,49 @@ def _print_config(cfg: PretrainConfig) -> int:
 
 
 def _print_result_table(result: dict[str, Any]) -> None:
-    from simclr_kit.evaluation.tables import verdict
+    from simclr_kit.evaluation.tables import result_verdict
 
     print(f"\nevaluation on {result['eval']['split']} ({result['eval']['images']} images); "
           f"written to {result['out']}/eval.json\n")
     print(result["table"])
-    sentence = verdict(result["results"], (result.get("encoder") or {}).get("backbone") or "encoder")
+    sentence = result_verdict(result)
     if sentence is not None:
         print(sentence)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from simclr_kit.resume import resume_config
-    from simclr_kit.training import pretrain
-
     if args.resume and args.config:
         raise UserError("--config cannot be combined with --resume: a run continues with the "
                         f"config it started with ({Path(args.resume) / 'config.yaml'})")
     if args.resume:  # the flags go on top of the run's config; pretrain refuses what may not
+        from simclr_kit.resume import resume_config
+
         cfg = resume_config(Path(args.resume), overrides(args, DATA_FLAGS + PRETRAIN_FLAGS))
     else:
         cfg = pretrain_config(args)
-    if args.print_config:
+    if args.print_config:  # before the data check: a config may name a path of elsewhere
         return _print_config(cfg)
     if args.allow_changed_data and not args.resume:
         raise UserError("--allow-changed-data applies to --resume RUN only")
-    run_dir = pretrain(cfg, resume=args.resume, allow_changed_data=args.allow_changed_data)
-    print(f"checkpoint saved in {run_dir}")
+    check_data_name(cfg.data.data)  # a mistyped path: one line, before torch loads
+    from simclr_kit.training import pretrain, summary
+
+    text = summary(pretrain(cfg, resume=args.resume,  # empty on ranks other than 0
+                            allow_changed_data=args.allow_changed_data))
+    if text:
+        print(text)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from simclr_kit.evaluation.protocols import evaluate
-    from simclr_kit.training import pretrain
-
     cfg = pretrain_config(args)
     eval_cfg = from_dict(EvalConfig, merge({"baselines": ("random",)}, eval_flags(args)), "eval")
     if args.print_config:
         return _print_config(cfg)
+    check_data_name(cfg.data.data)
+    from simclr_kit.evaluation.protocols import evaluate
+    from simclr_kit.training import pretrain
+
     run_dir = pretrain(cfg, report=False)
     result = evaluate(run_dir, cfg.data, eval_cfg, device=cfg.device, progress=cfg.progress)
     _print_result_table(result)
@@ -125,52 +136,51 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    eval_cfg = from_dict(EvalConfig, eval_flags(args), "eval")
+    data = data_flags(args)
     from simclr_kit.evaluation.protocols import evaluate
 
-    eval_cfg = from_dict(EvalConfig, eval_flags(args), "eval")
-    result = evaluate(args.checkpoint, data_flags(args), eval_cfg, out=args.out,
-                      device=args.device)
+    result = evaluate(args.checkpoint, data, eval_cfg, out=args.out, device=args.device)
     _print_result_table(result)
     return 0
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
+    cfg = from_dict(ClassifierConfig, overrides(args, CLASSIFIER_FLAGS), "classifier")
+    data = data_flags(args)
     from simclr_kit.classifier import train_classifier
 
-    cfg = from_dict(ClassifierConfig, overrides(args, CLASSIFIER_FLAGS), "classifier")
-    result = train_classifier(args.checkpoint, data_flags(args), args.out, cfg, args.device)
+    result = train_classifier(args.checkpoint, data, args.out, cfg, args.device)
     print(f"validation accuracy {result['val_accuracy']:.2f}% ({result['classes']} classes); "
           f"classifier saved in {result['out']}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    data = data_flags(args)
     from simclr_kit.classifier import predict
 
-    data = getattr(args, "data.data")
-    if data is None:
-        raise UserError("--data is required: an image file, folder, glob or dataset")
     if (args.classifier is None) == (args.onnx is None):
         raise UserError("give the classifier folder or --onnx FILE.onnx, one of the two")
-    cfg = dataclasses.replace(data_config(args), train_split=args.split)
     if args.onnx is not None:
         from simclr_kit.deploy.onnx_predict import predict_onnx
 
         if args.device not in ("auto", "cpu"):
             raise UserError("--onnx runs on ONNX Runtime's CPU provider: drop --device")
-        n = predict_onnx(args.onnx, data, args.out, cfg)
+        n = predict_onnx(args.onnx, data, args.out, split=args.split)
     else:
-        n = predict(args.classifier, data, args.out, args.device, cfg)
+        n = predict(args.classifier, data, args.out, args.device, split=args.split)
     print(f"{n} predictions written to {args.out}")
     return 0
 
 
 def cmd_show_augment(args: argparse.Namespace) -> int:
-    from simclr_kit.report.views import show_augment
-
     cfg = pretrain_config(args)
     if args.print_config:
         return _print_config(cfg)
+    check_data_name(cfg.data.data)
+    from simclr_kit.report.views import show_augment
+
     out, drawn = show_augment(cfg, args.out, args.count, args.epoch)
     print(f"{drawn} images and their two views saved to {out}")
     return 0
@@ -211,9 +221,10 @@ def cmd_check_distributed(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    data = data_flags(args)  # on top of the run's recorded data
     from simclr_kit.report.html import write_report
 
-    path = write_report(args.run_dir, data_flags(args),  # on top of the run's recorded data
+    path = write_report(args.run_dir, data,
                         embeddings=args.embeddings, device=args.device,
                         max_points=args.max_points, progress=True)
     print(f"report written to {path}")
@@ -221,12 +232,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    given = dict(data_flags(args) or {}, **({"train_split": args.split} if args.split else {}))
     from simclr_kit.embed import embed
 
-    if getattr(args, "data.data") is None:
-        raise UserError("--data is required: the dataset whose images to embed")
-    cfg = dataclasses.replace(data_config(args), train_split=args.split)
-    emb = embed(args.checkpoint, cfg, args.out, args.format, args.projections, args.device,
+    emb = embed(args.checkpoint, given or None, args.out, args.format, args.projections, args.device,
                 args.batch_size)
     shapes = f"features {tuple(emb.features.shape)}" + (
         f", projections {tuple(emb.projections.shape)}" if emb.projections is not None else "")
@@ -270,8 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("pretrain", cmd_pretrain, "SimCLR pretraining; writes a run directory")
     _config_options(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its "
-                   "config.yaml; only --epochs, --device, --log-every, --checkpoint-every[-steps], "
-                   "--logger, --stream and --decode-workers may change; a run that trained all "
+                   f"config.yaml; only {resumable_text()} may change; a run that trained all "
                    "its epochs is left as it is")
     p.add_argument("--allow-changed-data", action="store_true", help="with --resume: continue "
                    "although the data changed since the last checkpoint (another dataset "
@@ -284,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
     p.add_argument("--out", help="results folder (default: the run directory)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    add_flags(p, DATA_FLAGS, RUN_DATA)
+    add_flags(p, RUN_DATA_FLAGS, RUN_DATA)
     add_flags(p, EVAL_FLAGS, "evaluation")
 
     p = command("train-classifier", cmd_train_classifier,
@@ -292,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
     p.add_argument("--out", required=True, help="folder for the classifier")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    add_flags(p, DATA_FLAGS, RUN_DATA)
+    add_flags(p, RUN_DATA_FLAGS, RUN_DATA)
     add_flags(p, CLASSIFIER_FLAGS, "classifier")
 
     p = command("predict", cmd_predict, "predict classes with a saved classifier")
@@ -303,17 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "carries what predict needs (default: none, the classifier folder)")
     p.add_argument("--out", required=True, help="CSV file: id (the file, for images read from "
                    "files; else the row of the split), label (the true class, when the split "
-                   "has labels), predicted, probability")
+                   "has labels), predicted, probability; unreadable images are listed in "
+                   "OUT.skipped.txt")
     p.add_argument("--split", help="dataset split to predict (default: the only split, else "
                    "'test', else 'train')")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    add_flags(p, FILE_DATA_FLAGS, "data (an image file, folder or glob is also accepted)")
+    add_flags(p, FILE_DATA_FLAGS, CLASSIFIER_DATA)
 
     p = command("show-augment", cmd_show_augment,
                 "save a PNG grid of images next to their two augmented views")
     p.add_argument("--out", default="augment.png", help="PNG file (default: augment.png)")
     p.add_argument("--count", type=int, default=8, help="images to show (default: 8)")
-    p.add_argument("--epoch", type=int, default=0, help="epoch whose views to draw (default: 0)")
+    p.add_argument("--epoch", type=int, default=1, help="epoch whose views to draw, counted "
+                   "from 1 as in checkpoints and metrics.jsonl (default: 1)")
     _config_options(p)
     add_flags(p, DATA_FLAGS, "data")
     add_flags(p, [f for f in PRETRAIN_FLAGS if f.dest.startswith("augment.") or f.dest == "seed"],
@@ -335,7 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "every image of a split, with row ids, files and labels, to Parquet or .npy")
     p.add_argument("checkpoint", help="run directory, checkpoint or weights file")
     p.add_argument("--out", required=True, help="OUT.parquet, or OUT.npy with --format npy "
-                   "(then OUT.ids.npy, OUT.labels.npy and OUT.json are written beside it)")
+                   "(then beside it OUT.ids.npy, OUT.files.npy for images read from files, "
+                   "OUT.labels.npy for a labelled split, OUT.projections.npy with "
+                   "--projections, and OUT.json); unreadable images are listed in "
+                   "OUT.skipped.txt")
     p.add_argument("--format", choices=("parquet", "npy"),
                    help="file format (default: from the --out suffix, else parquet)")
     add_bool(p, "--projections", "projections", "also the projection head's outputs (needs a "
@@ -345,11 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass "
                    "(default: 256)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    add_flags(p, FILE_DATA_FLAGS, "data")
+    add_flags(p, FILE_DATA_FLAGS, RUN_DATA)
 
-    p = command("report", cmd_report, "write RUN/report.html: config, hardware and time, "
-                "curves, evaluation, confusion matrix, augmented views, embedding map, "
-                "retrieval; one self-contained file")
+    p = command("report", cmd_report, "write RUN/report.html: the verdict and headline "
+                "numbers, curves, evaluation, confusion matrix, augmented views, embedding map, "
+                "retrieval, hardware and time, config; one self-contained file")
     p.add_argument("run_dir", metavar="RUN", help="run directory")
     add_bool(p, "--embeddings", "embeddings", "compute the sections that embed both splits "
               "(confusion matrix, embedding map, retrieval); off is quick (default: on)",
@@ -357,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-points", type=int, default=1000, help="evaluation images on the "
                    "t-SNE map, a stratified sample (default: 1000)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    add_flags(p, DATA_FLAGS, RUN_DATA)
+    add_flags(p, RUN_DATA_FLAGS, RUN_DATA)
 
     p = command("check-distributed", cmd_check_distributed,
                 "check on this machine that N processes x batch B/N train like 1 process x "

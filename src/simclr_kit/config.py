@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simclr_kit.config_fields import (  # noqa: F401 - the config API: simclr_kit.config.*
-    ConfigError, flatten, from_dict, load_yaml, merge, normalize_keys, recipe, recipe_names,
-    setting, to_dict, to_yaml, unflagged)
+    ConfigError, config_source, flag_name, flatten, from_dict, load_yaml, merge, normalize_keys,
+    recipe, recipe_names, setting, to_dict, to_yaml, unflagged, unknown_choice)
 
 # How the rate for a batch of 256 becomes the run's rate (see optim.effective_lr).
 LR_SCALINGS = ("linear", "sqrt")
@@ -32,6 +32,15 @@ OPTIMIZERS = ("lars", "sgd", "adam")
 def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{name} = {value!r} is out of range: must be {allowed}")
+
+
+def _one_of(config: Any, name: str, choices: tuple[str, ...], what: str) -> None:
+    """A choice-valued field (each item of a tuple field): an unknown value names the flag, the
+    choices and the closest one."""
+    value = getattr(config, name)
+    for item in value if isinstance(value, tuple) else (value,):
+        if item not in choices:
+            raise unknown_choice(what, item, choices, flag_name(type(config), name))
 
 
 def _prob(name: str, value: float | None) -> None:
@@ -140,8 +149,7 @@ class DataConfig:
             _check(8 <= self.image_size <= 1024, "image_size", "an integer in [8, 1024] pixels",
                    self.image_size)
         _check(0 < self.val_fraction < 1, "val_fraction", "in (0, 1)", self.val_fraction)
-        _check(self.bad_images in ("skip", "error"), "bad_images", "'skip' or 'error'",
-               self.bad_images)
+        _one_of(self, "bad_images", ("skip", "error"), "bad-images policy")
         if self.store_size is not None:
             _check(8 <= self.store_size <= 2048, "store_size", "an integer in [8, 2048] pixels",
                    self.store_size)
@@ -197,9 +205,7 @@ class EvalConfig:
     seed: int = setting(0, "seed of the probes", flag="--eval-seed")
 
     def __post_init__(self) -> None:
-        allowed = {"knn", "linear", "finetune", "fractions"}
-        for p in self.protocols:
-            _check(p in allowed, "protocols", f"a subset of {sorted(allowed)}", self.protocols)
+        _one_of(self, "protocols", ("knn", "linear", "finetune", "fractions"), "protocol")
         for k in self.knn_k:
             _check(k >= 1, "knn_k", "integers >= 1", self.knn_k)
         _check(self.knn_temperature > 0, "knn_temperature", "> 0", self.knn_temperature)
@@ -209,9 +215,7 @@ class EvalConfig:
             _check(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         for name in ("linear_batch_size", "finetune_batch_size", "batch_size"):
             _check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
-        for b in self.baselines:
-            _check(b in ("random", "imagenet"), "baselines", "'random' and/or 'imagenet'",
-                   self.baselines)
+        _one_of(self, "baselines", ("random", "imagenet"), "baseline")
         _check(self.linear_min_steps >= 0, "linear_min_steps", "an integer >= 0 (0: off)",
                self.linear_min_steps)
         for name in ("linear_weight_decay", "finetune_weight_decay"):
@@ -236,8 +240,8 @@ class PretrainConfig:
     The optimisation defaults were chosen from a table of measurements (bench/RESULTS.md,
     "Encoder quality"): LARS at 2.83 x sqrt(B / 256) (2.0 at batch 128; the paper's square-root
     rule, which it recommends for small batches) with SimCLR's temperature 0.1 learned best at
-    small batch and short budgets (0.2 was level, 0.5 worse), ahead of lightly 1.6's CIFAR-10
-    recipe on both kNN and the linear probe.
+    small batch and short budgets, ahead of lightly 1.6's CIFAR-10 recipe on both kNN and the
+    linear probe (the numbers for each temperature are in bench/RESULTS.md).
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -263,9 +267,9 @@ class PretrainConfig:
                                          "--warmup-fraction of the run")
     warmup_fraction: float = setting(0.1, "longest warm-up as a fraction of the run: a 5-epoch "
                                           "run warms up for at most 0.5 epochs at 0.1")
-    temperature: float = setting(0.1, "NT-Xent temperature; SimCLR's 0.1 learned best in short "
-                                      "CPU runs at batch 128, 0.2 was level and 0.5 6-8 points "
-                                      "worse")
+    temperature: float = setting(0.1, "NT-Xent temperature: the similarities are divided by it "
+                                      "before the softmax; lower sharpens the contrast between "
+                                      "the positive and the hardest negatives")
     backbone: str = setting("resnet18", "any torchvision classification model, or timm/NAME for "
                                         "a timm model (pip install 'simclr-kit[timm]')")
     stem: str = setting("auto", "'auto' (CIFAR stem at <= 64 px), 'cifar' or 'imagenet'")
@@ -312,31 +316,26 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
-        _check(self.stream in ("auto", "on", "off"), "stream", "'auto', 'on' or 'off'",
-               self.stream)
+        _one_of(self, "stream", ("auto", "on", "off"), "stream setting")
         _check(self.batch_size >= 2, "batch_size", "an integer >= 2 (NT-Xent needs negatives)",
                self.batch_size)
         _check(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite number > 0", self.lr)
-        _check(self.optimizer in OPTIMIZERS, "optimizer", " or ".join(map(repr, OPTIMIZERS)),
-               self.optimizer)
+        _one_of(self, "optimizer", OPTIMIZERS, "optimizer")
         _check(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
         _check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
-        _check(self.lr_scaling in LR_SCALINGS, "lr_scaling", " or ".join(map(repr, LR_SCALINGS)),
-               self.lr_scaling)
+        _one_of(self, "lr_scaling", LR_SCALINGS, "learning-rate scaling")
         _check(0 < self.lars_eta and math.isfinite(self.lars_eta), "lars_eta", "a finite number > 0",
                self.lars_eta)
         _check(self.warmup_epochs >= 0, "warmup_epochs", ">= 0", self.warmup_epochs)
         _check(0 <= self.warmup_fraction <= 1, "warmup_fraction", "in [0, 1]", self.warmup_fraction)
         _check(self.temperature > 0 and math.isfinite(self.temperature), "temperature",
                "a finite number > 0", self.temperature)
-        _check(self.stem in ("auto", "cifar", "imagenet"), "stem", "'auto', 'cifar' or 'imagenet'",
-               self.stem)
+        _one_of(self, "stem", ("auto", "cifar", "imagenet"), "stem")
         _check(self.projection_dim >= 1, "projection_dim", "an integer >= 1", self.projection_dim)
         if self.projection_hidden_dim is not None:
             _check(self.projection_hidden_dim >= 1, "projection_hidden_dim", "an integer >= 1",
                    self.projection_hidden_dim)
-        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision",
-               "'auto', 'fp32', 'bf16' or 'fp16'", self.precision)
+        _one_of(self, "precision", ("auto", "fp32", "bf16", "fp16"), "precision")
         _check(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0 (0: only at the end)",
                self.checkpoint_every)
         _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps",
@@ -345,8 +344,8 @@ class PretrainConfig:
         _check(self.monitor_knn >= 0, "monitor_knn", "an integer >= 0 (0: off)", self.monitor_knn)
         if self.time_budget is not None:
             _check(self.time_budget > 0, "time_budget", "> 0 minutes", self.time_budget)
-        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-               "device", "'auto', 'cpu', 'cuda[:N]' or 'mps'", self.device)
+        if self.device.split(":")[0] not in ("cpu", "cuda", "mps"):  # cuda:1 is a cuda device
+            _one_of(self, "device", ("auto", "cpu", "cuda", "cuda:N", "mps"), "device")
 
     @classmethod
     def from_recipe(cls, name: str, **overrides: Any) -> PretrainConfig:
@@ -377,7 +376,7 @@ class ClassifierConfig:
                              "epochs, as evaluate's --linear-min-steps; 0 keeps the epochs")
 
     def __post_init__(self) -> None:
-        _check(self.head in ("linear", "mlp"), "head", "'linear' or 'mlp'", self.head)
+        _one_of(self, "head", ("linear", "mlp"), "head")
         _check(self.epochs is None or self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
         _check(self.lr > 0, "lr", "> 0", self.lr)
         _check(self.backbone_lr_mult > 0, "backbone_lr_mult", "> 0", self.backbone_lr_mult)

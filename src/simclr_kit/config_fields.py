@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 from simclr_kit.errors import UserError
 
@@ -34,6 +34,31 @@ def setting(default: Any, help: str, *, flag: str | None = None, shown: str | No
     "" for a flag whose default depends on the command and is said by its group.
     """
     return field(default=default, metadata={"help": help, "flag": flag, "shown": shown})
+
+
+def flag_name(cls: type, name: str) -> str:
+    """The command-line flag of the field ``name`` of the config dataclass ``cls`` ("" for a
+    field declared :func:`unflagged`)."""
+    meta = next(f.metadata for f in fields(cls) if f.name == name)  # type: ignore[arg-type]
+    if meta.get("flag") is False:
+        return ""
+    return meta.get("flag") or "--" + name.replace("_", "-")
+
+
+def closest(value: Any, choices: Sequence[Any]) -> Any | None:
+    """The choice nearest to ``value`` in spelling, None when none is near."""
+    by_text = {str(c): c for c in choices}
+    near = difflib.get_close_matches(str(value), list(by_text), n=1, cutoff=0.6)
+    return by_text[near[0]] if near else None
+
+
+def unknown_choice(what: str, value: Any, choices: Sequence[Any], flag: str) -> ConfigError:
+    """The one error of every choice-valued setting: "unknown optimizer 'adamx' (--optimizer):
+    choose from 'lars', 'sgd', 'adam'", with the closest choice when one is near."""
+    near = closest(value, choices)
+    hint = f"; did you mean {near!r}?" if near is not None else ""
+    return ConfigError(f"unknown {what} {value!r} ({flag}): choose from "
+                       f"{', '.join(map(repr, choices))}{hint}")
 
 
 def unflagged(default: Any, help: str) -> Any:
@@ -126,8 +151,9 @@ def normalize_keys(cls: type, values: dict[str, Any], where: str = "config") -> 
 def _unknown_keys(where: str, unknown: list[str], known: list[str]) -> ConfigError:
     hints = [f"{u!r} -> {m[0]!r}" for u in unknown
              if (m := difflib.get_close_matches(u.replace("-", "_"), known, n=1, cutoff=0.75))]
-    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-    return ConfigError(f"{where}: unknown key(s) {unknown}{hint}; known keys: {sorted(known)}")
+    hint = (f" (did you mean {', '.join(hints)}?)" if hints else
+            "; the keys are the flags' names without the leading -- (see --help)")
+    return ConfigError(f"{where}: unknown key(s) {unknown}{hint}")
 
 
 def from_dict(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
@@ -204,8 +230,22 @@ def recipe(name: str) -> dict[str, Any]:
     folder = _recipe_folder()
     known = recipe_names()
     if name not in known:
-        raise ConfigError(f"unknown recipe {name!r}; built-in recipes: {known}")
+        raise unknown_choice("recipe", name, known, "--config")
     return yaml.safe_load(folder.joinpath(f"{name}.yaml").read_text()) or {}
+
+
+def config_source(name: str, cls: type) -> dict[str, Any]:
+    """What ``--config NAME`` names: a YAML file, else a built-in recipe of that name; neither
+    is one line naming the recipes (and the closest one)."""
+    if Path(name).exists() or name not in recipe_names():
+        if not Path(name).exists() and Path(name).suffix not in (".yaml", ".yml"):
+            known = recipe_names()
+            near = closest(name, known)
+            raise ConfigError(f"--config {name}: no such file, and not a built-in recipe "
+                              f"(built-in: {', '.join(known)})"
+                              + (f"; did you mean {near}?" if near else ""))
+        return load_yaml(name, cls)
+    return recipe(name)
 
 
 def load_yaml(path: str | Path, cls: type | None = None) -> dict[str, Any]:

@@ -30,12 +30,13 @@ from simclr_kit.atomic import atomic_file, atomic_write_text
 from simclr_kit.config import DataConfig
 from simclr_kit.data.pixels import chosen_crop_fraction
 from simclr_kit.data.sources import TRAIN_SPLITS, whole_split
-from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
+from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, list_skipped
 from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, Weights, encoder_from_weights, read_weights
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.features import forward_images
 from simclr_kit.models import ProjectionHead
+from simclr_kit.provenance import data_for, run_directory
 
 FORMATS = ("parquet", "npy")
 
@@ -94,22 +95,29 @@ def _project(head: ProjectionHead, features: Tensor, batch_size: int) -> Tensor:
     return torch.cat(parts) if parts else torch.empty(0, head.layers[-1].out_features)
 
 
-def compute_embeddings(checkpoint: str | Path, data: DataConfig, projections: bool = False,
-                       device: str = "auto", batch_size: int = 256,
-                       progress: bool = True) -> Embeddings:
+def compute_embeddings(checkpoint: str | Path,
+                       data: DataConfig | str | dict[str, Any] | None = None,
+                       projections: bool = False, device: str = "auto", batch_size: int = 256,
+                       progress: bool = True, skipped_file: Path | None = None) -> Embeddings:
     """Embed every row of one split with ``checkpoint``'s encoder: ``--split``, else the only
     split, else 'train' (:func:`~simclr_kit.data.sources.whole_split`; nothing is carved off
-    for validation)."""
+    for validation).
+
+    ``data`` as :func:`simclr_kit.evaluation.protocols.evaluate` takes it: None (or a dict
+    without ``data``) is the run's own dataset. Unreadable images are listed in
+    ``skipped_file`` when one is given."""
     dev = resolve_device(device)
     weights = read_weights(checkpoint)
     encoder = encoder_from_weights(weights).to(dev).eval()
     head = projection_head(weights) if projections else None  # fails before any decoding
+    data = data_for("embed", encoder.meta, data, run_directory(checkpoint))
     store: ImageStore = decode_split(whole_split(data, TRAIN_SPLITS), encoder.image_size,
                                      data.bad_images, progress, missing_labels="keep",
                                      workers=data.decode_workers,
                                      crop_fraction=chosen_crop_fraction(data.crop_fraction,
                                                                         encoder.meta))
-    announce_skipped(store, ": they get no embedding")
+    listed = list_skipped(skipped_file, store) if skipped_file is not None else ""
+    announce_skipped(store, ": they get no embedding" + listed)
     features = backbone_features(encoder, store.images, dev, batch_size, progress)
     projected = _project(head, features, batch_size) if head is not None else None
     meta = {"checkpoint": str(checkpoint), "split": store.provenance.get("split"),
@@ -173,11 +181,12 @@ def write_npy(emb: Embeddings, path: Path) -> list[Path]:
     return written + [stem.with_suffix(".json")]
 
 
-def embed(checkpoint: str | Path, data: DataConfig, out: str | Path, fmt: str | None = None,
-          projections: bool = False, device: str = "auto", batch_size: int = 256,
-          progress: bool = True) -> Embeddings:
+def embed(checkpoint: str | Path, data: DataConfig | str | dict[str, Any] | None,
+          out: str | Path, fmt: str | None = None, projections: bool = False,
+          device: str = "auto", batch_size: int = 256, progress: bool = True) -> Embeddings:
     """Write the embeddings of a split to ``out`` as Parquet or ``.npy`` (format from ``fmt``,
-    else from the suffix of ``out``); returns them."""
+    else from the suffix of ``out``), the unreadable images to ``OUT.skipped.txt``; returns
+    the embeddings. ``data``: as :func:`compute_embeddings` takes it."""
     out = Path(out)
     fmt = fmt or ("npy" if out.suffix == ".npy" else "parquet")
     if fmt not in FORMATS:
@@ -187,7 +196,8 @@ def embed(checkpoint: str | Path, data: DataConfig, out: str | Path, fmt: str | 
                         "with a .npy suffix")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be >= 1")
-    emb = compute_embeddings(checkpoint, data, projections, device, batch_size, progress)
+    emb = compute_embeddings(checkpoint, data, projections, device, batch_size, progress,
+                             out.with_name(f"{out.stem}.skipped.txt"))
     out.parent.mkdir(parents=True, exist_ok=True)
     (write_npy if fmt == "npy" else write_parquet)(emb, out)
     return emb

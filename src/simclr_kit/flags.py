@@ -144,14 +144,22 @@ class Parser(argparse.ArgumentParser):
         words = list(sys.argv[1:] if args is None else args)
         flags = {s for a in self._actions if a.type is parse_bool and a.nargs == "?"
                  for s in a.option_strings}
+        self.after_bare: dict[str, str] = {}  # the word after each bare flag: its value meant?
         for i, word in enumerate(words):
             after = words[i + 1].lower() if i + 1 < len(words) else None
             if word in flags and after not in _TRUE + _FALSE:
                 words[i] = f"{word}=true"
+                if after is not None:
+                    self.after_bare[words[i + 1]] = word
         return super().parse_known_args(words, namespace)
 
     def unrecognized(self, extra: list[str]) -> NoReturn:
-        """Unknown arguments, with the closest flag of this command for each unknown one."""
+        """Unknown arguments, with the closest flag of this command for each unknown one; a
+        word left over after an on/off flag was meant as its value (``--deterministic maybe``)."""
+        for word in extra:
+            flag = getattr(self, "after_bare", {}).get(word)
+            if flag is not None:
+                self.error(f"{flag} takes true or false (or nothing, for true), not {word!r}")
         options = {o.lstrip("-").replace("-", ""): o for a in self._actions
                    for o in a.option_strings if o.startswith("--")}
         hints = []

@@ -155,7 +155,8 @@ class LoopEvents:
         t.unchecked_loss.zero_()
         ips = self.seen * t.config.batch_size / max(seconds, 1e-9)
         lr = t.optimizer.param_groups[0]["lr"]
-        t.log.write("train", epoch=t.epoch, step=t.global_step, loss=value, lr=lr,
+        # Epochs count from 1 in every record, as in checkpoint names and the progress bar.
+        t.log.write("train", epoch=t.epoch + 1, step=t.global_step, loss=value, lr=lr,
                     images_per_s=round(ips, 1))
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{value:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.3g}")

@@ -60,9 +60,10 @@ def evaluated_data(folder: Path | None) -> dict[str, Any] | None:
 
 
 def pretraining_data(meta: dict[str, Any]) -> dict[str, Any] | None:
-    """The data config a checkpoint was pretrained on, from its metadata (an exported backbone
-    keeps only the provenance: its source)."""
-    recorded = (meta.get("config") or {}).get("data")
+    """The data config a checkpoint was trained on, from its metadata: a classifier's
+    ``data``, a pretraining checkpoint's ``config.data`` (an exported backbone keeps only the
+    provenance: its source)."""
+    recorded = meta.get("data") or (meta.get("config") or {}).get("data")
     if isinstance(recorded, dict):
         return recorded
     source = (meta.get("dataset") or {}).get("source")
@@ -79,7 +80,8 @@ def data_for(command: str, meta: dict[str, Any], given: DataConfig | str | dict[
     named = isinstance(given, str) or (isinstance(given, dict) and "data" in given)
     recorded, origin = evaluated_data(evaluation_dir), "the one its last evaluation used"
     if recorded is None:
-        recorded, origin = pretraining_data(meta), "the one it was pretrained on"
+        recorded = pretraining_data(meta)
+        origin = "the one it was trained on" if "data" in meta else "the one it was pretrained on"
     data = layered_data(recorded, given)
     if data is None:
         raise UserError(f"{command} needs --data: the checkpoint records no dataset")

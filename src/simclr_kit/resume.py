@@ -17,16 +17,37 @@ from tqdm.auto import tqdm
 
 from simclr_kit import distributed
 from simclr_kit.checkpoint import latest_checkpoint, load_train_state, read_metadata
-from simclr_kit.config import PretrainConfig, flatten, from_dict, load_yaml, merge, to_dict
+from simclr_kit.config import (DataConfig, PretrainConfig, flag_name, flatten, from_dict,
+                               load_yaml, merge, to_dict)
 from simclr_kit.errors import UserError
 
-# Fields a resume may change; every other one is the run's own.
+# Fields a resume may change; every other one is the run's own. The one list: --help, the
+# README and the error of a refused resume name their flags (resumable_flags).
 RESUMABLE_FIELDS = ("epochs", "device", "progress", "log_every", "checkpoint_every",
                     "checkpoint_every_steps", "loggers", "stream", "data.decode_workers")
 
 
+def resumable_flags() -> list[str]:
+    """The flags of :data:`RESUMABLE_FIELDS` (``progress`` has no flag to name)."""
+    flags = []
+    for name in RESUMABLE_FIELDS:
+        cls, field = (DataConfig, name[5:]) if name.startswith("data.") else (PretrainConfig, name)
+        flag = flag_name(cls, field)
+        if flag:
+            flags.append(flag)
+    return flags
+
+
+def resumable_text() -> str:
+    """"--epochs, --device, ... and --decode-workers", as --help and the errors list them."""
+    flags = resumable_flags()
+    return f"{', '.join(flags[:-1])} and {flags[-1]}"
+
+
 def saved_config(run_dir: Path) -> dict[str, Any]:
     """The run's ``config.yaml`` as a dict."""
+    if not Path(run_dir).exists():
+        raise UserError(f"--resume {run_dir}: no such run directory")
     file = Path(run_dir) / "config.yaml"
     if not file.is_file():
         raise UserError(f"--resume {run_dir}: no config.yaml there, so it is not a run directory")
@@ -38,6 +59,8 @@ def resume_config(run_dir: Path, changes: dict[str, Any]) -> PretrainConfig:
     changes are allowed is :func:`check_resume`'s to say. Without an ``epochs`` change the run
     goes on to the length it was last given: a run extended with ``--epochs`` and then
     interrupted continues to that length, not to the one in its ``config.yaml``."""
+    from simclr_kit.checkpoint import latest_checkpoint, load_train_state  # torch: lazily
+
     saved = saved_config(run_dir)
     ckpt = latest_checkpoint(run_dir, required=False)
     if "epochs" not in changes and ckpt is not None:
@@ -69,6 +92,8 @@ def _epochs(n: int) -> str:
 def _check_epochs_left(run_dir: Path, config: PretrainConfig) -> None:
     """Refuse a run that has trained its last epoch: resuming it would only save the same
     weights again and replace its report and metrics with a session that did nothing."""
+    from simclr_kit.checkpoint import latest_checkpoint, load_train_state  # torch: lazily
+
     ckpt = latest_checkpoint(run_dir, required=False)
     if ckpt is None:
         return  # killed before its first checkpoint: it starts again from the beginning
@@ -100,7 +125,7 @@ def check_resume(run_dir: Path, config: PretrainConfig) -> None:
     changed = _changed_fields(run_dir, saved, config)
     if changed:
         raise UserError(f"{'; '.join(changed)}: cannot change when resuming {run_dir} (only "
-                        f"{', '.join(RESUMABLE_FIELDS)} can); start a new run for that")
+                        f"{resumable_text()} can); start a new run for that")
     _check_epochs_left(run_dir, config)
 
 

@@ -123,8 +123,12 @@ def restore(t: Trainer) -> None:
         t.scaler.load_state_dict(state["grad_scaler"])
     if t.device.type == "cuda" and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"], t.device)
-    t.log.write("resume", epoch=t.epoch, step_in_epoch=t.step_in_epoch, checkpoint=ckpt.name,
+    # The epoch of the checkpoint's name, counted from 1: a mid-epoch one is in the next epoch.
+    t.log.write("resume", epoch=t.epoch + (1 if t.step_in_epoch else 0),
+                step_in_epoch=t.step_in_epoch, checkpoint=ckpt.name,
                 hardware=hardware_info(t.device))
+    if distributed.is_main():
+        tqdm.write(f"resuming from {ckpt.name} in {t.run_dir}")
 
 
 __all__ = ["NonFiniteLoss", "check_finite", "checkpoint_name", "restore", "save"]

@@ -201,7 +201,11 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None,
         torch.use_deterministic_algorithms(True, warn_only=True)
     tune_backends(device, cfg.deterministic)
     _check_world(cfg)
-    run_dir = resume if resume is not None else _new_run_dir(cfg)
+    if resume is None:  # config.yaml records the directory the run was given, not None
+        run_dir = _new_run_dir(cfg)
+        cfg = dataclasses.replace(cfg, out=str(run_dir))
+    else:
+        run_dir = resume
     store, eval_store, image_size = _load_data(cfg)
     changed = check_same_data(resume, store.provenance, allow_changed_data) \
         if resume is not None else None

@@ -112,6 +112,33 @@ def pretrain(config: PretrainConfig, resume: str | Path | None = None,
     return trainer.run_dir
 
 
+def summary(run_dir: Path) -> str:
+    """The lines ``simclr pretrain`` ends with: the epochs trained, the final loss (and the
+    last monitored kNN accuracy), the checkpoint, the report and the command to run next.
+    Empty on ranks other than 0, which write no metrics."""
+    from simclr_kit.checkpoint import latest_checkpoint
+    from simclr_kit.report.metrics import read_metrics
+
+    if not distributed.is_main():
+        return ""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    last = {r.get("kind"): r for r in records}  # the last record of each kind
+    facts = [f"{(last.get('done') or {}).get('epoch', '?')} epoch(s) trained"]
+    if "train" in last:
+        facts.append(f"final loss {last['train']['loss']:.4f}")
+    if "knn" in last:
+        facts.append(f"kNN top-1 {last['knn']['top1']:.2f}% (k={last['knn'].get('k')})")
+    lines = [f"pretrained {run_dir}: {', '.join(facts)}",
+             f"checkpoint: {latest_checkpoint(run_dir, required=False) or 'none'}"]
+    if (run_dir / "report.html").is_file():
+        lines.append(f"report: {run_dir / 'report.html'}")
+    labelled = ((records[0] if records else {}).get("dataset") or {}).get("label_column")
+    lines.append(f"next: simclr evaluate {run_dir}" + (
+        "   (on its own labelled dataset; --data chooses another)" if labelled else
+        " --data LABELLED_DATASET   (its images have no labels)"))
+    return "\n".join(lines)
+
+
 __all__ = ["Interrupted", "NonFiniteLoss", "Trainer", "batch_indices", "check_finite",
            "checkpoint_name", "epoch_permutation", "fit", "prepare", "pretrain", "save",
-           "train_step"]
+           "summary", "train_step"]

@@ -7,11 +7,10 @@ of Parquet files, an image folder (sub-folder per class, or flat and unlabeled).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import glob
 import math
 import os
-import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from simclr_kit.config import DataConfig
+from simclr_kit.data.names import IMAGE_SUFFIXES, check_data_name, near_names
 from simclr_kit.errors import UserError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
 @dataclass(frozen=True)
@@ -141,19 +139,53 @@ def _load_local_files(path: Path) -> datasets.DatasetDict | None:
     return None
 
 
-def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
+# How long the hub may take to answer before a name is given up on: the hub client's own
+# retries would wait for half a minute on a machine without a network.
+HUB_CONNECT_SECONDS = 5.0
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """None when ``endpoint`` answers (any HTTP status) within :data:`HUB_CONNECT_SECONDS`,
+    else the error's name. Through the hub client's session, so a configured proxy is used."""
     import huggingface_hub
+
+    try:
+        huggingface_hub.get_session().head(endpoint, timeout=HUB_CONNECT_SECONDS)
+    except Exception as err:  # noqa: BLE001 - whatever the transport raises means: not reached
+        return type(err).__name__
+    return None
+
+
+def _load_hub(cfg: DataConfig, near: str = "") -> datasets.DatasetDict:
+    """``cfg.data`` from the hub; ``near`` is the hint of local names close to it, which every
+    message repeats (a mistyped folder is the likelier story)."""
+    import huggingface_hub
+
+    from simclr_kit import distributed
 
     # The hub client logs every retry; the one line below says what went wrong instead.
     huggingface_hub.utils.logging.set_verbosity_error()
+    endpoint = huggingface_hub.constants.ENDPOINT
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE or \
+        getattr(datasets.config, "HF_HUB_OFFLINE", False)  # HF_DATASETS_OFFLINE sets it too
+    if distributed.is_main():
+        print(f"{cfg.data!r} is not a file or folder here{near}: looking it up on the Hugging "
+              f"Face hub ({'its local cache only: HF_HUB_OFFLINE' if offline else endpoint})",
+              file=sys.stderr, flush=True)
+    why = None if offline else _hub_unreachable(endpoint)
+    if why is not None:
+        raise UserError(f"cannot load {cfg.data!r}: it is not a file or folder here{near}, and "
+                        f"the hub ({endpoint}) could not be reached in {HUB_CONNECT_SECONDS:g} s "
+                        f"({why}); check the path, or the network")
     try:
         loaded = datasets.load_dataset(cfg.data, cfg.data_config, revision=cfg.revision)
     except (ConnectionError, OSError) as err:
-        raise UserError(f"cannot load {cfg.data!r}: it is not an existing path, and the hub "
-                        f"dataset could not be reached ({type(err).__name__}); check the path, "
-                        "or the network (HF_HUB_OFFLINE=1 forbids it)") from None
+        raise UserError(f"cannot load {cfg.data!r}: it is not a file or folder here{near}, and "
+                        f"the hub dataset could not be reached ({type(err).__name__}); check "
+                        "the path, or the network (HF_HUB_OFFLINE=1 forbids it)") from None
     except datasets.exceptions.DatasetNotFoundError:
-        raise UserError(f"{cfg.data!r} is neither an existing path nor a hub dataset") from None
+        raise UserError(f"{cfg.data!r} is neither a file or folder here{near} nor a hub "
+                        "dataset") from None
     except RuntimeError as err:
         # datasets >= 4: "Dataset scripts are no longer supported, but found NAME.py"
         if "script" in str(err).lower():
@@ -169,9 +201,7 @@ def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
 
 def _load_glob(pattern: str) -> datasets.DatasetDict:
     """The Parquet files a glob matches, else its image files (one split, 'train')."""
-    files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-    if not files:
-        raise UserError(f"no files match {pattern!r}")
+    files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))  # >= 1: checked
     parquet = [f for f in files if f.endswith(".parquet")]
     images = [f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
     if not parquet and not images:
@@ -180,46 +210,17 @@ def _load_glob(pattern: str) -> datasets.DatasetDict:
     return _read_files(pattern, datasets.load_dataset, kind, data_files={"train": chosen})
 
 
-# A hub id: NAME or OWNER/NAME of letters, digits, '-', '_' and '.'.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-
-
-def _missing_path(text: str) -> str | None:
-    """Why ``text``, which names nothing on disk, is a mistyped path rather than a hub id, or
-    None when it may be a hub id. Answered at once: the hub is never asked about a path."""
-    suffix = Path(text).suffix.lower()
-    if not _HUB_ID.fullmatch(text) or suffix in IMAGE_SUFFIXES | {".parquet", ".arrow"}:
-        return ""  # a path by its form: ./x, /x, ~/x, a/b/c, x/, photo.jpg
-    first = text.split("/")[0]
-    if "/" in text and Path(first).is_dir():
-        return f"; {first}/ is a folder here, so this is a path, not the hub id {text!r}"
-    return None
-
-
-def _near_names(text: str) -> str:
-    """' (did you mean X?)' for a close name in the folder ``text`` points into, else ''."""
-    given = text.rstrip("/" + os.sep)
-    path = Path(os.path.expanduser(given))
-    if not path.name or not path.parent.is_dir():
-        return ""
-    names = [p.name for p in path.parent.iterdir() if not p.name.startswith(".")]
-    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.7)
-    return f" (did you mean {given[:-len(path.name)]}{close[0]}?)" if close else ""
-
-
 def open_source(cfg: DataConfig) -> datasets.DatasetDict:
     """All splits of the source named by ``cfg.data``."""
     if cfg.data == "digits":
         return digits_dataset()
+    check_data_name(cfg.data)  # a mistyped path or an empty glob: refused, the hub never asked
     if any(ch in cfg.data for ch in "*?["):
         return _load_glob(cfg.data)
     path = Path(os.path.expanduser(cfg.data))
     if path.exists():
         return _load_local(path)
-    why = _missing_path(cfg.data)
-    if why is not None:
-        raise UserError(f"no such file or folder: {cfg.data}{_near_names(cfg.data)}{why}")
-    return _load_hub(cfg)
+    return _load_hub(cfg, near_names(cfg.data))
 
 
 def _checked_override(features: datasets.Features, name: str, role: str, fits: bool,
@@ -319,15 +320,37 @@ def pick_split(names: Sequence[str], requested: str | None, preferred: Sequence[
     return name
 
 
-def whole_split(cfg: DataConfig, preferred: Sequence[str]) -> Split:
+def whole_split(cfg: DataConfig, preferred: Sequence[str], name_files: bool = False) -> Split:
     """Every row of one split, nothing carved off for validation: the :func:`pick_split` of
     ``cfg.train_split`` (the ``--split`` of embed and predict) and the command's ``preferred``
     (:data:`TRAIN_SPLITS`, :data:`PREDICT_SPLITS`). Labels and class names come with it when
-    the split has a label column."""
+    the split has a label column.
+
+    ``name_files``: images read from files that no split folder groups (a flat or
+    class-per-folder tree, a glob, one file), which the loader calls 'train' of its own
+    accord, are named after what ``--data`` named instead ('new_photos/'), not 'train'."""
     dd = open_source(cfg)
     name = pick_split(list(dd), cfg.train_split, preferred, "--split")
     assert name is not None
-    return _make_split(dd[name], cfg, name)
+    label = _files_name(cfg, list(dd)) if name_files and cfg.train_split is None else None
+    return _make_split(dd[name], cfg, label or name)
+
+
+def _files_name(cfg: DataConfig, splits: list[str]) -> str | None:
+    """What to call the one split the loader made of image files, or None when the name is
+    the data's own (a Parquet or saved split, a folder named 'train')."""
+    if splits != ["train"] or cfg.data == "digits":
+        return None
+    pattern = any(ch in cfg.data for ch in "*?[")
+    path = Path(os.path.expanduser(cfg.data))
+    if pattern or (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES):
+        return cfg.data
+    if not path.is_dir() or (path / "dataset_dict.json").is_file() or \
+            (path / "state.json").is_file() or any(path.rglob("*.parquet")):
+        return None
+    if any(p.is_dir() and p.name.lower().startswith("train") for p in path.iterdir()):
+        return None  # a split folder of its own
+    return cfg.data.rstrip("/" + os.sep) + "/"
 
 
 def _carve_validation(ds: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset,

@@ -41,6 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from simclr_kit import distributed, faults
+from simclr_kit.atomic import atomic_write_text
 from simclr_kit.augment.stats import channel_stats, stats_from_counts
 from simclr_kit.data import decode_pool, mapped
 from simclr_kit.data.pixels import CROP_FRACTION, Layout, decode_image
@@ -409,8 +410,27 @@ def announce_skipped(store: ImageStore, consequence: str = "") -> None:
         tqdm.write(skipped_summary(store) + consequence)
 
 
-def skipped_report(store: ImageStore) -> str:
-    """Tab-separated lines ``row, file, reason`` of every skipped or ignored item, with a header."""
-    lines = ["row\tfile\treason"]
-    lines += [f"{r}\t{p}\t{m}".replace("\n", " ") for r, p, m in store.skipped]
+def skipped_report(store: ImageStore, *more: ImageStore) -> str:
+    """Tab-separated lines ``row, file, reason`` of every skipped or ignored item, with a header;
+    of several stores (an evaluation's two splits), each line led by its ``split``."""
+    def split(s: ImageStore) -> str:
+        return f"{s.provenance.get('split')}\t" if more else ""
+
+    lines = [("split\t" if more else "") + "row\tfile\treason"]
+    lines += [f"{split(s)}{r}\t{p}\t{m}".replace("\n", " ")
+              for s in (store, *more) for r, p, m in s.skipped]
     return "\n".join(lines) + "\n"
+
+
+def list_skipped(path: Path, *stores: ImageStore) -> str:
+    """Write the :func:`skipped_report` of ``stores`` to ``path`` (rank 0) when they skipped
+    anything, else remove a list an earlier run left there; returns the end of
+    :func:`announce_skipped`'s line: "; listed in PATH", or ""."""
+    if not any(s.skipped for s in stores):
+        if distributed.is_main():
+            path.unlink(missing_ok=True)
+        return ""
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, skipped_report(*stores))
+    return f"; listed in {path}"

@@ -9,6 +9,7 @@ code too. Only the forward pass differs: ONNX Runtime's CPU provider instead of 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from simclr_kit.classifier import decode_for_predict, write_predictions
 from simclr_kit.config import DataConfig
@@ -16,8 +17,9 @@ from simclr_kit.deploy.onnx_runtime import cpu_session, graph_metadata, run_batc
 from simclr_kit.errors import UserError
 
 
-def predict_onnx(graph: str | Path, data: str, out: str | Path,
-                 data_config: DataConfig | None = None, batch_size: int = 256) -> int:
+def predict_onnx(graph: str | Path, data: DataConfig | str | dict[str, Any] | None,
+                 out: str | Path, data_config: DataConfig | None = None, batch_size: int = 256,
+                 split: str | None = None) -> int:
     """Write ``out`` as :func:`simclr_kit.classifier.predict` does, with the classifier graph
     ``graph`` (written by ``simclr export CLS_DIR classifier.onnx``); returns the rows written."""
     session = cpu_session(graph)
@@ -25,6 +27,6 @@ def predict_onnx(graph: str | Path, data: str, out: str | Path,
     if meta.get("kind") != "classifier":
         raise UserError(f"{graph} is an encoder's graph (features), not a classifier's: export "
                         "one with simclr export CLS_DIR classifier.onnx")
-    store = decode_for_predict(meta, data, data_config)
+    store = decode_for_predict(meta, data, out, data_config, split)
     logits = run_batches(session, store.images, batch_size)
     return write_predictions(store, logits, meta["class_names"], out)

@@ -125,31 +125,37 @@ def label_efficiency(train_features: Tensor, train_labels: Tensor, val_features:
         rows), ``mean`` and ``std`` (percent val accuracy over the runs; sample std, 0 for one
         run), ``runs`` (the per-seed accuracies), ``seeds`` (the seed of each run), ``epochs``
         and ``steps`` (what each probe trained: a subset's size is the same for every seed, so
-        ``min_steps`` raises the epochs alike).
+        ``min_steps`` raises the epochs alike). A subset that draws exactly the labels of an
+        earlier one for every seed (1% and 1-shot of 100 images per class) gets no row of its
+        own: the earlier row names it in ``same_as``.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     base_seed = int(probe_kwargs.pop("seed", _DEFAULTS.seed))
-    rows = []
+    rows: list[dict[str, Any]] = []
+    by_labels: dict[tuple[bytes, ...], dict[str, Any]] = {}  # each subset's rows, over seeds
     for name, kind, value in _subset_specs(fractions, shots):
+        subsets = [(stratified_fraction(train_labels, value, base_seed + i) if kind == "fraction"
+                    else k_shot(train_labels, int(value), base_seed + i)) for i in range(seeds)]
+        drawn = tuple(idx.cpu().numpy().tobytes() for idx in subsets)
+        if drawn in by_labels:  # the same labels: the same numbers, said once
+            by_labels[drawn].setdefault("same_as", []).append(name)
+            continue
         runs: list[float] = []
         result = None
-        for i in range(seeds):
-            if kind == "fraction":
-                idx = stratified_fraction(train_labels, value, base_seed + i)
-            else:
-                idx = k_shot(train_labels, int(value), base_seed + i)
+        for i, idx in enumerate(subsets):
             idx = idx.to(train_features.device)
             result = train_linear_probe(train_features[idx], train_labels.to(idx.device)[idx],
                                         val_features, val_labels, num_classes,
                                         seed=base_seed + i, **probe_kwargs)
             runs.append(result.val_accuracy)
         assert result is not None
-        rows.append({"subset": name, "kind": kind, "value": value, "labels": int(idx.numel()),
-                     "mean": statistics.fmean(runs),
-                     "std": statistics.stdev(runs) if len(runs) > 1 else 0.0, "runs": runs,
-                     "seeds": [base_seed + i for i in range(seeds)], "epochs": result.epochs,
-                     "steps": result.steps})
+        by_labels[drawn] = {
+            "subset": name, "kind": kind, "value": value, "labels": int(subsets[-1].numel()),
+            "mean": statistics.fmean(runs), "std": statistics.stdev(runs) if len(runs) > 1 else 0.0,
+            "runs": runs, "seeds": [base_seed + i for i in range(seeds)],
+            "epochs": result.epochs, "steps": result.steps}
+        rows.append(by_labels[drawn])
     return rows
 
 
@@ -199,8 +205,9 @@ def _name_groups(rows: list[dict[str, Any]], gap: float = 0.06) -> list[tuple[fl
     by_count: dict[int, list[str]] = {}
     for r in sorted(rows, key=lambda r: r["labels"]):
         names = by_count.setdefault(int(r["labels"]), [])
-        if str(r["subset"]) not in names:
-            names.append(str(r["subset"]))
+        for name in [str(r["subset"]), *r.get("same_as", [])]:
+            if name not in names:
+                names.append(name)
     groups: list[tuple[float, list[str]]] = []
     for count, names in by_count.items():
         if groups and math.log10(count) - math.log10(groups[-1][0]) < gap:

@@ -3,7 +3,7 @@
 A :class:`~simclr_kit.training.Trainer` hook. After every N-th epoch (and the last one) it
 embeds the pretraining split and the labelled evaluation split with the backbone in eval mode
 (clean images, no augmentation), runs the weighted kNN of ``knn.py`` with the ``EvalConfig``
-defaults (k = 200, T = 0.1), and logs a ``knn`` record (epoch, step, top1, top5, k, ...) to
+defaults (k = 200, T = 0.1), and logs a ``knn`` record (epoch, step, top1, top5 above 5 classes, k, ...) to
 ``metrics.jsonl``, from where the run report draws its curve.
 
 Cost: one forward pass over both splits, about a sixth of a training epoch (which runs forward
@@ -84,13 +84,16 @@ def knn_monitor(t: Trainer, every: int, k: int = _DEFAULTS.knn_k[0],
             return
         acc = knn_accuracy(keys.to(trainer.device), train_labels, queries.to(trainer.device),
                            eval_labels, num_classes, ks=(k,), temperature=temperature)[k]
+        # As evaluate: k capped at the keys, top-5 only where it can miss (above 5 classes).
+        used = min(k, int(keys.shape[0]))
+        top5 = {"top5": acc["top5"]} if num_classes > 5 else {}
         trainer.log.write("knn", epoch=trainer.epoch, step=trainer.global_step,
-                          top1=acc["top1"], top5=acc["top5"], k=k, temperature=temperature,
+                          top1=acc["top1"], **top5, k=used, temperature=temperature,
                           keys=int(keys.shape[0]), queries=int(queries.shape[0]),
                           split=trainer.eval_store.provenance.get("split"),  # type: ignore[union-attr]
                           seconds=round(time.perf_counter() - started, 2))
         if trainer.config.progress:
-            tqdm.write(f"epoch {trainer.epoch}: kNN (k={k}) top-1 {acc['top1']:.2f}%, "
-                       f"top-5 {acc['top5']:.2f}%")
+            tqdm.write(f"epoch {trainer.epoch}: kNN (k={used}) top-1 {acc['top1']:.2f}%"
+                       + (f", top-5 {acc['top5']:.2f}%" if top5 else ""))
 
     return hook

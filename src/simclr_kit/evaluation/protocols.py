@@ -33,7 +33,8 @@ from simclr_kit.atomic import atomic_write_text
 from simclr_kit.config import DataConfig, EvalConfig
 from simclr_kit.data.pixels import chosen_crop_fraction
 from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import ImageStore, announce_skipped, decode_split
+from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, list_skipped
+from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, load_encoder
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.cache import cached_features, weights_hash
@@ -45,6 +46,7 @@ from simclr_kit.models import backbone_kwargs, build_backbone
 from simclr_kit.provenance import check_not_replacing, data_for, run_directory
 
 LABEL_EFFICIENCY_PNG = "label_efficiency.png"
+EVAL_SKIPPED = "eval-skipped.txt"  # the unreadable images of both splits: split, row, file, reason
 FEATURES_DIR = "features"
 
 __all__ = ["baseline_encoder", "evaluate", "markdown_table", "run_protocols"]
@@ -115,12 +117,23 @@ class _Inputs:
 
 
 def _knn_rows(x: _Inputs) -> list[dict[str, Any]]:
+    """Top-1 for each k, capped at the training images (a larger k would vote with all of them
+    anyway); top-5 only above 5 classes, where it can miss."""
     result = knn_accuracy(x.f_train, x.y_train, x.f_val, x.y_val, x.num_classes, ks=x.cfg.knn_k,
                           temperature=x.cfg.knn_temperature)
-    return [x.row("knn", metric, value, None,
-                  {"k": k, "temperature": x.cfg.knn_temperature, "similarity": "cosine",
-                   "vote": "weighted exp(sim/T)", "features": "frozen encoder in eval mode, clean"})
-            for k, acc in result.items() for metric, value in acc.items()]
+    keys = int(x.f_train.shape[0])
+    rows, seen = [], set()
+    for k, acc in result.items():
+        if min(k, keys) in seen:  # two asked k capped to the same: the same numbers
+            continue
+        seen.add(min(k, keys))
+        hp = {"k": min(k, keys), "temperature": x.cfg.knn_temperature, "similarity": "cosine",
+              "vote": "weighted exp(sim/T)", "features": "frozen encoder in eval mode, clean"}
+        if k > keys:
+            hp.update(k_asked=k, note=f"k capped at the {keys} training images")
+        rows += [x.row("knn", metric, value, None, hp) for metric, value in acc.items()
+                 if metric != "top5" or x.num_classes > 5]
+    return rows
 
 
 def _linear_rows(x: _Inputs) -> list[dict[str, Any]]:
@@ -155,10 +168,11 @@ def _fraction_rows(x: _Inputs) -> list[dict[str, Any]]:
         hp = dict(_linear_hyperparameters(dataclasses.replace(cfg, probe_augment=False),
                                           s["epochs"], s["steps"]),
                   sampling="class-stratified" if s["kind"] == "fraction" else "k per class")
-        # subset/kind/labels/mean/std: the fields plot_label_efficiency reads
+        # subset/kind/labels/mean/std/same_as: the fields plot_label_efficiency reads
+        same = {"same_as": s["same_as"]} if "same_as" in s else {}
         rows.append(x.row("fractions", "top1", s["mean"], s["seeds"], hp, std=s["std"],
                           runs=s["runs"], subset=s["subset"], kind=s["kind"], labels=s["labels"],
-                          mean=s["mean"]))
+                          mean=s["mean"], **same))
     return rows
 
 
@@ -208,8 +222,10 @@ def run_protocols(encoder: Encoder, train: ImageStore, val: ImageStore, cfg: Eva
     return rows, features
 
 
-def _load_data(data: DataConfig, image_size: int,
-               progress: bool) -> tuple[ImageStore, ImageStore]:
+def _load_data(data: DataConfig, image_size: int, progress: bool,
+               skipped_file: Path) -> tuple[ImageStore, ImageStore]:
+    """Both splits decoded at ``image_size``; the images skipped are listed in
+    ``skipped_file``."""
     train_split, val_split = open_splits(data, need_eval=True)
     crop_fraction = chosen_crop_fraction(data.crop_fraction)
     assert val_split is not None
@@ -217,8 +233,9 @@ def _load_data(data: DataConfig, image_size: int,
                          workers=data.decode_workers, crop_fraction=crop_fraction)
     val = decode_split(val_split, image_size, data.bad_images, progress,
                        workers=data.decode_workers, crop_fraction=crop_fraction)
+    listed = list_skipped(skipped_file, train, val)
     for store in (train, val):
-        announce_skipped(store)
+        announce_skipped(store, listed)
     _check_labels(train, "train")
     _check_labels(val, "evaluation")
     return train, val
@@ -234,8 +251,8 @@ def evaluate(checkpoint: str | Path, data: DataConfig | str | dict[str, Any] | N
     the one it was pretrained on (:func:`simclr_kit.provenance.data_for`).
 
     Results go to ``out``, else to the run directory that holds the checkpoint: ``eval.json``,
-    ``eval.md``, ``label_efficiency.png`` (with ``fractions``) and the feature cache
-    ``features/``. An ``eval.json`` there from another dataset is never replaced: that is an
+    ``eval.md``, ``label_efficiency.png`` (with ``fractions``), ``eval-skipped.txt`` (when
+    images were unreadable) and the feature cache ``features/``. An ``eval.json`` there from another dataset is never replaced: that is an
     error naming ``out`` as the way to keep both.
     """
     cfg = cfg or EvalConfig()
@@ -251,7 +268,7 @@ def evaluate(checkpoint: str | Path, data: DataConfig | str | dict[str, Any] | N
     # The crop used is recorded with the data (eval.json): the flag's, else the run's.
     data = dataclasses.replace(data, crop_fraction=chosen_crop_fraction(data.crop_fraction,
                                                                         encoder.meta))
-    train, val = _load_data(data, encoder.image_size, progress)
+    train, val = _load_data(data, encoder.image_size, progress, out_dir / EVAL_SKIPPED)
     started = time.time()
     rows: list[dict[str, Any]] = []
     features: dict[str, Any] = {}

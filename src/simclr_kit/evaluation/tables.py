@@ -28,14 +28,18 @@ def _setting(row: dict[str, Any]) -> str:
     hp = row.get("hyperparameters") or {}
     protocol = row.get("protocol")
     if protocol == "knn":
-        return f"k={hp.get('k')}, T={hp.get('temperature')}"
+        capped = f" ({hp['k_asked']} asked; the train split has {hp['k']} images)" \
+            if "k_asked" in hp else ""
+        return f"k={hp.get('k')}{capped}, T={hp.get('temperature')}"
     if protocol in ("linear", "fractions"):
         text = (f"{hp.get('epochs_run', hp.get('epochs'))} ep / {hp.get('steps')} steps, "
                 f"lr {hp.get('lr')}, batch {hp.get('batch_size')}")
         if "augmented" in str(hp.get("features", "")):
             text += ", augmented views"
         if protocol == "fractions":
-            text = f"{row.get('subset')} ({row.get('labels')} labels), {text}"
+            same = "".join(f" = {name}" for name in row.get("same_as", []))
+            also = ", the same labels" if same else ""
+            text = f"{row.get('subset')}{same} ({row.get('labels')} labels{also}), {text}"
         return text
     if protocol == "finetune":
         return (f"{hp.get('epochs')} ep, lr {hp.get('lr')} (backbone x"
@@ -117,6 +121,13 @@ def verdict(rows: list[dict[str, Any]], architecture: str = "encoder",
     else:
         head = "differs from"
     return f"SimCLR {head} a {baseline} {architecture} by " + " and ".join(parts)
+
+
+def result_verdict(result: dict[str, Any]) -> str | None:
+    """The :func:`verdict` of an evaluation (what ``eval.json`` holds), naming the encoder's
+    architecture: the sentence ``simclr run`` prints and the report opens with."""
+    architecture = (result.get("encoder") or {}).get("backbone") or "encoder"
+    return verdict(result.get("results") or [], architecture)
 
 
 def markdown_report(result: dict[str, Any]) -> str:

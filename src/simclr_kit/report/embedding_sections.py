@@ -18,6 +18,7 @@ from simclr_kit.report.page import Missing, Section, caption, esc, image
 from simclr_kit.report.sections import ReportContext
 
 QUERIES, NEIGHBOURS = 6, 8
+REPORT_SKIPPED = "report-skipped.txt"  # the images of both splits the report could not read
 
 
 @dataclass
@@ -49,7 +50,7 @@ def _embedded(ctx: ReportContext, embeddings: bool) -> Embedded:
 def _embed_splits(ctx: ReportContext) -> Embedded:
     from simclr_kit.data.sources import open_splits
     from simclr_kit.data.pixels import chosen_crop_fraction
-    from simclr_kit.data.store import announce_skipped, decode_split
+    from simclr_kit.data.store import announce_skipped, decode_split, list_skipped
     from simclr_kit.devices import resolve_device
     from simclr_kit.embed import backbone_features
     from simclr_kit.evaluation.cache import read_cached_features
@@ -67,9 +68,10 @@ def _embed_splits(ctx: ReportContext) -> Embedded:
     stores = [decode_split(s, enc.image_size, data.bad_images, ctx.progress,
                            workers=data.decode_workers, crop_fraction=crop_fraction)
               for s in (train_split, eval_split)]
+    listed = list_skipped(ctx.run / REPORT_SKIPPED, *stores)
     if ctx.progress:  # the report command; at the end of `simclr run`, evaluate said it
         for store in stores:
-            announce_skipped(store)
+            announce_skipped(store, listed)
     dev = resolve_device(ctx.device)
     feats = []
     for store, name in zip(stores, ("train", "eval")):

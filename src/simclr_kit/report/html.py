@@ -19,6 +19,7 @@ from simclr_kit.config import DataConfig
 from simclr_kit.errors import UserError
 from simclr_kit.report import embedding_sections as emb
 from simclr_kit.report import sections as sec
+from simclr_kit.report.headline import result_section
 from simclr_kit.report.page import Section, guard, render
 from simclr_kit.report.sections import ReportContext
 
@@ -63,10 +64,10 @@ def write_report(run_dir: str | Path, data: DataConfig | str | dict[str, Any] | 
 
 
 def build_sections(ctx: ReportContext, embeddings: bool, max_points: int) -> list[Section]:
-    """Every section in page order."""
+    """Every section in page order: the result first, then how the run got there, the
+    machine, and the config last (folded)."""
     builders: list[tuple[str, str, Callable[[], Section]]] = [
-        ("config", "Configuration and data", lambda: sec.config_section(ctx)),
-        ("hardware", "Hardware, time and memory", lambda: sec.hardware_section(ctx)),
+        ("result", "Result", lambda: result_section(ctx)),
         ("curves", "Loss and learning rate", lambda: sec.curves_section(ctx)),
         ("knn-monitor", "Monitored kNN accuracy", lambda: sec.knn_monitor_section(ctx)),
         ("evaluation", "Evaluation", lambda: sec.evaluation_section(ctx)),
@@ -77,6 +78,8 @@ def build_sections(ctx: ReportContext, embeddings: bool, max_points: int) -> lis
          lambda: emb.map_section(ctx, embeddings, max_points)),
         ("retrieval", "Nearest-neighbour retrieval",
          lambda: emb.retrieval_section(ctx, embeddings)),
+        ("hardware", "Hardware, time and memory", lambda: sec.hardware_section(ctx)),
+        ("config", "Configuration and data", lambda: sec.config_section(ctx)),
     ]
     return [guard(build, sid, title) for sid, title, build in builders]
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from simclr_kit.config import flatten
+from simclr_kit.config import flatten, unknown_choice
 from simclr_kit.errors import UserError
 
 # logger name -> (module that must be importable, pip extra that installs it)
@@ -36,9 +36,8 @@ class MetricSink(Protocol):
 def check_loggers(names: tuple[str, ...] | list[str]) -> None:
     """Raise a one-line UserError for an unknown logger or one whose library is not installed."""
     for name in names:
-        if name not in LOGGERS:
-            raise UserError(f"unknown logger {name!r}: choose from {', '.join(LOGGERS)} "
-                            "(JSONL metrics are always written)")
+        if name not in LOGGERS:  # metrics.jsonl is always written: these are copies of it
+            raise unknown_choice("logger", name, tuple(LOGGERS), "--logger")
         module, extra = LOGGERS[name]
         if importlib.util.find_spec(module) is None:
             raise UserError(f"--logger {name} needs the {module} package, which is not "

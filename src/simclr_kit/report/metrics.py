@@ -1,4 +1,9 @@
-"""The metrics log: one JSON object per line in ``RUN/metrics.jsonl``, appended (resume-safe)."""
+"""The metrics log: one JSON object per line in ``RUN/metrics.jsonl``, appended (resume-safe).
+
+Epochs count from 1 in every record, as in checkpoint names and the progress bar: a ``train``
+record's ``epoch`` is the epoch in progress, a ``knn``, ``done`` or ``budget_stop`` record's the
+epoch just ended.
+"""
 
 from __future__ import annotations
 

@@ -33,6 +33,8 @@ img { max-width: 100%; height: auto; display: block; margin: 6px 0; }
 .note { background: #fff8e5; border-left: 4px solid #e0b33a; padding: 8px 12px; margin: 8px 0;
         font-size: 0.92em; }
 .caption { color: #5b6470; font-size: 0.88em; margin: 2px 0 10px; }
+.verdict { font-size: 1.15em; font-weight: 600; margin: 12px 0; }
+summary { cursor: pointer; font-weight: 600; margin: 12px 0 6px; }
 .cols { display: flex; flex-wrap: wrap; gap: 28px; }
 table.retrieval td { text-align: center; font-size: 0.78em; padding: 4px; }
 table.retrieval img { margin: 0 auto 2px; width: 72px; image-rendering: pixelated; }
@@ -90,6 +92,11 @@ def key_values(values: dict[str, Any]) -> str:
 
 def preformatted(text: str) -> str:
     return f"<pre>{esc(text)}</pre>"
+
+
+def folded(summary: str, body: str) -> str:
+    """``body`` (HTML) closed under a one-line ``summary`` that opens it."""
+    return f"<details><summary>{esc(summary)}</summary>{body}</details>"
 
 
 def render(title: str, subtitle: str, sections: list[Section]) -> str:

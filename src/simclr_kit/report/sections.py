@@ -23,8 +23,8 @@ from simclr_kit.encoder import Encoder
 from simclr_kit.evaluation.tables import side_by_side
 from simclr_kit.errors import UserError
 from simclr_kit.report import plots
-from simclr_kit.report.page import (Missing, Section, caption, esc, image, key_values, note,
-                                    preformatted, table)
+from simclr_kit.report.page import (Missing, Section, caption, esc, folded, image, key_values,
+                                    note, preformatted, table)
 from simclr_kit.report.loggers import scalars
 from simclr_kit.report.metrics import read_metrics
 
@@ -68,6 +68,19 @@ class ReportContext:
     def kind(self, name: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("kind") == name]
 
+    def labelled_pretraining(self) -> bool | None:
+        """Whether the pretraining split had labels; None when the run did not record it."""
+        dataset = (self.kind("run") or [{}])[0].get("dataset")
+        if not isinstance(dataset, dict) or "label_column" not in dataset:
+            return None
+        return dataset["label_column"] is not None
+
+    def evaluate_command(self) -> str:
+        """The command that evaluates this run: on its own dataset, or on a labelled one when
+        it was pretrained on unlabeled images."""
+        labelled = self.labelled_pretraining() is not False
+        return f"simclr evaluate {self.run}" + ("" if labelled else " --data LABELLED_DATASET")
+
     def encoder(self) -> Encoder:
         if "encoder" not in self._cache:
             from simclr_kit.encoder import load_encoder
@@ -95,12 +108,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def config_section(ctx: ReportContext) -> Section:
+    """The datasets' provenance, and the resolved config folded (it is long)."""
     parts = []
-    if ctx.config:
-        parts.append("<h3>Resolved configuration (config.yaml)</h3>")
-        parts.append(preformatted(yaml.safe_dump(ctx.config, sort_keys=False)))
-    else:
-        parts.append(note("config.yaml is missing from the run directory."))
     sources: list[tuple[str, Any]] = [("pretraining data", (ctx.kind("run") or [{}])[0].get("dataset"))]
     if ctx.eval_result:
         sources += [("evaluation: train split", ctx.eval_result.get("train")),
@@ -109,6 +118,11 @@ def config_section(ctx: ReportContext) -> Section:
               for name, prov in sources if isinstance(prov, dict)]
     parts.append(f'<div class="cols">{"".join(blocks)}</div>' if blocks
                  else note("no dataset provenance recorded in metrics.jsonl"))
+    if ctx.config:
+        parts.append(folded("Resolved configuration (config.yaml)",
+                            preformatted(yaml.safe_dump(ctx.config, sort_keys=False))))
+    else:
+        parts.append(note("config.yaml is missing from the run directory."))
     return Section("config", "Configuration and data", "\n".join(parts))
 
 
@@ -122,27 +136,37 @@ def _sessions(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return out
 
 
+def wall_time(ctx: ReportContext) -> str:
+    """The training's wall time, every session of a resumed run summed."""
+    sessions = _sessions(ctx.records)
+    wall = sum(s[-1].get("time", 0) - s[0].get("time", 0) for s in sessions)
+    return f"{wall / 60:.1f} min ({wall:.0f} s) over {len(sessions)} session(s)"
+
+
+def images_per_second(ctx: ReportContext) -> str | None:
+    """The median training speed of the logged intervals, None when none was logged."""
+    rates = [r["images_per_s"] for r in ctx.kind("train")
+             if isinstance(r.get("images_per_s"), (int, float))]
+    return f"{statistics.median(rates):.1f}" if rates else None
+
+
 def hardware_section(ctx: ReportContext) -> Section:
     if not ctx.records:
         raise Missing("metrics.jsonl is missing or empty: nothing was logged for this run")
     start = (ctx.kind("run") or ctx.kind("resume") or [{}])[0]
     done, train = ctx.kind("done"), ctx.kind("train")
-    sessions = _sessions(ctx.records)
-    wall = sum(s[-1].get("time", 0) - s[0].get("time", 0) for s in sessions)
     facts: dict[str, Any] = {"device": start.get("device", "not recorded"),
                              "processes (world size)": start.get("world_size", "not recorded")}
     hardware = next((r["hardware"] for r in reversed(ctx.records) if "hardware" in r), None)
     facts.update(hardware or {"hardware": "not recorded"})
-    facts["training wall time"] = f"{wall / 60:.1f} min ({wall:.0f} s) over {len(sessions)} " \
-                                  f"session(s)"
+    facts["training wall time"] = wall_time(ctx)
     if done:
         facts["epochs / steps done"] = f"{done[-1].get('epoch')} / {done[-1].get('step')}"
     elif train:  # unfinished: the epoch in progress counts
-        facts["epochs / steps done"] = f"{train[-1].get('epoch', 0) + 1} (in progress) / " \
+        facts["epochs / steps done"] = f"{train[-1].get('epoch', 1)} (in progress) / " \
                                        f"{train[-1].get('step')}"
-    rates = [r["images_per_s"] for r in train if isinstance(r.get("images_per_s"), (int, float))]
-    if rates:
-        facts["images/s (median of logged intervals)"] = f"{statistics.median(rates):.1f}"
+    if images_per_second(ctx) is not None:
+        facts["images/s (median of logged intervals)"] = images_per_second(ctx)
     if done:
         facts["images/s (whole session, checkpoints included)"] = done[-1].get("images_per_s")
         for kind in ("gpu", "host"):
@@ -185,6 +209,9 @@ def _accuracy_keys(records: list[dict[str, Any]]) -> list[str]:
 
 def knn_monitor_section(ctx: ReportContext) -> Section:
     records = ctx.kind("knn")
+    if not records and ctx.labelled_pretraining() is False:
+        raise Missing("no monitored kNN: it needs labelled pretraining images (its keys), and "
+                      f"this run's have none; {ctx.evaluate_command()}  measures the encoder")
     if not records:
         raise Missing("no monitored kNN records: pretrain with --monitor-knn N to run the kNN "
                       "protocol on the evaluation split every N epochs")
@@ -208,8 +235,7 @@ def _settings(row: dict[str, Any]) -> str:
 def evaluation_section(ctx: ReportContext) -> Section:
     result = ctx.eval_result
     if not result:
-        raise Missing(f"no eval.json: run  simclr evaluate {ctx.run} --data LABELLED_DATASET  "
-                      "(simclr run does it)")
+        raise Missing(f"no eval.json: run  {ctx.evaluate_command()}  (simclr run does it)")
     # One line per protocol and setting, the encoders side by side, as in eval.md.
     encoders, lines = side_by_side(result.get("results", []), _settings)
     rows = [[protocol, metric, *(values.get(e, "") for e in encoders), split,
@@ -254,10 +280,10 @@ def augment_section(ctx: ReportContext) -> Section:
     augment = SimCLRAugment(augment_cfg, enc.image_size, enc.mean, enc.std,
                             int(ctx.config.get("seed", 0)))
     with tempfile.TemporaryDirectory() as tmp:
-        save_view_grid(store.images, augment, Path(tmp) / "views.png", epoch=0,
+        save_view_grid(store.images, augment, Path(tmp) / "views.png", epoch=0,  # the first
                        sizes=store.sizes)
         png = (Path(tmp) / "views.png").read_bytes()
     return Section("augmentations", "Augmented views",
                    image(png, "original images and two augmented views each")
                    + caption(f"{len(store)} training images at {enc.image_size} px and the two "
-                             "views the run's augmentation makes of each (epoch 0)."))
+                             "views the run's augmentation makes of each in epoch 1."))

@@ -70,14 +70,17 @@ def _joined(stores: list[ImageStore]) -> ImageStore:
 
 
 def show_augment(config: PretrainConfig, out: str | Path, count: int = 8,
-                 epoch: int = 0) -> tuple[Path, int]:
-    """Save a PNG grid: ``count`` training images next to the two views the run would make;
-    returns the file and the number of images drawn (fewer only when the split has fewer
-    readable images)."""
+                 epoch: int = 1) -> tuple[Path, int]:
+    """Save a PNG grid: ``count`` training images next to the two views the run would make in
+    ``epoch`` (counted from 1, as checkpoints and metrics count them); returns the file and the
+    number of images drawn (fewer only when the split has fewer readable images)."""
+    if epoch < 1:
+        raise UserError(f"epoch {epoch}: epochs count from 1, as in checkpoints")
     store, size = sample_store(config.data, count)
     announce_skipped(store)
     mean, std = store_channel_stats(store)  # of the images' own pixels, not their padding
     augment = SimCLRAugment(config.augment, size, mean, std, config.seed)
     out = Path(out)
-    save_view_grid(store.images, augment, out, epoch=epoch, sizes=store.sizes)
+    save_view_grid(store.images, augment, out, epoch=epoch - 1,  # the keyed draws' 0-based index
+                   sizes=store.sizes)
     return out, len(store)
