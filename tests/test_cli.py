@@ -38,6 +38,31 @@ def test_pretrain_writes_run_directory(run):
     assert records[0]["effective_lr"] == pytest.approx(2.83 * (8 / 256) ** 0.5)
 
 
+def test_adam_takes_its_own_default_rate_and_the_logged_rates_follow_the_schedule(data,
+                                                                                   tmp_path):
+    """--optimizer adam without --lr trains at Adam's 1e-3 per 256 images (scaled linearly),
+    recorded as numbers; the logged rate of each step is the warm-up (counted in steps) and
+    then the cosine to zero."""
+    import math
+
+    import yaml
+
+    out = tmp_path / "adam"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "2",
+                 "--optimizer", "adam", "--warmup-fraction", "0.5", *TINY]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["optimizer"], config["lr"], config["lr_scaling"], config["weight_decay"],
+            config["warmup_epochs"]) == ("adam", 1e-3, "linear", 1e-6, 10.0)
+    records = read_metrics(out / "metrics.jsonl")
+    base = 1e-3 * 8 / 256
+    assert records[0]["effective_lr"] == pytest.approx(base)
+    # 3 steps an epoch; warm-up min(10, 0.5 x 2) = 1 epoch = 3 steps, then 3 steps of cosine.
+    expected = [base * (k + 1) / 3 if k < 3 else base * (1 + math.cos(math.pi * (k - 3) / 3)) / 2
+                for k in range(6)]
+    logged = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}  # after step s: s-1's
+    assert [logged[s] for s in range(1, 7)] == pytest.approx(expected)
+
+
 def test_resume_continues_to_more_epochs(run, tmp_path):
     assert main(["pretrain", "--resume", str(run), "--epochs", "2"]) == 0
     records = read_metrics(run / "metrics.jsonl")
