@@ -20,8 +20,10 @@ A run is ``kit`` (the defaults), ``kit:FIELD=VALUE,...`` (``PretrainConfig`` fie
 ones as ``augment.flip_p=0``), ``lightly`` (lightly's own CIFAR-10 recipe: its SimCLRTransform
 with ``cj_strength=0.5`` and no blur, SimCLRProjectionHead(512, 512, 128), NTXentLoss at its
 default T=0.5, SGD lr 0.06 x B/128, momentum 0.9, weight decay 5e-4, cosine over the epochs;
-on the same torchvision ResNet-18 with the CIFAR stem) or ``random``. Each result is printed
-and appended to ``--out`` as one JSON line. lightly is a bench-only extra:
+on the same torchvision ResNet-18 with the CIFAR stem), ``random``, or ``from:RUN_DIR=NAME``: a
+simclr-kit run this script trained before (its directory under ``--work``/runs, same seed),
+scored again under the name NAME, e.g. on the test split once its setting is chosen. Each
+result is printed and appended to ``--out`` as one JSON line. lightly is a bench-only extra:
 ``pip install 'simclr-kit[bench]'``.
 """
 
@@ -120,6 +122,17 @@ def train_kit(spec: str, args: argparse.Namespace, data: DataConfig, run_dir: Pa
             "progress": False, "checkpoint_every": 0, "device": args.device}
     pretrain(from_dict(PretrainConfig, merge(base, kit_overrides(spec))), report=False)
     return load_encoder(run_dir, args.device)
+
+
+def earlier_run(spec: str, seed: int) -> tuple[str, Encoder]:
+    """``from:RUN_DIR=NAME`` -> (NAME, the run's encoder); the run must have used ``seed``."""
+    import yaml
+
+    run_dir, _, name = spec.removeprefix("from:").partition("=")
+    recorded = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["seed"]
+    if recorded != seed:
+        raise SystemExit(f"{run_dir} was trained with seed {recorded}, not --seed {seed}")
+    return name or spec, load_encoder(run_dir, "cpu")
 
 
 def train_lightly(args: argparse.Namespace, store: ImageStore) -> Encoder:
@@ -247,7 +260,7 @@ def main() -> None:
           f"{args.epochs} epochs, batch {args.batch_size}, seed {args.seed}; "
           f"torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}", flush=True)
     for spec in args.runs:
-        started = time.perf_counter()
+        started, reused = time.perf_counter(), spec.startswith("from:")
         if spec.startswith("kit"):
             run_dir = work / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{len(os.listdir(work))}"
             encoder = train_kit(spec, args, data, run_dir)
@@ -255,11 +268,14 @@ def main() -> None:
             encoder = train_lightly(args, train)
         elif spec == "random":
             encoder = random_encoder(args, train)
+        elif spec.startswith("from:"):
+            spec, encoder = earlier_run(spec, args.seed)
         else:
-            raise SystemExit(f"unknown run {spec!r}: kit[:FIELD=VALUE,...], lightly or random")
-        seconds = time.perf_counter() - started
+            raise SystemExit(f"unknown run {spec!r}: kit[:FIELD=VALUE,...], lightly, random or "
+                             "from:RUN_DIR=NAME")
+        seconds = None if reused else round(time.perf_counter() - started, 1)
         for name, store in scored.items():
-            result = {"run": spec, "split": name, "train_s": round(seconds, 1),
+            result = {"run": spec, "split": name, "train_s": seconds,
                       **score(encoder, train, store, spec), "images": len(train),
                       "scored_images": len(store), "image_size": args.image_size,
                       "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
