@@ -63,6 +63,41 @@ def test_adam_takes_its_own_default_rate_and_the_logged_rates_follow_the_schedul
     assert [logged[s] for s in range(1, 7)] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("source", ["recipe", "file"])
+def test_naming_another_optimizer_than_the_config_drops_its_rate_and_weight_decay(
+        source, tmp_path, capsys):
+    """The digits recipe (taken when --data is left out) and a config file both name LARS with
+    its rate: --optimizer adam takes Adam's own defaults for what is not given on the command
+    line, and naming the config's own optimizer keeps its values."""
+    import yaml
+
+    from simclr_kit.config import PretrainConfig, from_dict, recipe
+
+    if source == "recipe":
+        config, base = [], recipe("digits")
+    else:
+        base = {"optimizer": "lars", "lr": 0.5, "lr_scaling": "sqrt", "weight_decay": 1e-5,
+                "warmup_epochs": 2}
+        (tmp_path / "lars.yaml").write_text(yaml.safe_dump(base))
+        config = ["--config", str(tmp_path / "lars.yaml")]
+
+    def resolved(*flags: str) -> PretrainConfig:
+        assert main(["pretrain", *config, *flags, "--print-config"]) == 0
+        return from_dict(PretrainConfig, yaml.safe_load(capsys.readouterr().out)).resolved()
+
+    adam = resolved("--optimizer", "adam")
+    assert (adam.optimizer, adam.lr, adam.lr_scaling, adam.weight_decay, adam.warmup_epochs) == \
+        ("adam", 1e-3, "linear", 1e-6, 10.0)
+    given = resolved("--optimizer", "sgd", "--lr", "0.2", "--warmup-epochs", "1")
+    assert (given.lr, given.lr_scaling, given.weight_decay, given.warmup_epochs) == \
+        (0.2, "linear", 5e-4, 1.0)
+    same = resolved("--optimizer", "lars")
+    assert (same.lr, same.lr_scaling, same.weight_decay, same.warmup_epochs) == \
+        (base["lr"], base["lr_scaling"], base["weight_decay"], base["warmup_epochs"])
+    api = PretrainConfig.from_recipe("digits", optimizer="adamw").resolved()
+    assert (api.lr, api.weight_decay) == (1e-3, 0.05)
+
+
 def test_resume_continues_to_more_epochs(run, tmp_path):
     assert main(["pretrain", "--resume", str(run), "--epochs", "2"]) == 0
     records = read_metrics(run / "metrics.jsonl")

@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 
 from simclr_kit import __version__
 from simclr_kit.config import (AugmentConfig, ClassifierConfig, DataConfig, EvalConfig,
-                               PretrainConfig, from_dict, load_yaml, merge, recipe,
-                               recipe_names)
+                               PretrainConfig, from_dict, load_yaml, merge, merge_pretrain,
+                               recipe, recipe_names)
 from simclr_kit.errors import UserError
 from simclr_kit.flags import Parser, add_bool, add_flags, config_flags, overrides
 
@@ -47,7 +47,7 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
         base = recipe("digits")
     else:
         base = {}
-    return from_dict(PretrainConfig, merge(base, given))
+    return from_dict(PretrainConfig, merge_pretrain(base, given))
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:

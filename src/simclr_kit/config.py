@@ -60,6 +60,34 @@ VIT_OPTIMIZER = "adamw"
 VIT_DEFAULTS = OptimizerDefaults(1.5e-4, "linear", 0.1, 40.0)
 
 
+def _per_optimizer(field_name: str) -> str:
+    """The help's default of an :class:`OptimizerDefaults` field, from the tables themselves:
+    ``"lars 2.83, sgd 0.12, adam/adamw 0.001; 0.00015 for a ViT's adamw"``."""
+    def text(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    names_by_value: dict[Any, list[str]] = {}
+    for name, defaults in OPTIMIZER_DEFAULTS.items():
+        names_by_value.setdefault(getattr(defaults, field_name), []).append(name)
+    each = ", ".join(f"{'/'.join(names)} {text(value)}" for value, names in names_by_value.items())
+    if len(names_by_value) == 1:
+        each = text(next(iter(names_by_value)))
+    return f"{each}; {text(getattr(VIT_DEFAULTS, field_name))} for a ViT's {VIT_OPTIMIZER}"
+
+
+def merge_pretrain(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` laid over ``base`` (dicts of :class:`PretrainConfig` fields) with
+    :func:`merge`, except that an optimizer named in ``overrides`` other than the one ``base``
+    names also drops ``base``'s rate, scaling, weight decay and warm-up (the fields of
+    :class:`OptimizerDefaults`) that ``overrides`` leaves unset: they were chosen for ``base``'s
+    optimizer, and the new one takes its own defaults."""
+    named = overrides.get("optimizer")
+    if named is not None and base.get("optimizer") not in (None, named):
+        tied = {f.name for f in dataclasses.fields(OptimizerDefaults)}
+        base = {k: v for k, v in base.items() if k not in tied}
+    return merge(base, overrides)
+
+
 def is_vit_name(backbone: str) -> bool:
     """Whether a backbone name is a plain Vision Transformer: torchvision's ``vit_*``, timm's
     ``timm/vit_*``, ``timm/deit*`` and ``timm/test_vit*``."""
@@ -277,19 +305,17 @@ class PretrainConfig:
     batch_size: int = setting(256, "global batch in images, divided over processes")
     lr: float | None = setting(
         None, "learning rate for a batch of 256, scaled to the global batch by --lr-scaling",
-        shown="the optimizer's: lars 2.83, sgd 0.12, adam and adamw 1e-3; 1.5e-4 for a ViT's "
-        "adamw")
+        shown=f"the optimizer's: {_per_optimizer('lr')}")
     lr_scaling: str | None = setting(
         None, "'linear' (lr x B/256) or 'sqrt' (lr x sqrt(B/256), SimCLR's choice for small "
-        "batches)", shown="the optimizer's: sqrt for lars, linear for the others")
+        "batches)", shown=f"the optimizer's: {_per_optimizer('lr_scaling')}")
     optimizer: str | None = setting(
         None, "'lars' (SimCLR), 'sgd', 'adam' (L2 weight decay) or 'adamw' (decoupled weight "
         "decay); warm-up then cosine, stepped per batch", shown="lars; adamw for a ViT backbone")
     momentum: float = setting(0.9, "momentum of lars and sgd")
     weight_decay: float | None = setting(
         None, "weight decay of the weights (never of biases, norms and embeddings)",
-        shown="the optimizer's: lars 1e-6, sgd 5e-4, adam 1e-6, adamw 0.05; 0.1 for a ViT's "
-        "adamw")
+        shown=f"the optimizer's: {_per_optimizer('weight_decay')}")
     lars_eta: float = setting(0.001, "LARS trust coefficient: a layer moves by about lr x eta "
                                      "of its norm per step; larger learns faster, too large "
                                      "diverges")
@@ -297,7 +323,7 @@ class PretrainConfig:
                                      "(solo-learn's clip_lr)")
     warmup_epochs: float | None = setting(
         None, "linear warm-up length in epochs, at most --warmup-fraction of the run",
-        shown="10; 40 for a ViT's adamw")
+        shown=_per_optimizer("warmup_epochs"))
     warmup_fraction: float = setting(0.1, "longest warm-up as a fraction of the run: a 5-epoch "
                                           "run warms up for at most 0.5 epochs at 0.1")
     temperature: float = setting(0.1, "NT-Xent temperature; SimCLR's 0.1 learned best in short "
@@ -414,7 +440,7 @@ class PretrainConfig:
         on top, as the command line builds it: ``PretrainConfig.from_recipe("digits", epochs=5)``.
         ``data`` and ``augment`` overrides may be dataclasses or dicts of their fields."""
         values = {k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in overrides.items()}
-        return from_dict(cls, merge(recipe(name), values))
+        return from_dict(cls, merge_pretrain(recipe(name), values))
 
 
 @dataclass(frozen=True)
