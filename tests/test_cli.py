@@ -73,6 +73,66 @@ def test_config_yaml_records_the_run_directory_it_chose(data, tmp_path, monkeypa
     assert out is not None and (tmp_path / out).resolve() == made.resolve()
 
 
+def test_adam_takes_its_own_default_rate_and_the_logged_rates_follow_the_schedule(data,
+                                                                                   tmp_path):
+    """--optimizer adam without --lr trains at Adam's 1e-3 per 256 images (scaled linearly),
+    recorded as numbers; the logged rate of each step is the warm-up (counted in steps) and
+    then the cosine to zero."""
+    import math
+
+    import yaml
+
+    out = tmp_path / "adam"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), "--epochs", "2",
+                 "--optimizer", "adam", "--warmup-fraction", "0.5", *TINY]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["optimizer"], config["lr"], config["lr_scaling"], config["weight_decay"],
+            config["warmup_epochs"]) == ("adam", 1e-3, "linear", 1e-6, 10.0)
+    records = read_metrics(out / "metrics.jsonl")
+    base = 1e-3 * 8 / 256
+    assert records[0]["effective_lr"] == pytest.approx(base)
+    # 3 steps an epoch; warm-up min(10, 0.5 x 2) = 1 epoch = 3 steps, then 3 steps of cosine.
+    expected = [base * (k + 1) / 3 if k < 3 else base * (1 + math.cos(math.pi * (k - 3) / 3)) / 2
+                for k in range(6)]
+    logged = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}  # after step s: s-1's
+    assert [logged[s] for s in range(1, 7)] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("source", ["recipe", "file"])
+def test_naming_another_optimizer_than_the_config_drops_its_rate_and_weight_decay(
+        source, tmp_path, capsys):
+    """The digits recipe (taken when --data is left out) and a config file both name LARS with
+    its rate: --optimizer adam takes Adam's own defaults for what is not given on the command
+    line, and naming the config's own optimizer keeps its values."""
+    import yaml
+
+    from simclr_kit.config import PretrainConfig, from_dict, recipe
+
+    if source == "recipe":
+        config, base = [], recipe("digits")
+    else:
+        base = {"optimizer": "lars", "lr": 0.5, "lr_scaling": "sqrt", "weight_decay": 1e-5,
+                "warmup_epochs": 2}
+        (tmp_path / "lars.yaml").write_text(yaml.safe_dump(base))
+        config = ["--config", str(tmp_path / "lars.yaml")]
+
+    def resolved(*flags: str) -> PretrainConfig:
+        assert main(["pretrain", *config, *flags, "--print-config"]) == 0
+        return from_dict(PretrainConfig, yaml.safe_load(capsys.readouterr().out)).resolved()
+
+    adam = resolved("--optimizer", "adam")
+    assert (adam.optimizer, adam.lr, adam.lr_scaling, adam.weight_decay, adam.warmup_epochs) == \
+        ("adam", 1e-3, "linear", 1e-6, 10.0)
+    given = resolved("--optimizer", "sgd", "--lr", "0.2", "--warmup-epochs", "1")
+    assert (given.lr, given.lr_scaling, given.weight_decay, given.warmup_epochs) == \
+        (0.2, "linear", 5e-4, 1.0)
+    same = resolved("--optimizer", "lars")
+    assert (same.lr, same.lr_scaling, same.weight_decay, same.warmup_epochs) == \
+        (base["lr"], base["lr_scaling"], base["weight_decay"], base["warmup_epochs"])
+    api = PretrainConfig.from_recipe("digits", optimizer="adamw").resolved()
+    assert (api.lr, api.weight_decay) == (1e-3, 0.05)
+
+
 def test_resume_continues_to_more_epochs(run, tmp_path, capsys):
     assert main(["pretrain", "--resume", str(run), "--epochs", "2"]) == 0
     assert f"resuming from epoch-0001 in {run}" in capsys.readouterr().out

@@ -134,3 +134,74 @@ def test_every_optimizer_the_config_accepts_is_built_and_steps():
         net(torch.randn(8, 3)).square().mean().backward()
         opt.step()
         assert not torch.equal(before, net[0].weight), name
+
+
+@pytest.mark.parametrize("name, rate_at_512, weight_decay", [
+    ("sgd", 0.06 * 512 / 128, 5e-4),  # lightly's CIFAR-10 benchmark: 0.06 x B/128
+    ("adam", 1e-3 * 512 / 256, 1e-6),  # Adam's 1e-3 for a batch of 256, scaled linearly
+    ("adamw", 1e-3 * 512 / 256, 0.05),
+])
+def test_each_optimizer_takes_its_own_defaults_and_a_given_value_wins(name, rate_at_512,
+                                                                      weight_decay):
+    cfg = PretrainConfig(optimizer=name, batch_size=512).resolved()
+    assert effective_lr(cfg.lr, 512, cfg.lr_scaling) == pytest.approx(rate_at_512)
+    assert (cfg.optimizer, cfg.weight_decay, cfg.warmup_epochs) == (name, weight_decay, 10.0)
+    given = PretrainConfig(optimizer=name, lr=0.5, lr_scaling="sqrt", weight_decay=0.0,
+                           warmup_epochs=2.0).resolved()
+    assert (given.lr, given.lr_scaling, given.weight_decay, given.warmup_epochs) == \
+        (0.5, "sqrt", 0.0, 2.0)
+    assert given.resolved() == given
+
+
+@pytest.mark.parametrize("backbone", ["timm/vit_tiny_patch16_224", "vit_b_16",
+                                      "timm/deit_small_patch16_224"])
+def test_a_vit_backbone_takes_moco_v3s_recipe_unless_told_otherwise(backbone):
+    """MoCo v3 (Chen, Xie & He 2021) trains ViTs with AdamW, lr 1.5e-4 x B/256, weight decay
+    0.1 and 40 warm-up epochs; each field given explicitly wins."""
+    cfg = PretrainConfig(backbone=backbone, batch_size=4096).resolved()
+    assert cfg.optimizer == "adamw"
+    assert effective_lr(cfg.lr, 4096, cfg.lr_scaling) == pytest.approx(1.5e-4 * 4096 / 256)
+    assert (cfg.weight_decay, cfg.warmup_epochs) == (0.1, 40.0)
+    chosen = PretrainConfig(backbone=backbone, lr=1e-3, weight_decay=0.05).resolved()
+    assert (chosen.optimizer, chosen.lr, chosen.weight_decay, chosen.warmup_epochs) == \
+        ("adamw", 1e-3, 0.05, 40.0)
+    lars = PretrainConfig(backbone=backbone, optimizer="lars").resolved()
+    default = PretrainConfig(optimizer="lars").resolved()
+    assert (lars.lr, lars.lr_scaling, lars.weight_decay, lars.warmup_epochs) == \
+        (default.lr, default.lr_scaling, default.weight_decay, default.warmup_epochs)
+    assert PretrainConfig(backbone="resnet50").resolved().optimizer == "lars"
+
+
+def test_adam_adds_weight_decay_to_the_gradient_and_adamw_decouples_it():
+    """The first Adam step is lr x g / (|g| + eps) (bias-corrected moments of one gradient):
+    with L2 (``adam``) g includes wd x w; with decoupled decay (``adamw``) the weight shrinks
+    by lr x wd first."""
+    lr, wd, eps = 0.01, 0.5, 1e-8
+    results = {}
+    for name in ("adam", "adamw"):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 4, bias=False)
+        w0 = net.weight.detach().clone()
+        net(torch.randn(8, 3)).square().mean().backward()
+        g = net.weight.grad.clone()
+        build_optimizer(net, name, lr=lr, momentum=0.9, weight_decay=wd).step()
+        results[name] = (w0, g, net.weight.detach())
+    w0, g, w = results["adam"]
+    d = g + wd * w0
+    torch.testing.assert_close(w, w0 - lr * d / (d.abs() + eps))
+    w0, g, w = results["adamw"]
+    torch.testing.assert_close(w, w0 * (1 - lr * wd) - lr * g / (g.abs() + eps))
+
+
+def test_torchvision_vit_position_embedding_and_class_token_are_adapted_not_decayed():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2,
+                            hidden_dim=8, mlp_dim=16)
+    names = {id(p): n for n, p in vit.named_parameters()}
+    groups = parameter_groups(vit, 1e-4)
+    [embeddings] = [g for g in groups if g["lars"] and g["weight_decay"] == 0.0]
+    assert {names[id(p)] for p in embeddings["params"]} == {"class_token",
+                                                           "encoder.pos_embedding"}
+    [decayed] = [g for g in groups if g["weight_decay"] == 1e-4]
+    assert "conv_proj.weight" in {names[id(p)] for p in decayed["params"]}

@@ -105,23 +105,67 @@ def test_classifier_predict_embed_and_report(run, data16, tmp_path):
     assert main(["report", str(out), "--data", str(data16), "--device", "cpu"]) == 0
 
 
-def test_vit_position_embedding_and_class_token_are_neither_decayed_nor_adapted():
+def test_vit_embeddings_are_adapted_but_not_decayed():
     model = build_simclr(VIT, "auto", SIZE, projection_dim=16)
     names = {id(p): n for n, p in model.named_parameters()}
-    decayed, kept = parameter_groups(model, 1e-4)
-    assert decayed["weight_decay"] == 1e-4 and decayed["lars"]
-    assert kept["weight_decay"] == 0.0 and not kept["lars"]
-    kept_names = {names[id(p)] for p in kept["params"]}
-    assert {"backbone.pos_embed", "backbone.cls_token"} <= kept_names
-    assert {"backbone.blocks.0.norm1.weight", "backbone.blocks.0.attn.qkv.bias"} <= kept_names
+    decayed, embeddings, rest = parameter_groups(model, 1e-4)
+    assert (decayed["weight_decay"], decayed["lars"]) == (1e-4, True)
+    assert (embeddings["weight_decay"], embeddings["lars"]) == (0.0, True)
+    assert (rest["weight_decay"], rest["lars"]) == (0.0, False)
+    assert {names[id(p)] for p in embeddings["params"]} == {"backbone.pos_embed",
+                                                           "backbone.cls_token"}
+    rest_names = {names[id(p)] for p in rest["params"]}
+    assert {"backbone.blocks.0.norm1.weight", "backbone.blocks.0.attn.qkv.bias"} <= rest_names
     decayed_names = {names[id(p)] for p in decayed["params"]}
     assert {"backbone.patch_embed.proj.weight", "backbone.blocks.0.attn.qkv.weight",
             "projection_head.layers.0.weight"} <= decayed_names
-    assert len(decayed_names) + len(kept_names) == len(names)
-    # AdamW (--optimizer adam) takes the same two groups.
-    adamw = build_optimizer(model, "adam", 1e-3, 0.9, 0.05)
-    assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0]
+    assert len(decayed_names) + len(embeddings["params"]) + len(rest_names) == len(names)
+    # AdamW takes the same groups: the embeddings are not decayed.
+    adamw = build_optimizer(model, "adamw", 1e-3, 0.9, 0.05)
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0, 0.0]
     assert any(p is model.backbone.pos_embed for p in adamw.param_groups[1]["params"])
+
+
+def test_a_vit_run_takes_moco_v3s_recipe_for_what_is_not_given_and_says_so(data16, tmp_path,
+                                                                           capsys):
+    import yaml
+
+    out = tmp_path / "vit"
+    assert main(["pretrain", "--data", str(data16), "--out", str(out), "--epochs", "1",
+                 "--backbone", VIT, "--lr", "1e-3", *TINY]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "MoCo v3" in line]
+    assert len(lines) == 1
+    assert "adamw" in lines[0] and "weight decay 0.1" in lines[0] and "warm-up 40" in lines[0]
+    assert "lr " not in lines[0]  # the rate was given: not the recipe's
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["optimizer"], config["lr"], config["lr_scaling"], config["weight_decay"],
+            config["warmup_epochs"]) == ("adamw", 1e-3, "linear", 0.1, 40.0)
+
+
+def test_one_lars_step_at_the_default_rate_moves_the_position_embedding_by_lr_times_eta():
+    """With the trust ratio, a step moves a tensor by lr x eta of its norm (the first step of
+    momentum SGD is the gradient itself, and these tensors are not decayed); a raw SGD step at
+    the LARS rate moved timm's pos_embed by several times its norm."""
+    from simclr_kit.config import PretrainConfig
+    from simclr_kit.loss import nt_xent
+    from simclr_kit.optim import effective_lr
+
+    cfg = PretrainConfig(backbone=VIT, optimizer="lars", batch_size=256).resolved()
+    lr = effective_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+    torch.manual_seed(0)
+    model = build_simclr(VIT, "auto", SIZE, projection_dim=16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, "lars", lr, cfg.momentum, cfg.weight_decay, cfg.lars_eta)
+    x = torch.randn(16, 3, SIZE, SIZE)
+    z1, z2 = model(x).chunk(2)
+    nt_xent(z1, z2, 0.1).backward()
+    optimizer.step()
+    for name in ("backbone.pos_embed", "backbone.cls_token"):
+        p = dict(model.named_parameters())[name]
+        relative = ((p.detach() - before[name]).norm() / before[name].norm()).item()
+        assert relative == pytest.approx(lr * cfg.lars_eta, rel=1e-3), (name, relative)
+        assert relative < 0.01
 
 
 @pytest.mark.parametrize("size, stem, kwargs", [

@@ -147,11 +147,13 @@ def _validate(cfg: CheckConfig) -> None:
 
 
 def _pretrain_config(cfg: CheckConfig) -> PretrainConfig:
-    """The pretraining settings of the step: float32, no warm-up (step 0 takes the full rate)."""
-    return PretrainConfig(batch_size=cfg.global_batch, lr=cfg.lr, temperature=cfg.temperature,
+    """The pretraining settings of the step: LARS, float32, no warm-up (step 0 takes the full
+    rate)."""
+    return PretrainConfig(batch_size=cfg.global_batch, optimizer="lars", lr=cfg.lr,
+                          lr_scaling="linear", temperature=cfg.temperature,
                           backbone=cfg.backbone, seed=cfg.seed, device=cfg.device,
                           precision="fp32", channels_last=False, sync_bn=cfg.sync_bn,
-                          warmup_epochs=0.0, epochs=1, progress=False)
+                          warmup_epochs=0.0, epochs=1, progress=False).resolved()
 
 
 def _make_inputs(cfg: CheckConfig) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from typing import Any, Callable, Sequence
 
 from simclr_kit import __version__
 from simclr_kit.config import (AugmentConfig, ClassifierConfig, DataConfig, EvalConfig,
-                               PretrainConfig, config_source, from_dict, merge, recipe)
+                               PretrainConfig, config_source, from_dict, merge, merge_pretrain,
+                               recipe)
 from simclr_kit.data.names import check_data_name
 from simclr_kit.errors import UserError
 from simclr_kit.flags import Parser, add_bool, add_flags, config_flags, overrides
@@ -55,7 +56,7 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
         base = recipe("digits")
     else:
         base = {}
-    return from_dict(PretrainConfig, merge(base, given))
+    return from_dict(PretrainConfig, merge_pretrain(base, given))
 
 
 def data_flags(args: argparse.Namespace) -> dict[str, Any] | None:

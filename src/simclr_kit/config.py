@@ -25,8 +25,74 @@ from simclr_kit.config_fields import (  # noqa: F401 - the config API: simclr_ki
 
 # How the rate for a batch of 256 becomes the run's rate (see optim.effective_lr).
 LR_SCALINGS = ("linear", "sqrt")
-# The optimizers optim.BUILDERS builds, by name.
-OPTIMIZERS = ("lars", "sgd", "adam")
+
+
+@dataclass(frozen=True)
+class OptimizerDefaults:
+    """What an optimizer takes for the pretraining fields left at ``None``: the learning rate
+    for a batch of 256, how it scales to the global batch (:data:`LR_SCALINGS`), the weight
+    decay and the warm-up in epochs."""
+
+    lr: float
+    lr_scaling: str
+    weight_decay: float
+    warmup_epochs: float = 10.0
+
+
+# Every optimizer by name, with its defaults; optim.BUILDERS builds these names.
+OPTIMIZER_DEFAULTS: dict[str, OptimizerDefaults] = {
+    # SimCLR's LARS (appendix B.1: weight decay 1e-6, 10 warm-up epochs) at the rate measured
+    # for small batches (bench/RESULTS.md, "Encoder quality").
+    "lars": OptimizerDefaults(2.83, "sqrt", 1e-6),
+    # lightly's CIFAR-10 SimCLR benchmark: 0.06 x B/128, weight decay 5e-4.
+    "sgd": OptimizerDefaults(0.12, "linear", 5e-4),
+    # Adam's own default rate (Kingma & Ba 2015) for a batch of 256, scaled linearly with the
+    # batch (Goyal et al. 2017); L2 weight decay added to the gradient, SimCLR's 1e-6.
+    "adam": OptimizerDefaults(1e-3, "linear", 1e-6),
+    # The same rate with decoupled weight decay (Loshchilov & Hutter 2019) at DeiT's 0.05.
+    "adamw": OptimizerDefaults(1e-3, "linear", 0.05),
+}
+OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
+# ViT backbones train with MoCo v3's ViT recipe (Chen, Xie & He 2021, "An Empirical Study of
+# Training Self-Supervised Vision Transformers", section 4 and appendix): AdamW, lr 1.5e-4 x
+# B/256, weight decay 0.1, 40 warm-up epochs, then cosine.
+VIT_OPTIMIZER = "adamw"
+VIT_DEFAULTS = OptimizerDefaults(1.5e-4, "linear", 0.1, 40.0)
+
+
+def _per_optimizer(field_name: str) -> str:
+    """The help's default of an :class:`OptimizerDefaults` field, from the tables themselves:
+    ``"lars 2.83, sgd 0.12, adam/adamw 0.001; 0.00015 for a ViT's adamw"``."""
+    def text(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    names_by_value: dict[Any, list[str]] = {}
+    for name, defaults in OPTIMIZER_DEFAULTS.items():
+        names_by_value.setdefault(getattr(defaults, field_name), []).append(name)
+    each = ", ".join(f"{'/'.join(names)} {text(value)}" for value, names in names_by_value.items())
+    if len(names_by_value) == 1:
+        each = text(next(iter(names_by_value)))
+    return f"{each}; {text(getattr(VIT_DEFAULTS, field_name))} for a ViT's {VIT_OPTIMIZER}"
+
+
+def merge_pretrain(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` laid over ``base`` (dicts of :class:`PretrainConfig` fields) with
+    :func:`merge`, except that an optimizer named in ``overrides`` other than the one ``base``
+    names also drops ``base``'s rate, scaling, weight decay and warm-up (the fields of
+    :class:`OptimizerDefaults`) that ``overrides`` leaves unset: they were chosen for ``base``'s
+    optimizer, and the new one takes its own defaults."""
+    named = overrides.get("optimizer")
+    if named is not None and base.get("optimizer") not in (None, named):
+        tied = {f.name for f in dataclasses.fields(OptimizerDefaults)}
+        base = {k: v for k, v in base.items() if k not in tied}
+    return merge(base, overrides)
+
+
+def is_vit_name(backbone: str) -> bool:
+    """Whether a backbone name is a plain Vision Transformer: torchvision's ``vit_*``, timm's
+    ``timm/vit_*``, ``timm/deit*`` and ``timm/test_vit*``."""
+    model = backbone.removeprefix("timm/")
+    return model.startswith(("vit_", "deit", "test_vit"))
 
 
 def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
@@ -250,21 +316,27 @@ class PretrainConfig:
                               shown="runs/simclr-DATE-TIME")
     epochs: int = setting(100, "passes over the data")
     batch_size: int = setting(256, "global batch in images, divided over processes")
-    lr: float = setting(2.83, "learning rate for a batch of 256, scaled to the global batch by "
-                              "--lr-scaling")
-    lr_scaling: str = setting("sqrt", "'linear' (lr x B/256) or 'sqrt' (lr x sqrt(B/256), "
-                                      "SimCLR's choice for small batches)")
-    optimizer: str = setting("lars", "'lars' (SimCLR), 'sgd' or 'adam'; warm-up then cosine, "
-                                     "stepped per batch")
+    lr: float | None = setting(
+        None, "learning rate for a batch of 256, scaled to the global batch by --lr-scaling",
+        shown=f"the optimizer's: {_per_optimizer('lr')}")
+    lr_scaling: str | None = setting(
+        None, "'linear' (lr x B/256) or 'sqrt' (lr x sqrt(B/256), SimCLR's choice for small "
+        "batches)", shown=f"the optimizer's: {_per_optimizer('lr_scaling')}")
+    optimizer: str | None = setting(
+        None, "'lars' (SimCLR), 'sgd', 'adam' (L2 weight decay) or 'adamw' (decoupled weight "
+        "decay); warm-up then cosine, stepped per batch", shown="lars; adamw for a ViT backbone")
     momentum: float = setting(0.9, "momentum of lars and sgd")
-    weight_decay: float = setting(1e-6, "weight decay; 5e-4 suits sgd")
+    weight_decay: float | None = setting(
+        None, "weight decay of the weights (never of biases, norms and embeddings)",
+        shown=f"the optimizer's: {_per_optimizer('weight_decay')}")
     lars_eta: float = setting(0.001, "LARS trust coefficient: a layer moves by about lr x eta "
                                      "of its norm per step; larger learns faster, too large "
                                      "diverges")
     lars_clip: bool = setting(False, "cap each layer's LARS rate at the global rate "
                                      "(solo-learn's clip_lr)")
-    warmup_epochs: float = setting(10.0, "linear warm-up length in epochs, at most "
-                                         "--warmup-fraction of the run")
+    warmup_epochs: float | None = setting(
+        None, "linear warm-up length in epochs, at most --warmup-fraction of the run",
+        shown=_per_optimizer("warmup_epochs"))
     warmup_fraction: float = setting(0.1, "longest warm-up as a fraction of the run: a 5-epoch "
                                           "run warms up for at most 0.5 epochs at 0.1")
     temperature: float = setting(0.1, "NT-Xent temperature: the similarities are divided by it "
@@ -319,14 +391,19 @@ class PretrainConfig:
         _one_of(self, "stream", ("auto", "on", "off"), "stream setting")
         _check(self.batch_size >= 2, "batch_size", "an integer >= 2 (NT-Xent needs negatives)",
                self.batch_size)
-        _check(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite number > 0", self.lr)
-        _one_of(self, "optimizer", OPTIMIZERS, "optimizer")
+        if self.lr is not None:
+            _check(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite number > 0", self.lr)
+        if self.optimizer is not None:
+            _one_of(self, "optimizer", OPTIMIZERS, "optimizer")
         _check(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
-        _check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
-        _one_of(self, "lr_scaling", LR_SCALINGS, "learning-rate scaling")
+        if self.weight_decay is not None:
+            _check(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        if self.lr_scaling is not None:
+            _one_of(self, "lr_scaling", LR_SCALINGS, "learning-rate scaling")
         _check(0 < self.lars_eta and math.isfinite(self.lars_eta), "lars_eta", "a finite number > 0",
                self.lars_eta)
-        _check(self.warmup_epochs >= 0, "warmup_epochs", ">= 0", self.warmup_epochs)
+        if self.warmup_epochs is not None:
+            _check(self.warmup_epochs >= 0, "warmup_epochs", ">= 0", self.warmup_epochs)
         _check(0 <= self.warmup_fraction <= 1, "warmup_fraction", "in [0, 1]", self.warmup_fraction)
         _check(self.temperature > 0 and math.isfinite(self.temperature), "temperature",
                "a finite number > 0", self.temperature)
@@ -347,13 +424,31 @@ class PretrainConfig:
         if self.device.split(":")[0] not in ("cpu", "cuda", "mps"):  # cuda:1 is a cuda device
             _one_of(self, "device", ("auto", "cpu", "cuda", "cuda:N", "mps"), "device")
 
+    def optimizer_defaults(self) -> tuple[str, OptimizerDefaults]:
+        """The optimizer this config trains with and the defaults its ``None`` fields take:
+        :data:`OPTIMIZER_DEFAULTS`, except that a ViT backbone (:func:`is_vit_name`) trains with
+        :data:`VIT_OPTIMIZER` and :data:`VIT_DEFAULTS` unless another optimizer is named."""
+        vit = is_vit_name(self.backbone)
+        name = self.optimizer or (VIT_OPTIMIZER if vit else "lars")
+        return name, VIT_DEFAULTS if vit and name == VIT_OPTIMIZER else OPTIMIZER_DEFAULTS[name]
+
+    def resolved(self) -> PretrainConfig:
+        """The same config with ``optimizer``, ``lr``, ``lr_scaling``, ``weight_decay`` and
+        ``warmup_epochs`` filled in where they are ``None``, from :meth:`optimizer_defaults`:
+        what a run records in its ``config.yaml``, so that a resume and a report see numbers."""
+        name, defaults = self.optimizer_defaults()
+        chosen = {"lr": self.lr, "lr_scaling": self.lr_scaling,
+                  "weight_decay": self.weight_decay, "warmup_epochs": self.warmup_epochs}
+        filled = {k: getattr(defaults, k) if v is None else v for k, v in chosen.items()}
+        return dataclasses.replace(self, optimizer=name, **filled)
+
     @classmethod
     def from_recipe(cls, name: str, **overrides: Any) -> PretrainConfig:
         """A built-in recipe (``recipes/NAME.yaml``: ``digits``, ``cifar10``) with ``overrides``
         on top, as the command line builds it: ``PretrainConfig.from_recipe("digits", epochs=5)``.
         ``data`` and ``augment`` overrides may be dataclasses or dicts of their fields."""
         values = {k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in overrides.items()}
-        return from_dict(cls, merge(recipe(name), values))
+        return from_dict(cls, merge_pretrain(recipe(name), values))
 
 
 @dataclass(frozen=True)

@@ -303,16 +303,17 @@ def export_backbone(path: str | Path, out: str | Path, backbone: str | None = No
     if out.suffix != ".safetensors":
         raise UserError(f"export target {out} must end in .safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(out, weights.backbone, export_metadata(weights))
+    save_weights(out, weights.backbone, export_metadata(weights, model))
     return out
 
 
-def export_metadata(weights: Weights) -> dict[str, Any]:
-    """The metadata an exported backbone carries (:data:`EXPORT_KEYS`, ``kind: backbone``)."""
+def export_metadata(weights: Weights, backbone: nn.Module) -> dict[str, Any]:
+    """The metadata an exported backbone carries (:data:`EXPORT_KEYS`, ``kind: backbone``, and
+    for torchvision the ``final_layer`` that ``backbone``, built from ``weights``, replaced)."""
     meta = {k: weights.meta[k] for k in EXPORT_KEYS if k in weights.meta}
     if is_timm_name(meta["backbone"]):
         meta.setdefault("create_model_kwargs", {})
     else:
-        meta["final_layer"] = removed_layer(model)
+        meta["final_layer"] = removed_layer(backbone)
     meta["kind"] = "backbone"
     return meta

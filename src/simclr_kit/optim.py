@@ -31,23 +31,41 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed, LARS-adapted) and the rest (neither): biases and norm
-    parameters, and the embeddings a timm model names in ``no_weight_decay()`` (a ViT's
-    position embedding and class token: decaying them pulls every token's position towards
-    zero, the usual exclusion for ViTs, as in timm, MAE and DINO).
+# Parameter names (their last part) of embeddings and tokens: timm's pos_embed, cls_token,
+# dist_token, reg_token; torchvision's class_token and pos_embedding.
+_EMBEDDING_ENDINGS = ("_embed", "_embedding", "token", "tokens")
 
-    A parameter with one dimension is a bias or a normalisation scale/shift.
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Up to three groups, empty ones left out:
+
+    - weights: decayed, LARS-adapted;
+    - embeddings: a ViT's position embedding and class, distillation and register tokens
+      (parameters named ``*_embed``, ``*_embedding``, ``*token(s)``, or listed by timm's
+      ``no_weight_decay()``): LARS-adapted, not decayed. Decaying them pulls every token's
+      position towards zero (timm, MAE, DINO and MoCo v3 exclude them); left unadapted, a
+      LARS step at the global rate would move them by several times their norm, where the
+      trust ratio moves them by ``lr x eta`` of it, as every other weight;
+    - biases and normalisation scales and shifts (one dimension): neither (SimCLR, appendix
+      B.1).
     """
     excluded = _no_decay_names(model)
-    decay, no_decay = [], []
+    decay, embeddings, rest = [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in excluded else decay).append(p)
-    return [
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1:
+            rest.append(p)
+        elif name in excluded or name.rsplit(".", 1)[-1].endswith(_EMBEDDING_ENDINGS):
+            embeddings.append(p)
+        else:
+            decay.append(p)
+    groups = [
         {"params": decay, "weight_decay": weight_decay, "lars": True},
-        {"params": no_decay, "weight_decay": 0.0, "lars": False},
+        {"params": embeddings, "weight_decay": 0.0, "lars": True},
+        {"params": rest, "weight_decay": 0.0, "lars": False},
     ]
+    return [g for g in groups if g["params"]]
 
 
 class LARS(torch.optim.Optimizer):
@@ -148,6 +166,11 @@ def _sgd(groups: list[dict], lr: float, momentum: float, **_: Any) -> torch.opti
 
 def _adam(groups: list[dict], lr: float, **_: Any) -> torch.optim.Optimizer:
     groups = _without_lars(groups)
+    return torch.optim.Adam(groups, lr=lr, **_fast_kwargs(torch.optim.Adam, _params(groups)))
+
+
+def _adamw(groups: list[dict], lr: float, **_: Any) -> torch.optim.Optimizer:
+    groups = _without_lars(groups)
     return torch.optim.AdamW(groups, lr=lr, **_fast_kwargs(torch.optim.AdamW, _params(groups)))
 
 
@@ -159,13 +182,14 @@ def _params(groups: list[dict]) -> list[Tensor]:
     return [p for g in groups for p in g["params"]]
 
 
-# Every --optimizer by name (config.OPTIMIZERS lists the same names, for validation). A builder
-# gets parameter_groups(model, weight_decay) (weights to decay and LARS-adapt; biases and norms
-# to leave alone) and the rate; the schedule then sets each group's "lr" every step (set_lr).
+# Every --optimizer by name: the names of config.OPTIMIZER_DEFAULTS, which holds each one's
+# default rate, weight decay and warm-up. A builder gets parameter_groups(model, weight_decay)
+# and the rate; the schedule then sets each group's "lr" every step (set_lr).
 BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "lars": _lars,  # SimCLR: trust coefficient eta, optionally clipped
-    "sgd": _sgd,  # momentum, biases and norms not decayed
-    "adam": _adam,  # AdamW
+    "sgd": _sgd,  # momentum
+    "adam": _adam,  # weight decay added to the gradient (L2)
+    "adamw": _adamw,  # decoupled weight decay (Loshchilov & Hutter 2019)
 }
 
 

@@ -13,10 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from simclr_kit import distributed
-from simclr_kit.checkpoint import latest_checkpoint, load_train_state, read_metadata
 from simclr_kit.config import (DataConfig, PretrainConfig, flag_name, flatten, from_dict,
                                load_yaml, merge, to_dict)
 from simclr_kit.errors import UserError
@@ -135,6 +131,11 @@ def check_same_data(run_dir: Path, provenance: dict[str, Any],
     data read now (``provenance``, the store's). Changed data is a one-line UserError naming
     both, unless ``allow_changed``; then ``(before, now)`` is returned (None when unchanged,
     or when nothing was recorded: a run killed before its first checkpoint starts afresh)."""
+    from tqdm.auto import tqdm
+
+    from simclr_kit import distributed
+    from simclr_kit.checkpoint import latest_checkpoint, read_metadata  # torch: lazily
+
     ckpt = latest_checkpoint(run_dir, required=False)
     if ckpt is None:
         return None

@@ -24,7 +24,7 @@ from simclr_kit import __version__, distributed
 from simclr_kit.atomic import atomic_write_text
 from simclr_kit.augment import SimCLRAugment
 from simclr_kit.budget import TimeBudget
-from simclr_kit.config import PretrainConfig, to_dict, to_yaml
+from simclr_kit.config import VIT_DEFAULTS, PretrainConfig, to_dict, to_yaml
 from simclr_kit.data.loader import ResidentBatches
 from simclr_kit.data.pixels import Layout, chosen_crop_fraction
 from simclr_kit.data.sources import open_splits
@@ -186,17 +186,39 @@ def _build_model(cfg: PretrainConfig, image_size: int) -> tuple[SimCLR, dict[str
     return model, dict(init_meta, stem=stem)
 
 
+def _vit_recipe_line(given: PretrainConfig, resolved: PretrainConfig) -> str | None:
+    """The line that says a ViT backbone took MoCo v3's recipe for the optimizer fields left
+    unset (config.VIT_DEFAULTS); None when it took none of them."""
+    fields = ("optimizer", "lr", "lr_scaling", "weight_decay", "warmup_epochs")
+    taken = [f for f in fields if getattr(given, f) is None]
+    if not taken or given.optimizer_defaults()[1] is not VIT_DEFAULTS:
+        return None
+    rate = effective_lr(resolved.lr, resolved.batch_size, resolved.lr_scaling)
+    values = {"optimizer": resolved.optimizer,
+              "lr": f"lr {resolved.lr:g} per 256 images ({rate:.3g} at batch "
+                    f"{resolved.batch_size})",
+              "lr_scaling": f"{resolved.lr_scaling} scaling",
+              "weight_decay": f"weight decay {resolved.weight_decay:g}",
+              "warmup_epochs": f"warm-up {resolved.warmup_epochs:g} epochs (at most "
+                               f"{resolved.warmup_fraction:g} of the run)"}
+    return (f"{resolved.backbone}: MoCo v3's ViT recipe, {', '.join(values[f] for f in taken)}; "
+            "--optimizer, --lr, --weight-decay and --warmup-epochs choose otherwise")
+
+
 def prepare(cfg: PretrainConfig, resume: Path | None = None,
             allow_changed_data: bool = False) -> Trainer:
     """Build data, model, optimizer and run directory (or reopen ``resume``; data that changed
     since its last checkpoint is refused unless ``allow_changed_data``)."""
     check_backbone_name(cfg.backbone)  # what this machine lacks fails before any data is read
     check_loggers(cfg.loggers)
+    given, cfg = cfg, cfg.resolved()  # the optimizer's defaults as numbers, as config.yaml holds
     if cfg.init == "imagenet":
         fetch_imagenet_weights(cfg.backbone)
     if resume is not None:
         check_resume(resume, cfg)  # a changed config or a finished run: refused, nothing touched
     device = distributed.process_device(cfg.device)
+    if distributed.is_main() and (line := _vit_recipe_line(given, cfg)):
+        tqdm.write(line)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     tune_backends(device, cfg.deterministic)

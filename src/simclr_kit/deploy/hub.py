@@ -98,7 +98,7 @@ def export_hub(source: str | Path, folder: str | Path, backbone: str | None = No
     weights = read_weights(source, backbone)
     encoder = encoder_from_weights(weights)  # proves the weights fit, fills in the defaults
     recipe = weights.meta.get("config")
-    meta = dict(export_metadata(weights), image_size=encoder.image_size, mean=list(encoder.mean),
+    meta = dict(export_metadata(weights, encoder.backbone), image_size=encoder.image_size, mean=list(encoder.mean),
                 std=list(encoder.std), feature_dim=encoder.feature_dim)
     for key in ("global_step", "init_from", "crop_fraction"):
         if key in weights.meta:

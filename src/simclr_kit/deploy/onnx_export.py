@@ -92,7 +92,7 @@ def _network(source: str | Path, backbone: str | None) -> tuple[nn.Module, dict[
         return model, meta
     weights = read_weights(source, backbone)
     encoder = encoder_from_weights(weights)  # the image size and statistics, defaults filled in
-    meta = dict(export_metadata(weights), image_size=encoder.image_size, mean=list(encoder.mean),
+    meta = dict(export_metadata(weights, encoder.backbone), image_size=encoder.image_size, mean=list(encoder.mean),
                 std=list(encoder.std), feature_dim=encoder.feature_dim)
     return encoder.backbone, meta
 

@@ -34,7 +34,6 @@ from simclr_kit.config import DataConfig, EvalConfig
 from simclr_kit.data.pixels import chosen_crop_fraction
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, list_skipped
-from simclr_kit.devices import resolve_device
 from simclr_kit.encoder import Encoder, load_encoder
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.cache import cached_features, weights_hash
