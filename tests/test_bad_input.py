@@ -338,7 +338,7 @@ def test_debug_shows_the_traceback_otherwise_one_line(capsys):
 def test_resume_refuses_flags_it_would_ignore(tiny_run, capsys):
     assert main(["pretrain", "--resume", str(tiny_run), "--lr", "0.01"]) == 2
     line = _one_error_line(capsys)
-    saved = PretrainConfig().lr  # the run was made with the default rate
+    saved = PretrainConfig().resolved().lr  # the run was made with the default rate
     assert f"lr ({saved} in its config.yaml, 0.01 now): cannot change when resuming" in line
 
 
