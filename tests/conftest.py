@@ -12,7 +12,8 @@ import pytest
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
-# The caches of the whole session (decoded images, the `datasets` library's Arrow files), set
+# The caches of the whole session (decoded images, the `datasets` library's Arrow files,
+# matplotlib's fonts, torch's compiled kernels), set
 # here, before any test module is imported: fixtures of every scope run after this point, and
 # `datasets` and `huggingface_hub` read their cache folders and offline switches when imported.
 # Removed at the session's end, passed or failed: nothing in it is worth keeping.
@@ -21,6 +22,8 @@ os.environ.update({
     "SIMCLR_KIT_CACHE": str(SESSION_CACHE / "simclr-kit"),
     "HF_HOME": str(SESSION_CACHE / "huggingface"),
     "HF_DATASETS_CACHE": str(SESSION_CACHE / "huggingface" / "datasets"),
+    "MPLCONFIGDIR": str(SESSION_CACHE / "matplotlib"),  # its font cache, else ~/.cache
+    "TORCHINDUCTOR_CACHE_DIR": str(SESSION_CACHE / "torchinductor"),
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_OFFLINE": "1",
     "TQDM_DISABLE": "1",

@@ -29,8 +29,11 @@ def decoded(tmp_path_factory):
     return decode_split(train, 8, progress=False)
 
 
-def test_probe(decoded):
+def test_probe(decoded, tmp_path):
     assert len(decoded) == 6
+    import matplotlib.pyplot as plt  # the report's plots: matplotlib builds its font cache
+
+    plt.figure().savefig(tmp_path / "plot.png")
 '''
 
 
@@ -38,12 +41,13 @@ def _without_caches(env: dict[str, str]) -> dict[str, str]:
     """The environment minus every variable that moves a cache: the child's conftest alone
     decides where they go."""
     return {k: v for k, v in env.items()
-            if not k.startswith(("SIMCLR_KIT_", "HF_", "XDG_CACHE"))}
+            if not k.startswith(("SIMCLR_KIT_", "HF_", "XDG_CACHE", "MPLCONFIGDIR",
+                                 "TORCHINDUCTOR_"))}
 
 
 def test_module_fixtures_never_touch_the_users_caches(tmp_path):
     """A module-scoped fixture that loads and decodes a dataset, run by a pytest of its own
-    under a fresh HOME with this suite's conftest: nothing lands in HOME's caches, and the
+    under a fresh HOME with this suite's conftest: nothing lands in HOME (caches, config), and the
     session's cache folder is gone when the session ends."""
     home, suite = tmp_path / "home", tmp_path / "suite"
     home.mkdir()
@@ -57,7 +61,7 @@ def test_module_fixtures_never_touch_the_users_caches(tmp_path):
                            "--basetemp", str(tmp_path / "basetemp"), str(suite)],
                           cwd=suite, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert not (home / ".cache").exists(), sorted(p.name for p in (home / ".cache").rglob("*"))
+    assert list(home.iterdir()) == [], sorted(str(p) for p in home.rglob("*"))
     assert list((tmp_path / "tmp").iterdir()) == []  # the session's cache folder is removed
 
 
