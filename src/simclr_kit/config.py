@@ -233,11 +233,8 @@ class PretrainConfig:
     """One SimCLR pretraining run. ``lr`` is the rate for a batch of 256, scaled to the global
     batch by ``lr_scaling``.
 
-    The optimisation defaults were chosen from a table of measurements (bench/RESULTS.md,
-    "Encoder quality"): LARS at 2.83 x sqrt(B / 256) (2.0 at batch 128; the paper's square-root
-    rule, which it recommends for small batches) with SimCLR's temperature 0.1 learned best at
-    small batch and short budgets (0.2 was level, 0.5 worse), ahead of lightly 1.6's CIFAR-10
-    recipe on both kNN and the linear probe.
+    The optimisation defaults (LARS at 2.83 x sqrt(B / 256), the paper's rule for small batches,
+    and temperature 0.1) learned best of those measured in bench/RESULTS.md, "Encoder quality".
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -263,9 +260,8 @@ class PretrainConfig:
                                          "--warmup-fraction of the run")
     warmup_fraction: float = setting(0.1, "longest warm-up as a fraction of the run: a 5-epoch "
                                           "run warms up for at most 0.5 epochs at 0.1")
-    temperature: float = setting(0.1, "NT-Xent temperature; SimCLR's 0.1 learned best in short "
-                                      "CPU runs at batch 128, 0.2 was level and 0.5 6-8 points "
-                                      "worse")
+    temperature: float = setting(0.1, "NT-Xent temperature: lower weighs the hardest negatives "
+                                      "more (bench/RESULTS.md, \"Encoder quality\")")
     backbone: str = setting("resnet18", "any torchvision classification model, or timm/NAME for "
                                         "a timm model (pip install 'simclr-kit[timm]')")
     stem: str = setting("auto", "'auto' (CIFAR stem at <= 64 px), 'cifar' or 'imagenet'")
