@@ -82,7 +82,7 @@ def main() -> None:
     x_val, y_val = _features(args.n_query, args.dim, args.classes, 2, centres)
     x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
     print(f"torch {torch.__version__}, device {device}, intra-op threads "
-          f"{torch.get_num_threads()} (the CPU probe loop caps itself at 1)", flush=True)
+          f"{torch.get_num_threads()} (the CPU probe loop takes half of them)", flush=True)
 
     if args.skip != "linear":
         runs = [_timed(lambda: train_linear_probe(x_train, y_train, x_val, y_val, args.classes,

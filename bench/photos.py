@@ -234,20 +234,19 @@ def memory(root: Path, steps: int, stream: str, batch: int) -> dict:
     from simclr_kit.data.pixels import Layout
     from simclr_kit.data.store import decode_split, training_sizes
 
-    from store import _env, watch
+    from store import CRASH, _env, watch
 
     os.environ["SIMCLR_KIT_CACHE"] = str(root / "cache")
     split = _split(root / "photos")
     decode_split(split, progress=False, labels=False,
                  layout=Layout.frame(training_sizes(split, SIZE, None)[1]))
-    env = dict(_env(root), SIMCLR_KIT_FAULT=f"step@{steps}")
     out = root / f"run-memory-{time.time_ns()}"
-    simclr = str(Path(sys.executable).with_name("simclr"))
-    cmd = [simclr, "pretrain", "--data", str(root / "photos"), "--image-size", str(SIZE),
-           "--batch-size", str(batch), "--epochs", "1", "--device", "cpu", "--out", str(out),
-           "--log-every", "1", "--projection-dim", "32", "--stream", stream]
+    cmd = [sys.executable, str(CRASH), f"step@{steps}", "pretrain",  # killed after `steps`
+           "--data", str(root / "photos"), "--image-size", str(SIZE), "--batch-size", str(batch),
+           "--epochs", "1", "--device", "cpu", "--out", str(out), "--log-every", "1",
+           "--projection-dim", "32", "--stream", stream]
     return {"bench": "memory", "images": len(split.dataset), "steps": steps, "stream": stream,
-            "batch": batch, **watch(cmd, env)}
+            "batch": batch, **watch(cmd, _env(root))}
 
 
 def step_time(root: Path, steps: int, batch: int) -> list[dict]:

@@ -33,6 +33,10 @@ SETS = {"s10k": (10_000, 64, 64), "s300k": (300_000, 64, 64), "big2k": (2_000, 3
         "photo2k": (2_000, 500, 375)}  # photo2k: fine detail, ~80 kB, like an ImageNet JPEG
 
 
+# Runs the simclr CLI with SIGKILL at a named point: `python CRASH step@N ARGS` stops after N steps.
+CRASH = Path(__file__).resolve().parents[1] / "tests" / "crash.py"
+
+
 def _env(root: Path) -> dict[str, str]:
     return dict(os.environ, SIMCLR_KIT_CACHE=str(root / "cache"), HF_HOME=str(root / "hf"),
                 HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
@@ -176,17 +180,17 @@ def memory(root: Path, name: str, nproc: int, steps: int, extra: list[str]) -> d
     os.environ["SIMCLR_KIT_CACHE"] = str(root / "cache")
     decode_split(_split(root / name), progress=False, labels=False,  # decoded beforehand
                  layout=Layout.frame(64))
-    env = dict(_env(root), SIMCLR_KIT_FAULT=f"step@{steps}", OMP_NUM_THREADS="1")
+    env = dict(_env(root), OMP_NUM_THREADS="1")
     out = root / f"run-{name}-{nproc}-{time.time_ns()}"
-    simclr = str(Path(sys.executable).with_name("simclr"))
+    killed = [str(CRASH), f"step@{steps}"]  # the CLI, killed after its steps-th step
     args = ["pretrain", "--data", str(root / name), "--image-size", "64", "--batch-size", "32",
             "--epochs", "1", "--device", "cpu", "--out", str(out), "--log-every", "1",
             "--projection-dim", "32", *extra]
     if nproc == 1:
-        cmd = [simclr, *args]
+        cmd = [sys.executable, *killed, *args]
     else:
         torchrun = str(Path(sys.executable).with_name("torchrun"))
-        cmd = [torchrun, "--nproc_per_node", str(nproc), "--no-python", simclr, *args]
+        cmd = [torchrun, "--nproc_per_node", str(nproc), *killed, *args]
     result = watch(cmd, env)
     return {"bench": "memory", "set": name, "nproc": nproc, "steps": steps,
             "extra": " ".join(extra), **result}

@@ -2,8 +2,8 @@
 
 SIGINT/SIGTERM: the step finishes, a checkpoint is saved, the exit code is 130/143 and the last
 line says how to resume. SIGKILL, from outside at an arbitrary moment and from inside at exact
-points of a checkpoint write (``SIMCLR_KIT_FAULT``, see simclr_kit.faults): every resume continues
-from a complete checkpoint, and the run ends with the very weights of an uninterrupted one.
+points of a checkpoint write (tests/crash.py): every resume continues from a complete
+checkpoint, and the run ends with the very weights of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _start(argv: list[str], fault: str | None = None) -> subprocess.Popen:
+    """``python -m simclr_kit pretrain ARGV``, or with ``fault`` (``POINT@N``) armed, the same
+    CLI through tests/crash.py."""
     # One thread: the same float reductions in every process, so runs can be compared bit for bit.
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    env.pop("SIMCLR_KIT_FAULT", None)
-    if fault:
-        env["SIMCLR_KIT_FAULT"] = fault
-    return subprocess.Popen([sys.executable, "-m", "simclr_kit", "pretrain", *argv], env=env,
+    entry = [str(Path(__file__).with_name("crash.py")), fault] if fault else ["-m", "simclr_kit"]
+    return subprocess.Popen([sys.executable, *entry, "pretrain", *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

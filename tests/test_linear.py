@@ -100,6 +100,25 @@ def test_seeded_and_independent_of_global_rng() -> None:
     assert torch.equal(state, torch.get_rng_state())
 
 
+@pytest.mark.parametrize("threads, during", [(1, 1), (2, 1), (4, 2), (5, 2)])
+def test_cpu_training_takes_half_of_torchs_threads(threads, during, monkeypatch) -> None:
+    from simclr_kit.evaluation import linear
+
+    seen: list[int] = []
+    real = linear._forward
+    monkeypatch.setattr(linear, "_forward",
+                        lambda head, x: seen.append(torch.get_num_threads()) or real(head, x))
+    x, y = _separable(64, 4, 2, seed=6)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        train_linear_probe(x, y, x, y, 2, epochs=1, min_steps=0)
+        assert torch.get_num_threads() == threads  # restored after
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {during}
+
+
 def test_thread_count_restored_and_bad_inputs() -> None:
     x_train, y_train = _separable(100, 4, 2, seed=6)
     threads = torch.get_num_threads()

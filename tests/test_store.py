@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import crash
 from simclr_kit.augment import channel_stats
 from simclr_kit.data import mapped, store
 from simclr_kit.data.pixels import Layout, decode_image, frame_size
@@ -130,15 +131,15 @@ def test_a_published_decode_is_read_back_without_decoding(on_disk, small_chunks,
 
 
 def test_a_killed_worker_leaves_no_complete_cache_and_the_next_decode_finishes_it(
-        on_disk, small_chunks, monkeypatch):
-    monkeypatch.setenv("SIMCLR_KIT_FAULT", "decode-chunk@2")  # each worker dies in its 2nd chunk
-    with pytest.raises(UserError, match="a decoding process died"):
-        decode_split(on_disk, SIZE, progress=False, labels=False, workers=2)
+        on_disk, small_chunks):
+    with pytest.MonkeyPatch.context() as armed:
+        crash.arm("decode-chunk@2", armed.setattr)  # each worker dies in its 2nd chunk
+        with pytest.raises(UserError, match="a decoding process died"):
+            decode_split(on_disk, SIZE, progress=False, labels=False, workers=2)
     final = _cache_dir(on_disk)
     assert not final.exists() and mapped.open_complete(final, SIZE) is None
     temps = list(final.parent.glob(f".{final.name}.tmp-*"))
     assert len(temps) == 1 and not (temps[0] / "meta.json").exists()
-    monkeypatch.delenv("SIMCLR_KIT_FAULT")
     assert_same_store(decode_split(on_disk, SIZE, progress=False, labels=False, workers=2),
                       _in_memory())
     assert not list(final.parent.glob(f".{final.name}.tmp-*"))
@@ -218,6 +219,9 @@ def test_a_decode_killed_with_its_process_is_continued_by_the_next_process(
 
     script = (
         "import datasets, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import crash\n"
+        "crash.arm('decode-chunk@3')\n"
         "from simclr_kit.data import mapped\n"
         "from simclr_kit.data.sources import Split\n"
         "from simclr_kit.data.store import decode_split\n"
@@ -226,14 +230,12 @@ def test_a_decode_killed_with_its_process_is_continued_by_the_next_process(
         f"cache_dir={str(tmp_path / 'hf')!r})\n"
         f"decode_split(Split(ds, 'image', None, None, 'test', 'train'), {SIZE}, "
         "progress=False, labels=False, workers=1)\n")
-    monkeypatch.setenv("SIMCLR_KIT_FAULT", "decode-chunk@3")
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     final = _cache_dir(on_disk)
     temps = list(final.parent.glob(f".{final.name}.tmp-*"))
     assert not final.exists() and len(temps) == 1
     assert sorted(p.name for p in (temps[0] / "chunks").iterdir()) == ["0.json", "4.json"]
-    monkeypatch.delenv("SIMCLR_KIT_FAULT")
     reference = _in_memory()
     calls: list[int] = []
     real = ChunkDecoder.__call__

@@ -20,11 +20,13 @@ import dataclasses
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
@@ -34,7 +36,7 @@ from simclr_kit.config import PretrainConfig
 from simclr_kit.data.loader import ResidentBatches
 from simclr_kit.data.store import ImageStore
 from simclr_kit.errors import UserError
-from simclr_kit.loss import nt_xent
+from simclr_kit.loss import no_gather, nt_xent
 from simclr_kit.models import SimCLR, build_simclr, check_backbone_name
 from simclr_kit.optim import build_optimizer, effective_lr, set_lr
 from simclr_kit.report.metrics import MetricsLog
@@ -49,8 +51,20 @@ TOLERANCE = 1e-4
 # the projection head's BatchNorm removes any such shift, so its gradient is ~1e-8 of the
 # largest, and the two runs' noise differs by 100% of itself.
 NOISE_FLOOR = 1e-3
-GATHERS = ("with-grad", "no-grad")  # "no-grad": the known bug, to show that the check can fail
-_GATHER_WITH_GRAD = distributed.all_gather_with_grad
+
+
+def _all_gather_no_grad(x: Tensor) -> Tensor:
+    """The known bug (lightly #1528): :func:`distributed.all_gather_with_grad` whose backward
+    keeps only the local slice's gradient. ``x: (n, ...)`` -> ``(world * n, ...)``."""
+    parts = [torch.empty_like(x) for _ in range(distributed.world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[distributed.rank()] = x
+    return torch.cat(parts)
+
+
+# The distributed step's all-gather; "no-grad" is the known bug, to show that the check can fail.
+GATHERS: dict[str, Callable[[Tensor], Tensor]] = {
+    "with-grad": distributed.all_gather_with_grad, "no-grad": _all_gather_no_grad}
 
 
 @dataclass(frozen=True)
@@ -218,16 +232,6 @@ def _trainer(cfg: CheckConfig, inputs: dict[str, Any], device: torch.device,
         log=MetricsLog(None), base_lr=base_lr, steps_per_epoch=1, total_epochs=1)
 
 
-def _use_gather(gather: str) -> None:
-    """Which all-gather NT-Xent uses in this (throwaway) worker process.
-
-    "no-grad" is fault injection: the gather whose backward keeps only the local gradient, put
-    where :func:`simclr_kit.loss.nt_xent` looks its default gather up.
-    """
-    distributed.all_gather_with_grad = (  # type: ignore[assignment]
-        _GATHER_WITH_GRAD if gather == "with-grad" else distributed.all_gather_no_grad)
-
-
 def _worker(rank: int, cfg: CheckConfig, gathers: tuple[str, ...], folder: str) -> None:
     """One rank, set up as torchrun would: one training step per gather from the same start;
     writes ``rank{r}-{gather}.pt``."""
@@ -240,23 +244,21 @@ def _worker(rank: int, cfg: CheckConfig, gathers: tuple[str, ...], folder: str) 
     try:
         inputs = torch.load(Path(folder) / "inputs.pt", weights_only=True)
         for gather in gathers:
-            _use_gather(gather)
-            out = _distributed_step(cfg, inputs, device, Path(folder))
+            out = _distributed_step(cfg, inputs, device, Path(folder), GATHERS[gather])
             torch.save(out, Path(folder) / f"rank{rank}-{gather}.pt")
     finally:
-        _use_gather("with-grad")
         distributed.shutdown()
 
 
 def _distributed_step(cfg: CheckConfig, inputs: dict[str, Any], device: torch.device,
-                      folder: Path) -> dict[str, Any]:
+                      folder: Path, gather: Callable[[Tensor], Tensor]) -> dict[str, Any]:
     trainer = _trainer(cfg, inputs, device, folder)
     recorder = _ViewRecorder(trainer.augment)
     trainer.augment = recorder  # type: ignore[assignment]
     trainer.ddp_model.train()
     perm = training.epoch_permutation(cfg.global_batch, cfg.seed, 0)
     indices = training.batch_indices(perm, 0, cfg.global_batch)
-    loss = training.train_step(trainer, indices)
+    loss = training.train_step(trainer, indices, gather)
     loss = distributed.all_reduce_sum(loss) / cfg.nproc  # the mean over ranks: the global loss
     assert recorder.views is not None
     return dict(_snapshot(trainer.model), loss=loss.cpu(), indices=indices,
@@ -278,7 +280,7 @@ def _reference(cfg: CheckConfig, inputs: dict[str, Any]) -> dict[str, Any]:
     else:  # one forward per rank's chunk: BatchNorm sees the 2b views that rank r sees
         parts = [model(torch.cat([a, c])) for a, c in zip(v1.split(b), v2.split(b))]
         z1, z2 = torch.cat([p[:b] for p in parts]), torch.cat([p[b:] for p in parts])
-    loss = nt_xent(z1, z2, cfg.temperature)  # one process: no gather, no offsets
+    loss = nt_xent(z1, z2, cfg.temperature, no_gather)  # one process: no gather, no offsets
     base_lr = effective_lr(cfg.lr, cfg.global_batch)
     optimizer = build_optimizer(model, "lars", base_lr, pcfg.momentum, pcfg.weight_decay)
     set_lr(optimizer, base_lr)

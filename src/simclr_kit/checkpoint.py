@@ -26,7 +26,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from simclr_kit import faults
 from simclr_kit.atomic import atomic_file, atomic_write_text, fsync_dir, fsync_file
 from simclr_kit.errors import UserError
 
@@ -144,7 +143,6 @@ def _write_checkpoint_dir(tmp: Path, model: nn.Module, meta: dict[str, Any],
                           train_state: dict[str, Any] | None, keep: bool) -> None:
     """Fill the temporary directory ``tmp``: weights, training state, sidecars, KEEP marker."""
     save_weights(tmp / "model.safetensors", model.state_dict(), meta)
-    faults.point("save-weights")
     if train_state is not None:
         state = tmp / "state.pt"
         torch.save(train_state, str(state))
@@ -207,7 +205,6 @@ def save_checkpoint(run_dir: Path, name: str, model: nn.Module, meta: dict[str, 
         _write_checkpoint_dir(tmp, model, meta, train_state, keep)
         aside = _swap_into_place(tmp, final)
         published = True
-        faults.point("save-renamed")
         atomic_write_text(root / "latest", name + "\n")
     except (OSError, RuntimeError, SafetensorError, UserError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,7 +216,6 @@ def save_checkpoint(run_dir: Path, name: str, model: nn.Module, meta: dict[str, 
         detail = str(err) if isinstance(err, UserError) else _write_error(err)
         raise UserError(f"cannot save checkpoint {name} in {root} ({detail}); {kept}: free some "
                         f"space, then resume with: simclr pretrain --resume {run_dir}") from None
-    faults.point("save-latest")
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     if previous is not None and previous != final and not (previous / "KEEP").exists():

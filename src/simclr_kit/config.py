@@ -303,11 +303,8 @@ class PretrainConfig:
     """One SimCLR pretraining run. ``lr`` is the rate for a batch of 256, scaled to the global
     batch by ``lr_scaling``.
 
-    The optimisation defaults were chosen from a table of measurements (bench/RESULTS.md,
-    "Encoder quality"): LARS at 2.83 x sqrt(B / 256) (2.0 at batch 128; the paper's square-root
-    rule, which it recommends for small batches) with SimCLR's temperature 0.1 learned best at
-    small batch and short budgets, ahead of lightly 1.6's CIFAR-10 recipe on both kNN and the
-    linear probe (the numbers for each temperature are in bench/RESULTS.md).
+    The optimisation defaults (LARS at 2.83 x sqrt(B / 256), the paper's rule for small batches,
+    and temperature 0.1) learned best of those measured in bench/RESULTS.md, "Encoder quality".
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -339,9 +336,8 @@ class PretrainConfig:
         shown=_per_optimizer("warmup_epochs"))
     warmup_fraction: float = setting(0.1, "longest warm-up as a fraction of the run: a 5-epoch "
                                           "run warms up for at most 0.5 epochs at 0.1")
-    temperature: float = setting(0.1, "NT-Xent temperature: the similarities are divided by it "
-                                      "before the softmax; lower sharpens the contrast between "
-                                      "the positive and the hardest negatives")
+    temperature: float = setting(0.1, "NT-Xent temperature: lower weighs the hardest negatives "
+                                      "more (bench/RESULTS.md, \"Encoder quality\")")
     backbone: str = setting("resnet18", "any torchvision classification model, or timm/NAME for "
                                         "a timm model (pip install 'simclr-kit[timm]')")
     stem: str = setting("auto", "'auto' (CIFAR stem at <= 64 px), 'cifar' or 'imagenet'")

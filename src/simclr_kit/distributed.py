@@ -169,16 +169,6 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     return _AllGatherWithGrad.apply(x)
 
 
-def all_gather_no_grad(x: Tensor) -> Tensor:
-    """Like :func:`all_gather_with_grad` but only the local slice carries gradient (the bug)."""
-    if world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[rank()] = x
-    return torch.cat(parts)
-
-
 def all_gather_tensor(x: Tensor) -> Tensor:
     """Concatenate equally sized tensors from all ranks in rank order (no gradient)."""
     if world_size() == 1:

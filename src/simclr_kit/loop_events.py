@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from simclr_kit import distributed, faults
+from simclr_kit import distributed
 from simclr_kit.budget import describe
 from simclr_kit.optim import warmup_epochs_within
 from simclr_kit.report.system import peak_memory_mb
@@ -101,7 +101,6 @@ class LoopEvents:
         assert t.unchecked_loss is not None
         t.unchecked_loss += loss  # a NaN stays NaN in the sum: tested at the next log or save
         self.seen += 1
-        faults.point("step")
         if self.bar is not None:
             self.bar.update(1)
         logged = self.seen == t.config.log_every or t.step_in_epoch == t.steps_per_epoch

@@ -12,11 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from simclr_kit import distributed
+from simclr_kit.distributed import all_gather_with_grad, rank
+
+
+def no_gather(x: Tensor) -> Tensor:
+    """The identity as ``gather``: negatives from this process's batch only."""
+    return x
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1,
-            gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+            gather: Callable[[Tensor], Tensor] = all_gather_with_grad) -> Tensor:
     """Mean NT-Xent over this rank's 2b anchors, with all 2N embeddings of all ranks as candidates.
 
     ``z1, z2: (b, D)`` projections of the two views of the same b images on this rank.
@@ -24,12 +29,11 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1,
     2N - 2 embeddings are negatives. The mean of the W per-rank losses is the loss over the
     global batch of 2N anchors; with ``gather`` summing gradients over ranks in its backward,
     DDP's averaging of the gradients gives exactly that loss's gradient (see
-    :func:`distributed.all_gather_with_grad`), so the loss is not rescaled by W.
+    :func:`~simclr_kit.distributed.all_gather_with_grad`), so the loss is not rescaled by W.
 
-    ``gather`` may also be the identity (only local negatives): the anchors then sit at offset 0.
+    ``gather`` may also be :func:`no_gather` (only local negatives): the anchors then sit at
+    offset 0.
     """
-    if gather is None:  # looked up per call: ``simclr check-distributed`` can swap in a faulty one
-        gather = distributed.all_gather_with_grad
     b = z1.shape[0]
     z1 = F.normalize(z1.float(), dim=1)
     z2 = F.normalize(z2.float(), dim=1)
@@ -39,7 +43,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1,
     logits = queries @ keys.T / temperature  # (2b, 2N)
 
     # This rank's images sit at rows rank * b of the gathered keys, or at 0 if nothing gathered.
-    offset = distributed.rank() * b if n > b else 0
+    offset = rank() * b if n > b else 0
     local = torch.arange(b, device=z1.device) + offset
     self_index = torch.cat([local, local + n])  # where each anchor sits among the keys
     positive = torch.cat([local + n, local])
@@ -57,5 +61,5 @@ class NTXentLoss(nn.Module):
         self.gather_distributed = gather_distributed
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        gather = distributed.all_gather_with_grad if self.gather_distributed else (lambda x: x)
+        gather = all_gather_with_grad if self.gather_distributed else no_gather
         return nt_xent(z1, z2, self.temperature, gather)

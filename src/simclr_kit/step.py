@@ -8,23 +8,27 @@ gradients flowing back out of the loss are fp32, and BatchNorm keeps fp32 statis
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
+from simclr_kit.distributed import all_gather_with_grad
 from simclr_kit.loss import nt_xent
 
 
 def simclr_step(model: nn.Module, optimizer: torch.optim.Optimizer, view1: Tensor, view2: Tensor,
                 temperature: float, autocast: torch.dtype | None = None,
                 channels_last: bool = False,
-                scaler: torch.amp.GradScaler | None = None) -> Tensor:
+                scaler: torch.amp.GradScaler | None = None,
+                gather: Callable[[Tensor], Tensor] = all_gather_with_grad) -> Tensor:
     """Train ``model`` (image -> projection) one step on ``view1, view2: (b, 3, S, S)`` float.
 
     ``scaler``: for fp16 autocast, whose small gradients underflow to zero unscaled: the loss is
     multiplied before the backward pass, the gradients divided back before the update, and a
-    step whose gradients overflowed is skipped (the scale then halves).
+    step whose gradients overflowed is skipped (the scale then halves). ``gather``: how the
+    loss collects the other ranks' projections (see :func:`~simclr_kit.loss.nt_xent`).
 
     Returns the loss as a 0-dim device tensor, detached: reading it is the caller's choice, so
     the step itself never waits for the device.
@@ -36,7 +40,7 @@ def simclr_step(model: nn.Module, optimizer: torch.optim.Optimizer, view1: Tenso
     with ctx:
         z = model(x)  # (2b, D)
     z1, z2 = z.float().chunk(2)
-    loss = nt_xent(z1, z2, temperature)
+    loss = nt_xent(z1, z2, temperature, gather)
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()

@@ -13,6 +13,7 @@ and each rank's share of a batch in :mod:`simclr_kit.data.loader`.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import Tensor
@@ -30,15 +31,17 @@ from simclr_kit.step import simclr_step
 from simclr_kit.trainer import Trainer, prepare
 
 
-def train_step(t: Trainer, idx: Tensor) -> Tensor:
-    """One optimisation step on this rank's images ``idx: (b,)``; returns the loss (device)."""
+def train_step(t: Trainer, idx: Tensor,
+               gather: Callable[[Tensor], Tensor] = distributed.all_gather_with_grad) -> Tensor:
+    """One optimisation step on this rank's images ``idx: (b,)``; returns the loss (device).
+    ``gather`` collects the other ranks' projections for the loss's negatives."""
     set_lr(t.optimizer, t.learning_rate())
     images = t.batches.gather(idx)  # (b, 3, L, L) uint8 on the device
     sizes = None if t.sizes is None else t.sizes[idx.to(t.sizes.device, non_blocking=True)]
     v1, v2 = t.augment(images, idx, t.epoch, sizes)  # each (b, 3, S, S) float
     return simclr_step(t.ddp_model, t.optimizer, v1, v2, t.config.temperature,
                        autocast_dtype(t.config.precision, t.device), t.config.channels_last,
-                       t.scaler)
+                       t.scaler, gather)
 
 
 def _step_failure(t: Trainer, err: RuntimeError) -> UserError | None:

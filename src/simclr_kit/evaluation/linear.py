@@ -23,17 +23,14 @@ Choices, and why:
   per batch is the sthalles #8 bug).
 - At least ``min_steps`` optimizer steps (``EvalConfig.linear_min_steps``, 2000): the epochs
   are raised to ``ceil(min_steps / steps_per_epoch)`` when ``epochs`` would give fewer. A
-  recipe counted in epochs starves small sets: 1% of CIFAR-10 (500 rows) is 2 steps per epoch,
-  so 100 epochs are 200 Adam steps at lr 1e-3, far from converged; the accuracy then measures
-  the step count, not the features (measured on ``digits``: 10% of the labels reach 69% in 100
-  steps and 89% in 2000; all of them 92% in 600 steps and 95% in 2000). Sets of ~5,000 rows and
-  more already get >= 2000 steps from 100 epochs, so the standard recipe is unchanged there.
+  recipe counted in epochs starves small sets (1% of CIFAR-10 is 2 steps per epoch), and the
+  accuracy would then measure the step count, not the features (bench/RESULTS.md, "Linear
+  probe: step floor and CPU threads"). Sets of ~5,000 rows and more already get >= 2000 steps
+  from 100 epochs, so the standard recipe is unchanged there.
 - Speed: the features stay one tensor in memory and each batch is an ``index_select`` of a
   seeded permutation, standardised by one fused ``addcmul``; no DataLoader, no per-sample
   Python, no standardised copy of the train set. The last partial batch is kept. On the CPU the
-  loop runs with one intra-op thread: a step is ~5 MFLOP, so OpenMP fork/join costs more than it
-  saves, and on a shared 2-core machine a second thread that is descheduled makes every op wait
-  (measured 0.15 ms vs 1-3 ms for the 256x512x10 matmul). The thread count is restored after.
+  loop runs on half of torch's intra-op threads (:func:`_cpu_train_threads`), restored after.
 - All randomness (head init, shuffling) comes from one ``torch.Generator(seed)``; the global RNG
   is neither read nor advanced.
 """
@@ -57,8 +54,6 @@ from simclr_kit.optim import set_lr, warmup_cosine
 _DEFAULTS = EvalConfig()
 # Rows per forward pass when scoring a whole set: bounds the (rows, C) logits in memory.
 _EVAL_CHUNK = 8192
-# Intra-op threads for the CPU training loop (None: leave torch's setting); see module docstring.
-_CPU_TRAIN_THREADS: int | None = 1
 # Epochs at which val accuracy is recorded in the history, at most (evenly spread, last one
 # included): a small subset trained for thousands of 1-step epochs would otherwise spend most
 # of its time scoring the val set.
@@ -172,21 +167,28 @@ def _init_head(head: nn.Module, generator: torch.Generator) -> None:
 def _forward(head: nn.Module, x: Tensor) -> Tensor:
     """``head(x)`` for ``x: (B, D)`` -> ``(B, C)``; a linear head as ``(W x^T + b)^T``.
 
-    Same numbers, but MKL runs the (C x D) @ (D x B) product ~2x faster on the CPU than
-    ``F.linear``'s (B x D) @ (D x C) with C ~ 10 (measured: 76 vs 138 us at B=256, D=512).
+    Same numbers, but with few classes MKL runs the (C x D) @ (D x B) product faster on the CPU
+    than ``F.linear``'s (B x D) @ (D x C) (bench/RESULTS.md, "Linear probe: step floor and CPU
+    threads").
     """
     if isinstance(head, nn.Linear):
         return torch.addmm(head.bias[:, None], head.weight, x.T).T
     return head(x)
 
 
+def _cpu_train_threads() -> int:
+    """Half of torch's intra-op threads, at least 1: a step of a few MFLOP cannot keep many
+    threads busy, and each op waits for its slowest thread, so a thread descheduled by other work
+    stalls them all (bench/RESULTS.md, "Linear probe: step floor and CPU threads")."""
+    return max(1, torch.get_num_threads() // 2)
+
+
 @contextmanager
 def _train_threads(device: torch.device) -> Iterator[None]:
-    """Cap torch's intra-op threads at ``_CPU_TRAIN_THREADS`` on the CPU; restore on exit."""
+    """On the CPU, run on :func:`_cpu_train_threads` intra-op threads; restore on exit."""
     previous = torch.get_num_threads()
-    limit = _CPU_TRAIN_THREADS if device.type == "cpu" else None
-    if limit is not None and limit < previous:
-        torch.set_num_threads(limit)
+    if device.type == "cpu" and _cpu_train_threads() < previous:
+        torch.set_num_threads(_cpu_train_threads())
     try:
         yield
     finally:

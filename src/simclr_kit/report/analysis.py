@@ -89,8 +89,7 @@ def tsne_map(features: Tensor, seed: int = 0) -> np.ndarray:
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
                 learning_rate="auto")
     # One OpenMP thread: on a busy machine the Barnes-Hut gradient's threads spin-wait on each
-    # other (measured on 2 loaded cores: 24 points 21 s with the default threads, 0.4 s with one;
-    # 1,000 points 106 s vs 12 s).
+    # other (bench/RESULTS.md, "Report: t-SNE on one thread").
     with threadpool_limits(limits=1):
         return tsne.fit_transform(x)
 
