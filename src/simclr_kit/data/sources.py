@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import datasets
 import numpy as np
 
 from simclr_kit.config import DataConfig
+from simclr_kit.data.stratify import stratified_split
 from simclr_kit.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -316,16 +318,28 @@ def whole_split(cfg: DataConfig, preferred: Sequence[str]) -> Split:
 
 def _carve_validation(ds: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset,
                                                                        datasets.Dataset]:
-    """Split a single split into train and a stratified validation part (seed recorded)."""
+    """Split a single split into train and a validation part (seed recorded): stratified by
+    :func:`~simclr_kit.data.stratify.stratified_split` when the labels are classes, every class
+    on both sides; else a seeded random part."""
     label_column = find_label_column(ds.features, cfg.label_column)
-    stratify = label_column if label_column and isinstance(
-        ds.features[label_column], datasets.ClassLabel) else None
-    try:
-        parts = ds.train_test_split(test_size=cfg.val_fraction, seed=cfg.split_seed,
-                                    stratify_by_column=stratify)
-    except ValueError as err:  # too few rows per class to stratify
-        raise UserError(f"cannot split off a validation part: {err}") from None
-    return parts["train"], parts["test"]
+    if not (label_column and isinstance(ds.features[label_column], datasets.ClassLabel)):
+        try:
+            parts = ds.train_test_split(test_size=cfg.val_fraction, seed=cfg.split_seed)
+        except ValueError as err:  # too few rows
+            raise UserError(f"cannot split off a validation part: {err}") from None
+        return parts["train"], parts["test"]
+    labels = np.asarray(ds.with_format("numpy")[label_column])
+    counts = np.unique(labels, return_counts=True)[1]
+    n_val = math.ceil(cfg.val_fraction * len(labels))
+    if counts.size and counts.min() < 2:
+        raise UserError("cannot split off a validation part: a class has a single image; "
+                        "every class needs at least 2")
+    if min(n_val, len(labels) - n_val) < counts.size:
+        raise UserError(f"cannot split off a validation part: {cfg.val_fraction:g} of "
+                        f"{len(labels)} images leaves fewer images than the {counts.size} "
+                        "classes on one side; change --val-fraction")
+    rest, part = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    return ds.select(rest), ds.select(part)
 
 
 def open_splits(cfg: DataConfig, need_eval: bool) -> tuple[Split, Split | None]:
