@@ -298,6 +298,30 @@ def test_finetune_trains_the_backbone_at_its_own_rate() -> None:
     assert not torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])
 
 
+@pytest.mark.parametrize("cosine", [True, False])
+def test_finetune_rates_per_step_follow_the_schedule_and_the_multiple(cosine, monkeypatch):
+    """Each Adam step's two rates against the closed form: head ``lr * (1 + cos(pi s / S)) / 2``
+    (or ``lr`` when constant), backbone that times ``backbone_lr_mult``."""
+    seen: list[list[float]] = []
+    adam_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append([group["lr"] for group in self.param_groups])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    torch.manual_seed(2)
+    model = Classifier(build_backbone("resnet18", "cifar"), 512, 3, frozen=False)
+    train, _ = _tiny_stores()
+    # 16 images at batch 5: 3 steps per epoch (the last batch of 1 is skipped), 6 in all.
+    finetune(model, train.images, train.labels, (0.5,) * 3, (0.25,) * 3, epochs=2, lr=0.01,
+             backbone_lr_mult=0.1, batch_size=5, weight_decay=0.0, seed=0,
+             device=torch.device("cpu"), cosine=cosine)
+    steps = np.arange(6)
+    head = 0.01 * (1 + np.cos(np.pi * steps / 6)) / 2 if cosine else np.full(6, 0.01)
+    np.testing.assert_allclose(np.array(seen), np.stack([head, head * 0.1], 1), rtol=1e-12)
+
+
 def test_baselines_under_the_same_protocol(run, data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "ev"
     assert main(["evaluate", str(run), "--data", str(data), "--out", str(out), *QUICK,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from simclr_kit.evaluation.knn import knn_accuracy, knn_predict
+from simclr_kit.evaluation.knn import knn_accuracy, knn_predict, nearest_neighbours
 
 
 def _reference(train: np.ndarray, train_labels: np.ndarray, queries: np.ndarray,
@@ -117,3 +117,18 @@ def test_rejects_bad_inputs() -> None:
         knn_predict(x_train, y_train, x_query[:, :2], 3)
     with pytest.raises(ValueError, match="query labels"):
         knn_accuracy(x_train, y_train, x_query, y_query + 3, 3)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+def test_nearest_neighbours_match_brute_force(chunk_size: int) -> None:
+    """The search behind kNN and the report's retrieval grid, chunked or not, against NumPy."""
+    g = torch.Generator().manual_seed(0)
+    train, queries = torch.randn(40, 6, generator=g), torch.randn(7, 6, generator=g) * 3
+    t = train.numpy() / np.linalg.norm(train.numpy(), axis=1, keepdims=True)
+    q = queries.numpy() / np.linalg.norm(queries.numpy(), axis=1, keepdims=True)
+    for k, expected_k in ((8, 8), (100, 40)):  # k above N is clamped to N
+        idx, sims = nearest_neighbours(train, queries, k=k, chunk_size=chunk_size)
+        reference = np.argsort(-(q @ t.T), axis=1, kind="stable")[:, :expected_k]
+        assert idx.shape == (7, expected_k) and idx.dtype == torch.int64
+        assert idx.tolist() == reference.tolist()
+        assert np.allclose(sims.numpy(), np.take_along_axis(q @ t.T, reference, 1), atol=1e-6)

@@ -146,17 +146,6 @@ def test_report_command_regenerates_and_rejects_non_runs(run, tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
 
 
-def test_nearest_neighbours_match_brute_force():
-    g = torch.Generator().manual_seed(0)
-    train, queries = torch.randn(40, 6, generator=g), torch.randn(5, 6, generator=g)
-    idx, sims = analysis.nearest_neighbours(train, queries, k=8)
-    t = train.numpy() / np.linalg.norm(train.numpy(), axis=1, keepdims=True)
-    q = queries.numpy() / np.linalg.norm(queries.numpy(), axis=1, keepdims=True)
-    reference = np.argsort(-(q @ t.T), axis=1)[:, :8]
-    assert idx.tolist() == reference.tolist()
-    assert np.allclose(sims.numpy(), np.take_along_axis(q @ t.T, reference, 1), atol=1e-6)
-
-
 def test_embedding_map_and_queries_on_a_few_dozen_points():
     labels = torch.arange(36) % 3
     features = torch.nn.functional.one_hot(labels, 3).float() * 5 + torch.randn(36, 3) * 0.1

@@ -26,7 +26,7 @@ from simclr_kit.data.store import ImageStore
 from simclr_kit.encoder import Encoder
 from simclr_kit.evaluation.features import forward_images
 from simclr_kit.models import Classifier
-from simclr_kit.optim import warmup_cosine
+from simclr_kit.optim import set_lr, warmup_cosine
 
 # Fine-tuning augmentation: the ops it keeps, crops and flips; every other op (colour
 # distortion, blur, solarize, and any op added to the recipe later) is off.
@@ -46,10 +46,13 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, mean: Sequence[fl
 
 def finetune_optimizer(model: Classifier, lr: float, backbone_lr_mult: float,
                        weight_decay: float) -> torch.optim.Adam:
-    """Adam with two groups: the head at ``lr``, the backbone at ``lr * backbone_lr_mult``."""
-    groups = [{"params": list(model.head.parameters()), "lr": lr},
-              {"params": list(model.backbone.parameters()), "lr": lr * backbone_lr_mult}]
-    return torch.optim.Adam(groups, weight_decay=weight_decay)
+    """Adam with two groups: the head at ``lr``, the backbone at ``lr * backbone_lr_mult`` (its
+    ``lr_mult``, which :func:`~simclr_kit.optim.set_lr` keeps as the schedule moves the rate)."""
+    groups = [{"params": list(model.head.parameters())},
+              {"params": list(model.backbone.parameters()), "lr_mult": backbone_lr_mult}]
+    optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    set_lr(optimizer, lr)
+    return optimizer
 
 
 def finetune(model: Classifier, images: Tensor, labels: Tensor, mean: Sequence[float],
@@ -72,7 +75,6 @@ def finetune(model: Classifier, images: Tensor, labels: Tensor, mean: Sequence[f
     a noisy step anyway.
     """
     optimizer = finetune_optimizer(model, lr, backbone_lr_mult, weight_decay)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
     augment = SimCLRAugment(FINETUNE_AUGMENT, images.shape[-1], mean, std, seed)
     g = torch.Generator().manual_seed(seed)
     labels = labels.to(device)
@@ -90,8 +92,7 @@ def finetune(model: Classifier, images: Tensor, labels: Tensor, mean: Sequence[f
             if idx.numel() < 2:
                 continue
             if cosine:
-                for group, base in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = warmup_cosine(step, total, 0, base)
+                set_lr(optimizer, warmup_cosine(step, total, 0, lr))
             x, _ = augment(images[idx].to(device), idx.to(device), epoch)
             loss = F.cross_entropy(model(x), labels[idx.to(device)])
             optimizer.zero_grad(set_to_none=True)

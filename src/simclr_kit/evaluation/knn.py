@@ -58,6 +58,55 @@ def _check_inputs(train_features: Tensor, train_labels: Tensor, query_features: 
         raise ValueError(f"kNN: train labels span [{lo}, {hi}], outside [0, {num_classes - 1}]")
 
 
+def _neighbour_chunks(train_features: Tensor, query_features: Tensor, k: int,
+                      chunk_size: int) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+    """Yield ``(start, end, sims, idx)`` per chunk of queries: the ``min(k, N)`` most
+    cosine-similar train rows of each query, ``(end - start, min(k, N))`` float32 similarities
+    and int64 indices into ``train_features``, most similar first.
+
+    Runs on ``query_features``' device. Memory: one normalised float32 copy of the keys, plus
+    ``chunk_size * N`` similarities.
+    """
+    # float32 because exp(sim / T) reaches e^10 at T = 0.1 and fp16 sums of 200 such votes are
+    # coarse; the cast also lets half-precision cached features go straight in.
+    keys = F.normalize(train_features.to(device=query_features.device, dtype=torch.float32),
+                       dim=1)
+    top = min(k, keys.shape[0])
+    for start in range(0, query_features.shape[0], chunk_size):
+        end = min(start + chunk_size, query_features.shape[0])
+        queries = F.normalize(query_features[start:end].to(torch.float32), dim=1)
+        sim, idx = (queries @ keys.T).topk(top, dim=1, largest=True, sorted=True)
+        yield start, end, sim, idx
+
+
+def nearest_neighbours(train_features: Tensor, query_features: Tensor, k: int,
+                       chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """The ``min(k, N)`` train rows most cosine-similar to each query, most similar first.
+
+    Args:
+        train_features: ``(N, D)`` keys (any scale: they are L2-normalised here).
+        query_features: ``(M, D)``; the search runs on this tensor's device.
+        k: neighbours per query, clamped to N.
+        chunk_size: queries per similarity block; memory is ``chunk_size * N`` floats.
+
+    Returns:
+        ``(M, min(k, N))`` int64 indices into ``train_features`` and the float32 cosine
+        similarities, each row sorted by decreasing similarity.
+    """
+    if train_features.ndim != 2 or query_features.ndim != 2 or k < 1 or chunk_size < 1:
+        raise ValueError("nearest_neighbours: features must be 2-D (N, D) and (M, D), k and "
+                         f"chunk_size >= 1; got {tuple(train_features.shape)}, "
+                         f"{tuple(query_features.shape)}, k={k}, chunk_size={chunk_size}")
+    top = min(k, train_features.shape[0])
+    sims = torch.empty(query_features.shape[0], top, device=query_features.device)
+    idx = torch.empty(query_features.shape[0], top, device=query_features.device,
+                      dtype=torch.long)
+    for start, end, sim, chunk_idx in _neighbour_chunks(train_features, query_features, k,
+                                                        chunk_size):
+        sims[start:end], idx[start:end] = sim, chunk_idx
+    return idx, sims
+
+
 def _knn_scores_chunks(train_features: Tensor, train_labels: Tensor, query_features: Tensor,
                        num_classes: int, ks: Sequence[int], temperature: float,
                        chunk_size: int) -> Iterator[tuple[int, int, dict[int, Tensor]]]:
@@ -65,23 +114,16 @@ def _knn_scores_chunks(train_features: Tensor, train_labels: Tensor, query_featu
 
     The top ``max(k)`` neighbours are found once per chunk (sorted by similarity) and each k
     reads the first k of them, so several k cost one similarity matrix and one ``topk``.
-    Memory: one normalised float32 copy of the keys, plus ``chunk_size * N`` similarities.
     """
     device = query_features.device
-    # float32 because exp(sim / T) reaches e^10 at T = 0.1 and fp16 sums of 200 such votes are
-    # coarse; the cast also lets half-precision cached features go straight in.
-    keys = F.normalize(train_features.to(device=device, dtype=torch.float32), dim=1)
     labels = train_labels.to(device=device, dtype=torch.long)
-    max_k = min(max(ks), keys.shape[0])
-    for start in range(0, query_features.shape[0], chunk_size):
-        end = min(start + chunk_size, query_features.shape[0])
-        queries = F.normalize(query_features[start:end].to(torch.float32), dim=1)
-        sim, idx = (queries @ keys.T).topk(max_k, dim=1, largest=True, sorted=True)
+    for start, end, sim, idx in _neighbour_chunks(train_features, query_features, max(ks),
+                                                  chunk_size):
         weights = (sim / temperature).exp()  # (chunk, max_k)
         neighbour_labels = labels[idx]  # (chunk, max_k)
         out: dict[int, Tensor] = {}
         for k in ks:
-            kk = min(k, max_k)
+            kk = min(k, idx.shape[1])
             scores = torch.zeros(end - start, num_classes, device=device, dtype=torch.float32)
             scores.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
             out[k] = scores

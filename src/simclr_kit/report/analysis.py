@@ -1,8 +1,9 @@
 """What the encoder does with the data, computed for the run report.
 
-kNN predictions for the confusion matrix, a 2-D t-SNE map of the evaluation split and
-nearest-neighbour retrieval. Everything here is rank-local and seeded, so a report is
-reproducible and cheap: at most ``max_points`` images go into t-SNE.
+kNN predictions for the confusion matrix, a 2-D t-SNE map of the evaluation split and the
+queries of the retrieval grid (their neighbours come from ``evaluation.knn.nearest_neighbours``).
+Everything here is rank-local and seeded, so a report is reproducible and cheap: at most
+``max_points`` images go into t-SNE.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def stratified_subsample(labels: Tensor | None, n: int, max_points: int, seed: i
     """Sorted indices of at most ``max_points`` of ``n`` rows, classes in proportion.
 
     The label-fraction sampler (:func:`~simclr_kit.evaluation.fractions.stratified_fraction`)
-    at fraction ``max_points / n``: every class keeps its share of rows, and at least one, so
-    a small class still shows on the map. Where those minimums overshoot ``max_points``, a
-    seeded random ``max_points`` of the draw are kept.
+    at fraction ``max_points / n``: every class keeps its share of rows, within one. Where the
+    draw overshoots ``max_points`` (it holds ``ceil(max_points)`` rows), a seeded random
+    ``max_points`` of it are kept.
     """
     g = torch.Generator().manual_seed(seed)
     if n <= max_points:
@@ -114,15 +115,6 @@ def pick_queries(labels: Tensor | None, n: int, count: int, seed: int = 0) -> Te
         if i not in chosen:
             chosen.append(i)
     return torch.tensor(chosen[:count], dtype=torch.int64)
-
-
-def nearest_neighbours(train_features: Tensor, query_features: Tensor,
-                       k: int = 8) -> tuple[Tensor, Tensor]:
-    """Top-``k`` train rows by cosine similarity of each query: ``(Q, k)`` indices, similarities."""
-    keys = F.normalize(train_features.float(), dim=1)
-    queries = F.normalize(query_features.float(), dim=1)
-    sims, idx = (queries @ keys.T).topk(min(k, keys.shape[0]), dim=1)
-    return idx, sims
 
 
 def label_names(store: ImageStore, rows: Tensor) -> list[str]:

@@ -13,6 +13,7 @@ from torch import Tensor
 from simclr_kit.config import EvalConfig
 from simclr_kit.data.store import ImageStore
 from simclr_kit.errors import UserError
+from simclr_kit.evaluation.knn import nearest_neighbours
 from simclr_kit.report import analysis, plots
 from simclr_kit.report.page import Missing, Section, caption, esc, image
 from simclr_kit.report.sections import ReportContext
@@ -130,8 +131,7 @@ def _thumb_cell(img: Tensor, label: str, detail: str, css: str) -> str:
 def retrieval_section(ctx: ReportContext, embeddings: bool) -> Section:
     emb = _embedded(ctx, embeddings)
     queries = analysis.pick_queries(emb.evaluation.labels, len(emb.evaluation), QUERIES)
-    idx, sims = analysis.nearest_neighbours(emb.train_features, emb.eval_features[queries],
-                                            NEIGHBOURS)
+    idx, sims = nearest_neighbours(emb.train_features, emb.eval_features[queries], NEIGHBOURS)
     query_names = analysis.label_names(emb.evaluation, queries)
     rows = []
     for q, name in enumerate(query_names):
