@@ -22,7 +22,6 @@ import pyarrow.compute as pc
 
 from simclr_kit.config import DataConfig
 from simclr_kit.data.names import IMAGE_SUFFIXES, check_data_name, near_names
-from simclr_kit.data.stratify import stratified_split
 from simclr_kit.errors import UserError
 
 
@@ -360,11 +359,12 @@ def _carve_validation(ds: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.D
     recorded), stratified by a ClassLabel column.
 
     The rows are those of ``ds.train_test_split(test_size=cfg.val_fraction,
-    seed=cfg.split_seed, stratify_by_column=...)`` (:func:`~simclr_kit.data.stratify.
-    stratified_split`, the same rule); only the label column is read, as one array, where
-    ``train_test_split`` reads it one row at a time (over a minute for 1.28 M rows,
-    bench/RESULTS.md).
+    seed=cfg.split_seed, stratify_by_column=...)``, drawn by the same function from the same
+    generator; only the label column is read as one array, where ``train_test_split`` reads it
+    one row at a time (over a minute for 1.28 M rows, bench/RESULTS.md).
     """
+    from datasets.utils.stratify import stratified_shuffle_split_generate_indices
+
     n = len(ds)
     if n == 0:
         return ds, ds  # as train_test_split: the decode then says the split is empty
@@ -372,6 +372,7 @@ def _carve_validation(ds: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.D
     if n_val >= n:
         raise UserError(f"cannot split off a validation part: {n} row(s) leave none to train on "
                         f"after {cfg.val_fraction:.0%} for validation")
+    rng = np.random.default_rng(cfg.split_seed)
     label_column = find_label_column(ds.features, cfg.label_column)
     if label_column and isinstance(ds.features[label_column], datasets.ClassLabel):
         labels = label_values(ds, label_column)
@@ -382,9 +383,10 @@ def _carve_validation(ds: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.D
                             f"on both sides ({n_val} validation and {n - n_val} train rows; the "
                             f"smallest class has {counts.min()}); name an --eval-split or "
                             "change --val-fraction")
-        train, val = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+        train, val = next(stratified_shuffle_split_generate_indices(labels, n - n_val, n_val,
+                                                                    rng=rng))
     else:
-        order = np.random.default_rng(cfg.split_seed).permutation(n)
+        order = rng.permutation(n)
         train, val = order[n_val:], order[:n_val]
     return ds.select(train), ds.select(val)
 

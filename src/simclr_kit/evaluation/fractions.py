@@ -4,11 +4,10 @@ The semi-supervised protocol of SimCLR (Chen et al. 2020, table 7: 1% and 10% of
 ImageNet labels, class-balanced) and the few-shot k = 1, 5, 10 examples per class, each repeated
 over several seeds and reported as mean and standard deviation.
 
-Label fractions are drawn by the rule that carves validation splits
-(:func:`~simclr_kit.data.stratify.stratified_split`, seeded per run), so they are not nested
-across fractions. k-shot subsets come from one per-class shuffle per seed: class c's indices are
-permuted by a ``torch.Generator(seed)`` and every k takes a prefix of it, so 1-shot sits inside
-5-shot for a given seed.
+Subsets are drawn from one per-class shuffle per seed: class c's indices are permuted by a
+``torch.Generator(seed)`` and every subset takes a prefix of that permutation. So for a given
+seed the subsets are nested (1% inside 10%, 1-shot inside 5-shot) and a curve over subset sizes
+differs only in how many labels it sees, not in which ones it happened to draw.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import torch
 from torch import Tensor
 
 from simclr_kit.config import EvalConfig
-from simclr_kit.data.stratify import stratified_split
 from simclr_kit.evaluation.linear import train_linear_probe
 
 _DEFAULTS = EvalConfig()
@@ -56,10 +54,10 @@ def _take(perms: list[Tensor], sizes: list[int], device: torch.device) -> Tensor
 
 
 def stratified_fraction(labels: Tensor, fraction: float, seed: int) -> Tensor:
-    """Indices of a class-stratified ``fraction`` of a labelled set: the validation part that
-    :func:`~simclr_kit.data.stratify.stratified_split` (the rule that carves validation splits)
-    draws, ``ceil(fraction * N)`` rows with each class in proportion (a class whose share
-    rounds to 0 may be left out).
+    """Indices of a class-stratified ``fraction`` of a labelled set.
+
+    Each class c with n_c members contributes ``round(fraction * n_c)`` of them (half rounds up,
+    unlike Python's banker's ``round``), and at least one, so every class stays present.
 
     Args:
         labels: ``(N,)`` integer class labels.
@@ -71,12 +69,11 @@ def stratified_fraction(labels: Tensor, fraction: float, seed: int) -> Tensor:
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    if labels.ndim != 1 or labels.numel() == 0:
-        raise ValueError(f"labels must be 1-D (N,) and not empty, got {tuple(labels.shape)}")
-    if fraction == 1.0:
-        return torch.arange(labels.numel(), device=labels.device)
-    part = stratified_split(labels.detach().cpu().numpy(), fraction, seed)[1]
-    return torch.sort(torch.from_numpy(part)).values.to(labels.device)
+    perms = _class_permutations(labels, seed)
+    # The 1e-9 absorbs float error: 0.145 * 100 is 14.499999999999998, which must round to 15.
+    sizes = [max(1, min(p.numel(), math.floor(fraction * p.numel() + 0.5 + 1e-9)))
+             for p in perms]
+    return _take(perms, sizes, labels.device)
 
 
 def k_shot(labels: Tensor, k: int, seed: int) -> Tensor:

@@ -53,9 +53,9 @@ def stratified_subsample(labels: Tensor | None, n: int, max_points: int, seed: i
     """Sorted indices of at most ``max_points`` of ``n`` rows, classes in proportion.
 
     The label-fraction sampler (:func:`~simclr_kit.evaluation.fractions.stratified_fraction`)
-    at fraction ``max_points / n``: every class keeps its share of rows, within one. Where the
-    draw overshoots ``max_points`` (it holds ``ceil(max_points)`` rows), a seeded random
-    ``max_points`` of it are kept.
+    at fraction ``max_points / n``: every class keeps its share of rows, and at least one, so
+    a small class still shows on the map. Where those minimums overshoot ``max_points``, a
+    seeded random ``max_points`` of the draw are kept.
     """
     g = torch.Generator().manual_seed(seed)
     if n <= max_points:
