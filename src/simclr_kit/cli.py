@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 
 from simclr_kit import __version__
 from simclr_kit.config import (AugmentConfig, ClassifierConfig, DataConfig, EvalConfig,
-                               PretrainConfig, config_source, from_dict, merge, merge_pretrain,
-                               recipe)
+                               PretrainConfig, config_source, data_recipe, from_dict, merge,
+                               merge_pretrain)
 from simclr_kit.data.names import check_data_name
 from simclr_kit.errors import UserError
 from simclr_kit.flags import Parser, add_bool, add_flags, config_flags, overrides
@@ -50,12 +50,9 @@ CLASSIFIER_DATA = ("data (default: the dataset the classifier was trained on; an
 def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
     """YAML file (or the digits recipe when no data is named), then the flags on top."""
     given = overrides(args, DATA_FLAGS + PRETRAIN_FLAGS)
-    if args.config:  # a file, or a built-in recipe by name: --config cifar10
-        base = config_source(args.config, PretrainConfig)
-    elif given.get("data", {}).get("data", "digits") == "digits":
-        base = recipe("digits")
-    else:
-        base = {}
+    # --config: a file, or a built-in recipe by name (--config cifar10)
+    base = (config_source(args.config, PretrainConfig) if args.config else
+            data_recipe(given.get("data", {}).get("data")))
     return from_dict(PretrainConfig, merge_pretrain(base, given))
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from simclr_kit.config import (DataConfig, PretrainConfig, flag_name, flatten, from_dict,
-                               load_yaml, merge, to_dict)
+                               load_yaml, marked, merge, to_dict)
 from simclr_kit.errors import UserError
 
-# Fields a resume may change; every other one is the run's own. The one list: --help, the
-# README and the error of a refused resume name their flags (resumable_flags).
-RESUMABLE_FIELDS = ("epochs", "device", "progress", "log_every", "checkpoint_every",
-                    "checkpoint_every_steps", "loggers", "stream", "data.decode_workers")
+# Fields a resume may change, as their declarations mark them (setting(..., resumable=True));
+# every other one is the run's own. --help, the README and the error of a refused resume name
+# their flags (resumable_flags).
+RESUMABLE_FIELDS = marked(PretrainConfig, "resumable")
 
 
 def resumable_flags() -> list[str]:
