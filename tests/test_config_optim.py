@@ -118,8 +118,8 @@ def test_config_and_report_modules_import_only_downward():
 
 
 def test_every_optimizer_the_config_accepts_is_built_and_steps():
-    """config.OPTIMIZERS and optim.BUILDERS name the same optimizers (adding one is both places,
-    and a name in one but not the other fails here); each keeps biases and norms undecayed."""
+    """optim.BUILDERS builds every row of the one optimizer table, config.OPTIMIZER_DEFAULTS,
+    with the optimizer of that name; each keeps biases and norms undecayed."""
     from simclr_kit.config import OPTIMIZERS
     from simclr_kit.optim import BUILDERS
 
@@ -129,6 +129,7 @@ def test_every_optimizer_the_config_accepts_is_built_and_steps():
     for name in OPTIMIZERS:
         net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
         opt = build_optimizer(net, name, lr=0.1, momentum=0.9, weight_decay=0.5)
+        assert type(opt).__name__.lower() == name
         assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
         before = net[0].weight.detach().clone()
         net(torch.randn(8, 3)).square().mean().backward()

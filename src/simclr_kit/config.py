@@ -39,7 +39,8 @@ class OptimizerDefaults:
     warmup_epochs: float = 10.0
 
 
-# Every optimizer by name, with its defaults; optim.BUILDERS builds these names.
+# The one table of optimizers: every --optimizer by name, with its defaults; optim builds each
+# row with the function named after it (optim.BUILDERS).
 OPTIMIZER_DEFAULTS: dict[str, OptimizerDefaults] = {
     # SimCLR's LARS (appendix B.1: weight decay 1e-6, 10 warm-up epochs) at the rate measured
     # for small batches (bench/RESULTS.md, "Encoder quality").
