@@ -458,24 +458,39 @@ class PretrainConfig:
         return from_dict(cls, merge_pretrain(recipe(name), values))
 
 
+def _probe(name: str, help: str, **kwargs: Any) -> Any:
+    """A classifier field whose default is that of the linear probe's field ``name``
+    (:class:`EvalConfig`): a frozen head trains as ``evaluate``'s probe does."""
+    return setting(EvalConfig.__dataclass_fields__[name].default, help, **kwargs)
+
+
+_PROBE_EPOCHS, _PROBE_BATCH = (EvalConfig.__dataclass_fields__[name].default
+                               for name in ("linear_epochs", "linear_batch_size"))
+
+
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """The downstream classifier: a new head on the extracted backbone, cross-entropy and Adam."""
+    """The downstream classifier: a new head on the extracted backbone, cross-entropy and Adam.
+    With a frozen backbone it trains as ``evaluate``'s linear probe: the fields they share take
+    the probe's defaults (:func:`_probe`)."""
 
     head: str = setting("linear", "'linear' or 'mlp'")
     finetune: bool = setting(False, "train the whole network", shown="False, a frozen backbone")
     epochs: int | None = setting(None, "passes over the training split",
-                                 shown="100 frozen, as evaluate's linear probe; 30 with --finetune")
-    lr: float = setting(1e-3, "Adam rate of the head")
-    backbone_lr_mult: float = setting(0.1, "backbone rate = lr x this, with --finetune")
+                                 shown=f"{_PROBE_EPOCHS} frozen, as evaluate's linear probe; 30 "
+                                 "with --finetune")
+    lr: float = _probe("linear_lr", "Adam rate of the head")
+    backbone_lr_mult: float = _probe("finetune_backbone_lr_mult",
+                                     "backbone rate = lr x this, with --finetune")
     batch_size: int | None = setting(None, "images per step",
-                                     shown="256 frozen, as evaluate's linear probe; 64 with "
-                                     "--finetune")
-    weight_decay: float = setting(0.0, "Adam weight decay")
+                                     shown=f"{_PROBE_BATCH} frozen, as evaluate's linear probe; "
+                                     "64 with --finetune")
+    weight_decay: float = _probe("linear_weight_decay", "Adam weight decay")
     hidden_dim: int = setting(512, "hidden units of the mlp head")
-    seed: int = setting(0, "seed of the head's weights and of the batch order")
-    min_steps: int = setting(2000, "frozen backbone: train at least this many Adam steps, adding "
-                             "epochs, as evaluate's --linear-min-steps; 0 keeps the epochs")
+    seed: int = _probe("seed", "seed of the head's weights and of the batch order")
+    min_steps: int = _probe("linear_min_steps", "frozen backbone: train at least this many Adam "
+                            "steps, adding epochs, as evaluate's --linear-min-steps; 0 keeps the "
+                            "epochs")
 
     def __post_init__(self) -> None:
         _one_of(self, "head", ("linear", "mlp"), "head")
