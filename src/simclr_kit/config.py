@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from simclr_kit.config_fields import (  # noqa: F401 - the config API: simclr_kit.config.*
     ConfigError, config_source, flag_name, flatten, from_dict, load_yaml, marked, merge,
@@ -456,6 +456,52 @@ class PretrainConfig:
         ``data`` and ``augment`` overrides may be dataclasses or dicts of their fields."""
         values = {k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in overrides.items()}
         return from_dict(cls, merge_pretrain(recipe(name), values))
+
+
+@dataclass(frozen=True)
+class CheckConfig(PretrainConfig):
+    """``simclr check-distributed``: ``nproc`` processes x ``batch_size / nproc`` images vs one
+    process x ``batch_size``, one training step each (:mod:`simclr_kit.check_distributed`).
+
+    A pretraining config: the step trains with its model, loss, augmentation and LARS fields.
+    Below are the check's own fields, then the pretraining defaults it must change. Its flags
+    are those of :data:`FLAGS`.
+    """
+
+    nproc: int = setting(2, "processes, one GPU each with cuda")
+    image_size: int = setting(16, "pixels of the generated images")
+    gather: str = unflagged("with-grad", "the all-gather NT-Xent uses; 'no-grad' is the known "
+                            "bug, run to show that the check can fail (a hidden flag)")
+    port: int | None = unflagged(None, "the process group's port on 127.0.0.1; None: a free one")
+    # None: 8 images per process, so that the default splits evenly over any --nproc.
+    batch_size: int | None = setting(  # type: ignore[assignment]
+        None, "global batch B, divided over the processes", shown="8 per process")
+    # The check starts gloo processes on the CPU or NCCL ones on cuda, nothing else.
+    device: str = setting("auto", "'auto' (cuda if present), 'cpu' (gloo, BatchNorm per "
+                                  "process) or 'cuda' (NCCL, SyncBatchNorm)")
+    # One step at SimCLR's 0.3 x B/256 (the paper's linear rule) rather than the rate tuned for
+    # learning: the check's tolerances were set on steps of this size.
+    lr: float | None = setting(0.3, "learning rate for a batch of 256, scaled linearly to the "
+                                    "global batch")
+
+    # Its flags: its own fields, and the pretraining fields it is most often run with.
+    FLAGS: ClassVar[tuple[str, ...]] = ("nproc", "batch_size", "device", "backbone",
+                                        "image_size", "seed", "sync_bn")
+
+    def __post_init__(self) -> None:
+        if self.batch_size is None:  # the pretraining checks, on the batch None stands for
+            dataclasses.replace(self, batch_size=self.global_batch)
+        else:
+            super().__post_init__()
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size if self.batch_size is not None else 8 * self.nproc
+
+    @property
+    def global_bn(self) -> bool:
+        """Whether the distributed run normalises over the global batch (SyncBatchNorm)."""
+        return self.device == "cuda" and self.sync_bn
 
 
 def _probe(name: str, help: str, **kwargs: Any) -> Any:
