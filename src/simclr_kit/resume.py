@@ -74,9 +74,6 @@ def _changed_fields(run_dir: Path, saved: PretrainConfig, config: PretrainConfig
             continue
         if name == "out" and (value is None or Path(value).resolve() == run_dir.resolve()):
             continue  # the run directory is the one being resumed, whatever it was called
-        if name == "batch_size" and config.allow_smaller_batch and \
-                before[name] < value:  # the run itself shrank it to fit a small dataset
-            continue
         changed.append(f"{name} ({before.get(name)!r} in its config.yaml, {value!r} now)")
     return changed
 
