@@ -1,5 +1,5 @@
-"""The configs: frozen, validated dataclasses for pretraining, data, augmentation, evaluation
-and the downstream classifier.
+"""The configs: frozen, validated dataclasses for pretraining, data, augmentation, evaluation,
+the distributed check and the downstream classifier.
 
 Each field is declared once, here: its type, its default and (with
 :func:`~simclr_kit.config_fields.setting`) what it means, with its units; the command-line
