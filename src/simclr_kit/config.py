@@ -484,7 +484,8 @@ class CheckConfig(PretrainConfig):
     lr: float | None = setting(0.3, "learning rate for a batch of 256, scaled linearly to the "
                                     "global batch")
 
-    # Its flags: its own fields, and the pretraining fields it is most often run with.
+    # Its flags: its own fields and the pretraining fields that choose the model, the seed and
+    # the BatchNorm; the API sets the others.
     FLAGS: ClassVar[tuple[str, ...]] = ("nproc", "batch_size", "device", "backbone",
                                         "image_size", "seed", "sync_bn")
 
