@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from simclr_kit.cli import main
-from simclr_kit.config import DataConfig, PretrainConfig
+from simclr_kit.config import DataConfig, PretrainConfig, from_dict
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import decode_split
 
@@ -217,9 +217,24 @@ def test_fewer_images_than_a_batch(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "r1")]) == 2
     line = _one_error_line(capsys)
     assert "only 6 images, fewer than one batch of 8" in line and "--allow-smaller-batch" in line
-    assert main([*args, "--out", str(tmp_path / "r2"), "--allow-smaller-batch", "true"]) == 0
+    run = tmp_path / "r2"
+    assert main([*args, "--out", str(run), "--allow-smaller-batch", "true"]) == 0
     assert "a batch of 6 instead of 8" in capsys.readouterr().out
-    assert yaml.safe_load((tmp_path / "r2" / "config.yaml").read_text())["batch_size"] == 6
+    # config.yaml keeps the batch the user gave; the run record says the one it trained with
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["batch_size"], saved["allow_smaller_batch"]) == (8, True)
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert (record["kind"], record["batch_size"], record["steps_per_epoch"]) == ("run", 6, 1)
+    # so a resume, from the command line or with the config the run started from, takes the
+    # same batch again and needs no rule of its own
+    from simclr_kit.training import pretrain
+
+    given = from_dict(PretrainConfig, dict(saved, epochs=2, progress=False))
+    assert pretrain(given, resume=run, report=False) == run
+    assert main(["pretrain", "--resume", str(run), "--epochs", "3"]) == 0
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["steps_per_epoch"] for r in steps if r["kind"] == "run"] == [1]
+    assert max(r.get("step", 0) for r in steps) == 3  # one step of 6 images per epoch
 
 
 @pytest.mark.parametrize("case,message", [

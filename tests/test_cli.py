@@ -591,3 +591,30 @@ def test_show_augment_draws_the_count_it_says_despite_a_broken_image(tmp_path, c
     assert "6 images and their two views" in text and "skipped 1 unreadable image(s)" in text
     with Image.open(out) as img:
         assert round(img.height / 150) == 6  # 1.5 inches at 100 dpi per row
+
+
+def test_check_distributed_takes_a_pretraining_config_from_its_flags(monkeypatch):
+    """check-distributed's flags are config_flags(CheckConfig) for CheckConfig.FLAGS; the
+    pretraining fields it does not declare again keep pretrain's flag and help, and the flags
+    given build a CheckConfig, which is a PretrainConfig."""
+    from types import SimpleNamespace
+
+    import simclr_kit.check_distributed as check
+    from simclr_kit.cli import CHECK_FLAGS, PRETRAIN_FLAGS
+    from simclr_kit.config import CheckConfig, PretrainConfig
+
+    assert [f.dest for f in CHECK_FLAGS] == list(CheckConfig.FLAGS)
+    pretraining = {f.dest: f for f in PRETRAIN_FLAGS}
+    own = set(CheckConfig.__annotations__)  # declared (again) by CheckConfig itself
+    inherited = [f for f in CHECK_FLAGS if f.dest not in own]
+    assert {f.dest for f in inherited} == {"backbone", "seed", "sync_bn"}
+    assert all(f == pretraining[f.dest] for f in inherited)
+    seen: list = []
+    monkeypatch.setattr(check, "run_check", lambda cfg: seen.append(cfg) or
+                        SimpleNamespace(report=lambda: "", passed=True))
+    assert main(["check-distributed", "--batch-size", "6", "--seed", "3", "--no-sync-bn",
+                 "--image-size", "8", "--backbone", "resnet34"]) == 0
+    assert seen == [CheckConfig(batch_size=6, seed=3, sync_bn=False, image_size=8,
+                                backbone="resnet34")]
+    assert isinstance(seen[0], PretrainConfig) and (seen[0].lr, seen[0].nproc) == (0.3, 2)
+    assert CheckConfig(nproc=3).global_batch == 24  # None: 8 images per process

@@ -118,8 +118,8 @@ def test_config_and_report_modules_import_only_downward():
 
 
 def test_every_optimizer_the_config_accepts_is_built_and_steps():
-    """config.OPTIMIZERS and optim.BUILDERS name the same optimizers (adding one is both places,
-    and a name in one but not the other fails here); each keeps biases and norms undecayed."""
+    """optim.BUILDERS builds every row of the one optimizer table, config.OPTIMIZER_DEFAULTS,
+    with the optimizer of that name; each keeps biases and norms undecayed."""
     from simclr_kit.config import OPTIMIZERS
     from simclr_kit.optim import BUILDERS
 
@@ -129,6 +129,7 @@ def test_every_optimizer_the_config_accepts_is_built_and_steps():
     for name in OPTIMIZERS:
         net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
         opt = build_optimizer(net, name, lr=0.1, momentum=0.9, weight_decay=0.5)
+        assert type(opt).__name__.lower() == name
         assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
         before = net[0].weight.detach().clone()
         net(torch.randn(8, 3)).square().mean().backward()
@@ -205,3 +206,41 @@ def test_torchvision_vit_position_embedding_and_class_token_are_adapted_not_deca
                                                            "encoder.pos_embedding"}
     [decayed] = [g for g in groups if g["weight_decay"] == 1e-4]
     assert "conv_proj.weight" in {names[id(p)] for p in decayed["params"]}
+
+
+def test_config_facts_are_read_from_the_fields_declarations():
+    """Which fields a resume may change and which a recipe does not pin are marked on their
+    declarations (setting(resumable=, pinned_by_recipe=)); the lists are derived from them."""
+    from dataclasses import fields
+
+    from simclr_kit.config import (DataConfig, data_recipe, flatten, marked, recipe,
+                                   with_data_recipe)
+    from simclr_kit.resume import RESUMABLE_FIELDS
+
+    def declared(fact, value):
+        top = {f.name for f in fields(PretrainConfig) if f.metadata.get(fact) is value}
+        return top | {f"data.{f.name}" for f in fields(DataConfig) if f.metadata.get(fact) is value}
+
+    assert set(RESUMABLE_FIELDS) == declared("resumable", True) == {
+        "epochs", "device", "progress", "log_every", "checkpoint_every",
+        "checkpoint_every_steps", "loggers", "stream", "data.decode_workers"}
+    unpinned = marked(PretrainConfig, "pinned_by_recipe", False)
+    assert set(unpinned) == declared("pinned_by_recipe", False) == {
+        "out", "epochs", "batch_size", "data.data"}
+    # one rule names the recipe: the command line's base and the API's both take it
+    assert data_recipe(None) == data_recipe("digits") == recipe("digits")
+    assert data_recipe("some/folder") == {}
+    _, taken = with_data_recipe(PretrainConfig(epochs=1))
+    assert taken == [k for k in flatten(recipe("digits")) if k not in unpinned]
+
+
+def test_the_classifier_takes_the_linear_probes_defaults():
+    """A frozen classifier trains as evaluate's linear probe: its defaults are the probe's."""
+    from simclr_kit.classifier import _recipe
+    from simclr_kit.config import ClassifierConfig, EvalConfig
+
+    probe, frozen = EvalConfig(), _recipe(ClassifierConfig())
+    assert (frozen.epochs, frozen.batch_size, frozen.lr, frozen.weight_decay, frozen.min_steps,
+            frozen.seed, frozen.backbone_lr_mult) == (
+        probe.linear_epochs, probe.linear_batch_size, probe.linear_lr, probe.linear_weight_decay,
+        probe.linear_min_steps, probe.seed, probe.finetune_backbone_lr_mult)

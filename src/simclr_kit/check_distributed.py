@@ -32,7 +32,7 @@ from torch import Tensor
 
 from simclr_kit import distributed, training
 from simclr_kit.augment import SimCLRAugment, channel_stats
-from simclr_kit.config import PretrainConfig
+from simclr_kit.config import CheckConfig, PretrainConfig
 from simclr_kit.data.loader import ResidentBatches
 from simclr_kit.data.store import ImageStore
 from simclr_kit.errors import UserError
@@ -65,32 +65,6 @@ def _all_gather_no_grad(x: Tensor) -> Tensor:
 # The distributed step's all-gather; "no-grad" is the known bug, to show that the check can fail.
 GATHERS: dict[str, Callable[[Tensor], Tensor]] = {
     "with-grad": distributed.all_gather_with_grad, "no-grad": _all_gather_no_grad}
-
-
-@dataclass(frozen=True)
-class CheckConfig:
-    """One comparison: ``nproc`` processes x ``batch_size / nproc`` images vs 1 x ``batch_size``."""
-
-    nproc: int = 2
-    batch_size: int | None = None  # None: 8 images per process
-    device: str = "auto"  # cuda (NCCL, one GPU per process) when available, else cpu (gloo)
-    backbone: str = "resnet18"
-    image_size: int = 16
-    seed: int = 0
-    lr: float = 0.3  # per 256 images, as in pretraining; scaled linearly with the batch
-    temperature: float = 0.1
-    sync_bn: bool = True  # used on CUDA only
-    gather: str = "with-grad"
-    port: int | None = None  # None: a free port on 127.0.0.1
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size if self.batch_size is not None else 8 * self.nproc
-
-    @property
-    def global_bn(self) -> bool:
-        """Whether the distributed run normalises over the global batch (SyncBatchNorm)."""
-        return self.device == "cuda" and self.sync_bn
 
 
 @dataclass(frozen=True)
@@ -161,13 +135,11 @@ def _validate(cfg: CheckConfig) -> None:
 
 
 def _pretrain_config(cfg: CheckConfig) -> PretrainConfig:
-    """The pretraining settings of the step: LARS, float32, no warm-up (step 0 takes the full
-    rate)."""
-    return PretrainConfig(batch_size=cfg.global_batch, optimizer="lars", lr=cfg.lr,
-                          lr_scaling="linear", temperature=cfg.temperature,
-                          backbone=cfg.backbone, seed=cfg.seed, device=cfg.device,
-                          precision="fp32", channels_last=False, sync_bn=cfg.sync_bn,
-                          warmup_epochs=0.0, epochs=1, progress=False).resolved()
+    """The pretraining settings of the step: ``cfg`` with LARS at its rate scaled linearly,
+    float32, no warm-up (step 0 takes the full rate) and the batch that None stands for."""
+    return dataclasses.replace(cfg, batch_size=cfg.global_batch, optimizer="lars",
+                               lr_scaling="linear", precision="fp32", channels_last=False,
+                               warmup_epochs=0.0, epochs=1, progress=False).resolved()
 
 
 def _make_inputs(cfg: CheckConfig) -> dict[str, Any]:
@@ -221,7 +193,7 @@ def _trainer(cfg: CheckConfig, inputs: dict[str, Any], device: torch.device,
     images = inputs["images"]
     model = _model(cfg, inputs, device)
     ddp_model = distributed.wrap_model(model, device, cfg.sync_bn)
-    base_lr = effective_lr(cfg.lr, cfg.global_batch)
+    base_lr = effective_lr(pcfg.lr, cfg.global_batch)
     optimizer = build_optimizer(model, "lars", base_lr, pcfg.momentum, pcfg.weight_decay)
     store = ImageStore(images, None, None, torch.arange(len(images)), cfg.image_size)
     augment = SimCLRAugment(pcfg.augment, cfg.image_size, inputs["mean"], inputs["std"], cfg.seed)
@@ -281,7 +253,7 @@ def _reference(cfg: CheckConfig, inputs: dict[str, Any]) -> dict[str, Any]:
         parts = [model(torch.cat([a, c])) for a, c in zip(v1.split(b), v2.split(b))]
         z1, z2 = torch.cat([p[:b] for p in parts]), torch.cat([p[b:] for p in parts])
     loss = nt_xent(z1, z2, cfg.temperature, no_gather)  # one process: no gather, no offsets
-    base_lr = effective_lr(cfg.lr, cfg.global_batch)
+    base_lr = effective_lr(pcfg.lr, cfg.global_batch)
     optimizer = build_optimizer(model, "lars", base_lr, pcfg.momentum, pcfg.weight_decay)
     set_lr(optimizer, base_lr)
     optimizer.zero_grad(set_to_none=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from simclr_kit import __version__
-from simclr_kit.config import (AugmentConfig, ClassifierConfig, DataConfig, EvalConfig,
-                               PretrainConfig, config_source, from_dict, merge, merge_pretrain,
-                               recipe)
+from simclr_kit.config import (AugmentConfig, CheckConfig, ClassifierConfig, DataConfig,
+                               EvalConfig, PretrainConfig, config_source, data_recipe, from_dict, merge,
+                               merge_pretrain)
 from simclr_kit.data.names import check_data_name
 from simclr_kit.errors import UserError
 from simclr_kit.flags import Parser, add_bool, add_flags, config_flags, overrides
@@ -35,6 +35,8 @@ PRETRAIN_FLAGS = config_flags(PretrainConfig) + config_flags(AugmentConfig, "aug
 # and batch.
 EVAL_FLAGS = config_flags(EvalConfig, "eval.")
 CLASSIFIER_FLAGS = config_flags(ClassifierConfig)
+CHECK_FLAGS = sorted((f for f in config_flags(CheckConfig) if f.dest in CheckConfig.FLAGS),
+                     key=lambda f: CheckConfig.FLAGS.index(f.dest))
 # The data flags of predict and embed, which read one whole split: of the run's own dataset,
 # or of the files --data names.
 FILE_DATA_FLAGS = [f for f in DATA_FLAGS if f.flag in ("--data", "--data-config", "--revision",
@@ -50,12 +52,9 @@ CLASSIFIER_DATA = ("data (default: the dataset the classifier was trained on; an
 def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
     """YAML file (or the digits recipe when no data is named), then the flags on top."""
     given = overrides(args, DATA_FLAGS + PRETRAIN_FLAGS)
-    if args.config:  # a file, or a built-in recipe by name: --config cifar10
-        base = config_source(args.config, PretrainConfig)
-    elif given.get("data", {}).get("data", "digits") == "digits":
-        base = recipe("digits")
-    else:
-        base = {}
+    # --config: a file, or a built-in recipe by name (--config cifar10)
+    base = (config_source(args.config, PretrainConfig) if args.config else
+            data_recipe(given.get("data", {}).get("data")))
     return from_dict(PretrainConfig, merge_pretrain(base, given))
 
 
@@ -211,12 +210,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_check_distributed(args: argparse.Namespace) -> int:
-    from simclr_kit.check_distributed import CheckConfig, run_check
+    cfg = from_dict(CheckConfig, dict(overrides(args, CHECK_FLAGS), gather=args.gather), "check")
+    from simclr_kit.check_distributed import run_check
 
-    result = run_check(CheckConfig(nproc=args.nproc, batch_size=args.batch_size,
-                                   device=args.device, backbone=args.backbone,
-                                   image_size=args.image_size, seed=args.seed,
-                                   sync_bn=args.sync_bn, gather=args.gather))
+    result = run_check(cfg)
     print(result.report())
     return 0 if result.passed else 1
 
@@ -377,18 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "check on this machine that N processes x batch B/N train like 1 process x "
                 "batch B: one step each way; prints the largest differences in loss, gradients, "
                 "updated weights and views, then PASS or FAIL (exit 1)")
-    p.add_argument("--nproc", type=int, default=2, help="processes, one GPU each with cuda "
-                   "(default: 2)")
-    p.add_argument("--batch-size", type=int, help="global batch B (default: 8 per process)")
-    p.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cpu' (gloo, "
-                   "BatchNorm per process) or 'cuda' (NCCL, SyncBatchNorm) (default: auto)")
-    p.add_argument("--backbone", default="resnet18", help="torchvision model or timm/NAME "
-                   "(default: resnet18)")
-    p.add_argument("--image-size", type=int, default=16, help="pixels of the generated images "
-                   "(default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of images and weights (default: 0)")
-    add_bool(p, "--sync-bn", "sync_bn", "SyncBatchNorm on cuda, as pretraining uses it "
-              "(default: on)", default=True)
+    add_flags(p, CHECK_FLAGS, "check")
     p.add_argument("--gather", default="with-grad", choices=("with-grad", "no-grad"),
                    help=argparse.SUPPRESS)  # no-grad: the known bug, shows the check can fail
     return parser

@@ -1,5 +1,5 @@
-"""The configs: frozen, validated dataclasses for pretraining, data, augmentation, evaluation
-and the downstream classifier.
+"""The configs: frozen, validated dataclasses for pretraining, data, augmentation, evaluation,
+the distributed check and the downstream classifier.
 
 Each field is declared once, here: its type, its default and (with
 :func:`~simclr_kit.config_fields.setting`) what it means, with its units; the command-line
@@ -17,11 +17,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from simclr_kit.config_fields import (  # noqa: F401 - the config API: simclr_kit.config.*
-    ConfigError, config_source, flag_name, flatten, from_dict, load_yaml, merge, normalize_keys,
-    recipe, recipe_names, setting, to_dict, to_yaml, unflagged, unknown_choice)
+    ConfigError, config_source, flag_name, flatten, from_dict, load_yaml, marked, merge,
+    normalize_keys, recipe, recipe_names, setting, to_dict, to_yaml, unflagged, unknown_choice)
 
 # How the rate for a batch of 256 becomes the run's rate (see optim.effective_lr).
 LR_SCALINGS = ("linear", "sqrt")
@@ -39,7 +39,8 @@ class OptimizerDefaults:
     warmup_epochs: float = 10.0
 
 
-# Every optimizer by name, with its defaults; optim.BUILDERS builds these names.
+# The one table of optimizers: every --optimizer by name, with its defaults; optim builds each
+# row with the function named after it (optim.BUILDERS).
 OPTIMIZER_DEFAULTS: dict[str, OptimizerDefaults] = {
     # SimCLR's LARS (appendix B.1: weight decay 1e-6, 10 warm-up epochs) at the rate measured
     # for small batches (bench/RESULTS.md, "Encoder quality").
@@ -177,7 +178,8 @@ class DataConfig:
     """Where the images come from and how they are read."""
 
     data: str = setting("digits", "images: 'digits' (embedded), a hub id, a save_to_disk folder, "
-                        "a Parquet folder or glob, or an image folder", shown="")
+                        "a Parquet folder or glob, or an image folder", shown="",
+                        pinned_by_recipe=False)
     data_config: str | None = setting(None, "hub dataset configuration name", shown="none")
     revision: str | None = setting(None, "hub dataset revision: branch, tag or commit",
                                    shown="the main branch")
@@ -206,7 +208,7 @@ class DataConfig:
         shown="the run's recorded value, else 0.875")
     decode_workers: int | None = setting(None, "processes that decode the images, once per "
                                                "machine, into the shared cache file",
-                                         shown="the machine's cores")
+                                         shown="the machine's cores", resumable=True)
     cache_dir: str | None = unflagged(None, "not read by anything; accepted so that config "
                                             "files that name it still load")
 
@@ -310,9 +312,10 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     out: str | None = setting(None, "run directory; must not exist",
-                              shown="runs/simclr-DATE-TIME")
-    epochs: int = setting(100, "passes over the data")
-    batch_size: int = setting(256, "global batch in images, divided over processes")
+                              shown="runs/simclr-DATE-TIME", pinned_by_recipe=False)
+    epochs: int = setting(100, "passes over the data", resumable=True, pinned_by_recipe=False)
+    batch_size: int = setting(256, "global batch in images, divided over processes",
+                              pinned_by_recipe=False)
     lr: float | None = setting(
         None, "learning rate for a batch of 256, scaled to the global batch by --lr-scaling",
         shown=f"the optimizer's: {_per_optimizer('lr')}")
@@ -346,7 +349,8 @@ class PretrainConfig:
     projection_dim: int = setting(256, "output size of the head")
     projection_hidden_dim: int | None = setting(None, "hidden size of the head",
                                                 shown="the backbone's feature size")
-    device: str = setting("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'mps'")
+    device: str = setting("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'mps'",
+                          resumable=True)
     precision: str = setting("auto", "'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'fp32', "
                                      "'bf16', 'fp16'")
     channels_last: bool = setting(True, "channels_last memory format")
@@ -357,13 +361,15 @@ class PretrainConfig:
     stream: str = setting("auto", "training images: 'on' streams each batch from the decoded "
                                   "file (gathered ahead by a thread), 'off' holds the set whole "
                                   "(on the GPU), 'auto' streams a set over a quarter of the free "
-                                  "GPU memory (on CPU: of the RAM)")
+                                  "GPU memory (on CPU: of the RAM)", resumable=True)
     seed: int = setting(0, "seed of weights, order and augmentation")
-    checkpoint_every: int = setting(10, "epochs between kept checkpoints, 0 for only the last")
+    checkpoint_every: int = setting(10, "epochs between kept checkpoints, 0 for only the last",
+                                    resumable=True)
     checkpoint_every_steps: int = setting(
         0, "steps between rolling checkpoints, which replace each other; for long epochs on "
-        "machines that may be taken away", shown="0, a rolling one every 5 minutes only")
-    log_every: int = setting(10, "steps between metric lines")
+        "machines that may be taken away", shown="0, a rolling one every 5 minutes only",
+        resumable=True)
+    log_every: int = setting(10, "steps between metric lines", resumable=True)
     monitor_knn: int = setting(
         0, "run the kNN protocol every N epochs and after the last (k=200, T=0.1; keys: the "
         "labelled pretraining split, clean; queries: the evaluation split), logged as 'knn' "
@@ -374,11 +380,12 @@ class PretrainConfig:
         "are timed, then the epochs and the schedule are set to end inside it, replacing "
         "--epochs", shown="off")
     deterministic: bool = setting(False, "deterministic algorithms, slower")
-    progress: bool = unflagged(True, "progress bars; the command line always shows them")
+    progress: bool = unflagged(True, "progress bars; the command line always shows them",
+                               resumable=True)
     loggers: tuple[str, ...] = setting(
         (), "comma list of tensorboard, wandb, mlflow: copies of the metrics for those tools "
         "(metrics.jsonl is always written; each needs its library, e.g. pip install "
-        "'simclr-kit[tensorboard]')", flag="--logger")
+        "'simclr-kit[tensorboard]')", flag="--logger", resumable=True)
     allow_smaller_batch: bool = setting(False, "with fewer images than --batch-size, train on "
                                                "batches of all of them instead of stopping")
 
@@ -448,23 +455,85 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class CheckConfig(PretrainConfig):
+    """``simclr check-distributed``: ``nproc`` processes x ``batch_size / nproc`` images vs one
+    process x ``batch_size``, one training step each (:mod:`simclr_kit.check_distributed`).
+
+    A pretraining config: the step trains with its model, loss, augmentation and LARS fields.
+    Below are the check's own fields, then the pretraining defaults it must change. Its flags
+    are those of :data:`FLAGS`.
+    """
+
+    nproc: int = setting(2, "processes, one GPU each with cuda")
+    image_size: int = setting(16, "pixels of the generated images")
+    gather: str = unflagged("with-grad", "the all-gather NT-Xent uses; 'no-grad' is the known "
+                            "bug, run to show that the check can fail (a hidden flag)")
+    port: int | None = unflagged(None, "the process group's port on 127.0.0.1; None: a free one")
+    # None: 8 images per process, so that the default splits evenly over any --nproc.
+    batch_size: int | None = setting(  # type: ignore[assignment]
+        None, "global batch B, divided over the processes", shown="8 per process")
+    # The check starts gloo processes on the CPU or NCCL ones on cuda, nothing else.
+    device: str = setting("auto", "'auto' (cuda if present), 'cpu' (gloo, BatchNorm per "
+                                  "process) or 'cuda' (NCCL, SyncBatchNorm)")
+    # One step at SimCLR's 0.3 x B/256 (the paper's linear rule) rather than the rate tuned for
+    # learning: the check's tolerances were set on steps of this size.
+    lr: float | None = setting(0.3, "learning rate for a batch of 256, scaled linearly to the "
+                                    "global batch")
+
+    # Its flags: its own fields and the pretraining fields that choose the model, the seed and
+    # the BatchNorm; the API sets the others.
+    FLAGS: ClassVar[tuple[str, ...]] = ("nproc", "batch_size", "device", "backbone",
+                                        "image_size", "seed", "sync_bn")
+
+    def __post_init__(self) -> None:
+        if self.batch_size is None:  # the pretraining checks, on the batch None stands for
+            dataclasses.replace(self, batch_size=self.global_batch)
+        else:
+            super().__post_init__()
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size if self.batch_size is not None else 8 * self.nproc
+
+    @property
+    def global_bn(self) -> bool:
+        """Whether the distributed run normalises over the global batch (SyncBatchNorm)."""
+        return self.device == "cuda" and self.sync_bn
+
+
+def _probe(name: str, help: str, **kwargs: Any) -> Any:
+    """A classifier field whose default is that of the linear probe's field ``name``
+    (:class:`EvalConfig`): a frozen head trains as ``evaluate``'s probe does."""
+    return setting(EvalConfig.__dataclass_fields__[name].default, help, **kwargs)
+
+
+_PROBE_EPOCHS, _PROBE_BATCH = (EvalConfig.__dataclass_fields__[name].default
+                               for name in ("linear_epochs", "linear_batch_size"))
+
+
+@dataclass(frozen=True)
 class ClassifierConfig:
-    """The downstream classifier: a new head on the extracted backbone, cross-entropy and Adam."""
+    """The downstream classifier: a new head on the extracted backbone, cross-entropy and Adam.
+    With a frozen backbone it trains as ``evaluate``'s linear probe: the fields they share take
+    the probe's defaults (:func:`_probe`)."""
 
     head: str = setting("linear", "'linear' or 'mlp'")
     finetune: bool = setting(False, "train the whole network", shown="False, a frozen backbone")
     epochs: int | None = setting(None, "passes over the training split",
-                                 shown="100 frozen, as evaluate's linear probe; 30 with --finetune")
-    lr: float = setting(1e-3, "Adam rate of the head")
-    backbone_lr_mult: float = setting(0.1, "backbone rate = lr x this, with --finetune")
+                                 shown=f"{_PROBE_EPOCHS} frozen, as evaluate's linear probe; 30 "
+                                 "with --finetune")
+    lr: float = _probe("linear_lr", "Adam rate of the head")
+    backbone_lr_mult: float = _probe("finetune_backbone_lr_mult",
+                                     "backbone rate = lr x this, with --finetune")
     batch_size: int | None = setting(None, "images per step",
-                                     shown="256 frozen, as evaluate's linear probe; 64 with "
-                                     "--finetune")
-    weight_decay: float = setting(0.0, "Adam weight decay")
+                                     shown=f"{_PROBE_BATCH} frozen, as evaluate's linear probe; "
+                                     "64 with --finetune")
+    weight_decay: float = _probe("linear_weight_decay", "Adam weight decay")
     hidden_dim: int = setting(512, "hidden units of the mlp head")
-    seed: int = setting(0, "seed of the head's weights and of the batch order")
-    min_steps: int = setting(2000, "frozen backbone: train at least this many Adam steps, adding "
-                             "epochs, as evaluate's --linear-min-steps; 0 keeps the epochs")
+    seed: int = _probe("seed", "seed of the head's weights and of the batch order")
+    min_steps: int = _probe("linear_min_steps", "frozen backbone: train at least this many Adam "
+                            "steps, adding epochs, as evaluate's --linear-min-steps; 0 keeps the "
+                            "epochs")
 
     def __post_init__(self) -> None:
         _one_of(self, "head", ("linear", "mlp"), "head")
@@ -477,31 +546,31 @@ class ClassifierConfig:
         _check(self.min_steps >= 0, "min_steps", "an integer >= 0 (0: off)", self.min_steps)
 
 
-# Fields of a recipe that say how long to train, not how: a config that sets only these (or
-# nothing) on the embedded digits still gets the rest of the digits recipe.
-_RUN_LENGTH = {"data", "epochs", "batch_size", "out"}
+def data_recipe(data: str | None) -> dict[str, Any]:
+    """The recipe a config on ``data`` starts from when it names no config file: the digits
+    recipe on the embedded digits (``data`` "digits", or not given), none on other data."""
+    return recipe("digits") if data in (None, "digits") else {}
 
 
 def with_data_recipe(cfg: PretrainConfig) -> tuple[PretrainConfig, list[str]]:
-    """On the embedded digits, a config that leaves every field of the digits recipe (other than
-    the run's length) at its generic default takes the recipe's values for them, as the command
-    line does; returns the config and the fields taken. Any other config is returned as is."""
-    if cfg.data.data != "digits":
-        return cfg, []
-    demo, generic, current = recipe("digits"), to_dict(PretrainConfig()), to_dict(cfg)
-    taken: list[str] = []
-    for key, value in demo.items():
-        if key in _RUN_LENGTH:
-            continue
-        pairs = value.items() if isinstance(value, dict) else [(None, value)]
-        for sub, v in pairs:
-            here, default = (current[key], generic[key]) if sub is None else \
-                (current[key][sub], generic[key][sub])
-            if here != default:
-                return cfg, []  # the caller chose at least one of them: keep the config whole
-            taken.append(key if sub is None else f"{key}.{sub}")
-    return from_dict(PretrainConfig, merge(current, {k: v for k, v in demo.items()
-                                                     if k not in _RUN_LENGTH})), taken
+    """A built config with :func:`data_recipe` applied, as the command line applies it to its
+    flags: a config that leaves every field the recipe pins (``pinned_by_recipe``, so not the
+    dataset, the epochs, the batch or the run directory) at its generic default takes the
+    recipe's values for them; returns the config and the fields taken. A config that chose any
+    of them itself, or other data, is returned as is."""
+    unpinned = set(marked(PretrainConfig, "pinned_by_recipe", False))
+    pinned = {k: v for k, v in flatten(data_recipe(cfg.data.data)).items() if k not in unpinned}
+    generic, current = flatten(to_dict(PretrainConfig())), flatten(to_dict(cfg))
+    if not pinned or any(current[k] != generic[k] for k in pinned):
+        return cfg, []  # the caller chose at least one of them: keep the config whole
+    values = to_dict(cfg)
+    for key, value in pinned.items():
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return from_dict(PretrainConfig, values), list(pinned)
 
 
 def layered_data(recorded: dict[str, Any] | None,

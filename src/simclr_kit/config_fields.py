@@ -24,7 +24,8 @@ class ConfigError(UserError):
     """A configuration value outside its allowed range."""
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, shown: str | None = None) -> Any:
+def setting(default: Any, help: str, *, flag: str | None = None, shown: str | None = None,
+            resumable: bool = False, pinned_by_recipe: bool = True) -> Any:
     """A config field with its documentation: ``help`` says what the value means, with its
     units, and is also its flag's ``--help`` text, which ends in "(default: VALUE)".
 
@@ -32,8 +33,26 @@ def setting(default: Any, help: str, *, flag: str | None = None, shown: str | No
     ``loggers``). ``shown``: the wording of the default where the value alone does not say it:
     what a ``None`` means ("0.5 at <= 64 px, 1.0 above"), or the value with a note ("0, off");
     "" for a flag whose default depends on the command and is said by its group.
+    ``resumable``: a resumed run may change it (how long the run trains, where and how it
+    reports); every other field is the run's own. ``pinned_by_recipe``: False for a field whose
+    value in a recipe says how long or on what a run trains rather than how (the dataset, the
+    epochs, the batch), so that setting it does not count as choosing against the recipe.
+    :func:`marked` lists the fields of each kind.
     """
-    return field(default=default, metadata={"help": help, "flag": flag, "shown": shown})
+    return field(default=default, metadata={"help": help, "flag": flag, "shown": shown,
+                                            "resumable": resumable,
+                                            "pinned_by_recipe": pinned_by_recipe})
+
+
+def marked(cls: type, fact: str, value: bool = True) -> tuple[str, ...]:
+    """The fields of the config dataclass ``cls`` whose :func:`setting` (or :func:`unflagged`)
+    says ``fact=value`` (``marked(PretrainConfig, "resumable")``), as dotted paths: its own
+    fields in declaration order, then those of its sections (``data.decode_workers``)."""
+    own = [f.name for f in fields(cls)  # type: ignore[arg-type]
+           if f.name not in sections(cls) and f.metadata.get(fact, not value) is value]
+    inner = [f"{name}.{sub}" for name, section in sections(cls).items()
+             for sub in marked(section, fact, value)]
+    return tuple(own + inner)
 
 
 def flag_name(cls: type, name: str) -> str:
@@ -61,10 +80,11 @@ def unknown_choice(what: str, value: Any, choices: Sequence[Any], flag: str) -> 
                        f"{', '.join(map(repr, choices))}{hint}")
 
 
-def unflagged(default: Any, help: str) -> Any:
+def unflagged(default: Any, help: str, *, resumable: bool = False) -> Any:
     """A config field that has no command-line flag (config files and the API set it); ``help``
-    says what it means and why it is not a flag."""
-    return field(default=default, metadata={"help": help, "flag": False})
+    says what it means and why it is not a flag; ``resumable`` as for :func:`setting`."""
+    return field(default=default, metadata={"help": help, "flag": False,
+                                            "resumable": resumable})
 
 
 C = TypeVar("C")

@@ -138,7 +138,7 @@ class LoopEvents:
         t = self.t
         seconds = time.monotonic() - self.started
         t.log.write("done", epoch=t.epoch, step=t.global_step, wall_s=round(seconds, 2),
-                    images_per_s=round((t.global_step - self.first_step) * t.config.batch_size
+                    images_per_s=round((t.global_step - self.first_step) * t.batch_size
                                        / max(seconds, 1e-9), 1),
                     peak_memory_mb=peak_memory_mb(t.device))
 
@@ -152,7 +152,7 @@ class LoopEvents:
         if not math.isfinite(value):
             raise NonFiniteLoss(t, f"the loss became {value}")
         t.unchecked_loss.zero_()
-        ips = self.seen * t.config.batch_size / max(seconds, 1e-9)
+        ips = self.seen * t.batch_size / max(seconds, 1e-9)
         lr = t.optimizer.param_groups[0]["lr"]
         # Epochs count from 1 in every record, as in checkpoint names and the progress bar.
         t.log.write("train", epoch=t.epoch + 1, step=t.global_step, loss=value, lr=lr,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from simclr_kit.config import LR_SCALINGS
+from simclr_kit.config import LR_SCALINGS, OPTIMIZER_DEFAULTS
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:
@@ -155,21 +155,25 @@ def _fast_kwargs(cls: type[torch.optim.Optimizer], params: list[Tensor]) -> dict
 
 def _lars(groups: list[dict], lr: float, momentum: float, weight_decay: float, eta: float,
           clip: bool) -> torch.optim.Optimizer:
+    """SimCLR's: trust coefficient ``eta``, optionally clipped."""
     return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip)
 
 
 def _sgd(groups: list[dict], lr: float, momentum: float, **_: Any) -> torch.optim.Optimizer:
+    """SGD with momentum."""
     groups = _without_lars(groups)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False,
                            **_fast_kwargs(torch.optim.SGD, _params(groups)))
 
 
 def _adam(groups: list[dict], lr: float, **_: Any) -> torch.optim.Optimizer:
+    """Adam, its weight decay added to the gradient (L2)."""
     groups = _without_lars(groups)
     return torch.optim.Adam(groups, lr=lr, **_fast_kwargs(torch.optim.Adam, _params(groups)))
 
 
 def _adamw(groups: list[dict], lr: float, **_: Any) -> torch.optim.Optimizer:
+    """AdamW: decoupled weight decay (Loshchilov & Hutter 2019)."""
     groups = _without_lars(groups)
     return torch.optim.AdamW(groups, lr=lr, **_fast_kwargs(torch.optim.AdamW, _params(groups)))
 
@@ -182,15 +186,13 @@ def _params(groups: list[dict]) -> list[Tensor]:
     return [p for g in groups for p in g["params"]]
 
 
-# Every --optimizer by name: the names of config.OPTIMIZER_DEFAULTS, which holds each one's
-# default rate, weight decay and warm-up. A builder gets parameter_groups(model, weight_decay)
-# and the rate; the schedule then sets each group's "lr" every step (set_lr).
+# Every --optimizer is a row of config.OPTIMIZER_DEFAULTS, the one table of their names and
+# default rate, weight decay and warm-up; its builder here is the function named after it
+# (_lars, _sgd, _adam, _adamw), so a row without one fails at import. A builder gets
+# parameter_groups(model, weight_decay) and the rate; the schedule then sets each group's "lr"
+# every step (set_lr).
 BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "lars": _lars,  # SimCLR: trust coefficient eta, optionally clipped
-    "sgd": _sgd,  # momentum
-    "adam": _adam,  # weight decay added to the gradient (L2)
-    "adamw": _adamw,  # decoupled weight decay (Loshchilov & Hutter 2019)
-}
+    name: globals()[f"_{name}"] for name in OPTIMIZER_DEFAULTS}
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,

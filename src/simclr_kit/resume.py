@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from simclr_kit.config import (DataConfig, PretrainConfig, flag_name, flatten, from_dict,
-                               load_yaml, merge, to_dict)
+                               load_yaml, marked, merge, to_dict)
 from simclr_kit.errors import UserError
 
-# Fields a resume may change; every other one is the run's own. The one list: --help, the
-# README and the error of a refused resume name their flags (resumable_flags).
-RESUMABLE_FIELDS = ("epochs", "device", "progress", "log_every", "checkpoint_every",
-                    "checkpoint_every_steps", "loggers", "stream", "data.decode_workers")
+# Fields a resume may change, as their declarations mark them (setting(..., resumable=True));
+# every other one is the run's own. --help, the README and the error of a refused resume name
+# their flags (resumable_flags).
+RESUMABLE_FIELDS = marked(PretrainConfig, "resumable")
 
 
 def resumable_flags() -> list[str]:
@@ -74,9 +74,6 @@ def _changed_fields(run_dir: Path, saved: PretrainConfig, config: PretrainConfig
             continue
         if name == "out" and (value is None or Path(value).resolve() == run_dir.resolve()):
             continue  # the run directory is the one being resumed, whatever it was called
-        if name == "batch_size" and config.allow_smaller_batch and \
-                before[name] < value:  # the run itself shrank it to fit a small dataset
-            continue
         changed.append(f"{name} ({before.get(name)!r} in its config.yaml, {value!r} now)")
     return changed
 

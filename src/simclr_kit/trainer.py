@@ -85,6 +85,12 @@ class Trainer:
     sizes: Tensor | None = None
 
     @property
+    def batch_size(self) -> int:
+        """The global batch the run trains with: the config's, or the whole (smaller) set that
+        ``allow_smaller_batch`` allows (:func:`_check_batch`)."""
+        return self.batches.global_batch
+
+    @property
     def images(self) -> Tensor:
         """The training set's uint8 images ``(N, 3, L, L)``, where the batch source keeps them."""
         return self.batches.images
@@ -125,11 +131,13 @@ def _check_world(cfg: PretrainConfig) -> None:
         raise UserError(f"--batch-size {cfg.batch_size} gives fewer than 2 images per process")
 
 
-def _check_batch(cfg: PretrainConfig, n_images: int) -> PretrainConfig:
-    """The config to train with: a set smaller than one batch is an error, unless the user
-    allowed a smaller batch (then the whole set, rounded down to split over the processes)."""
+def _check_batch(cfg: PretrainConfig, n_images: int) -> int:
+    """The global batch to train with, ``cfg.batch_size``: a set smaller than one batch is an
+    error, unless the user allowed a smaller batch (then the whole set, rounded down to split
+    over the processes). The config keeps the batch it was given, so that a resume finds the
+    same batch on the same data without a rule of its own."""
     if n_images >= cfg.batch_size:
-        return cfg
+        return cfg.batch_size
     world = distributed.world_size()
     smaller = n_images - n_images % world
     if not cfg.allow_smaller_batch or smaller < 2 * world:
@@ -140,7 +148,7 @@ def _check_batch(cfg: PretrainConfig, n_images: int) -> PretrainConfig:
     if distributed.is_main():
         tqdm.write(f"only {n_images} images: training with a batch of {smaller} instead of "
                    f"{cfg.batch_size} (--allow-smaller-batch); the learning rate scales with it")
-    return dataclasses.replace(cfg, batch_size=smaller)
+    return smaller
 
 
 def _load_data(cfg: PretrainConfig) -> tuple[ImageStore, ImageStore | None, int]:
@@ -231,7 +239,7 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None,
     store, eval_store, image_size = _load_data(cfg)
     changed = check_same_data(resume, store.provenance, allow_changed_data) \
         if resume is not None else None
-    cfg = _check_batch(cfg, len(store))
+    batch_size = _check_batch(cfg, len(store))
     announce_skipped(store, f"; listed in {run_dir / 'skipped.txt'}")
 
     mean, std = ((IMAGENET_MEAN, IMAGENET_STD) if cfg.init == "imagenet"
@@ -246,7 +254,7 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None,
         # ``Trainer.model``, the plain module, so their keys stay clean.
         ddp_model = torch.compile(ddp_model)  # type: ignore[assignment]
 
-    base_lr = effective_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+    base_lr = effective_lr(cfg.lr, batch_size, cfg.lr_scaling)
     optimizer = build_optimizer(model, cfg.optimizer, base_lr, cfg.momentum, cfg.weight_decay,
                                 cfg.lars_eta, cfg.lars_clip)
     meta = {
@@ -264,11 +272,11 @@ def prepare(cfg: PretrainConfig, resume: Path | None = None,
                      open_loggers(cfg.loggers, run_dir, to_dict(cfg)) if is_main else None)
     trainer = Trainer(
         config=cfg, run_dir=run_dir, device=device, store=store, eval_store=eval_store,
-        batches=batch_source(store.images, device, cfg.batch_size, cfg.seed, cfg.stream),
+        batches=batch_source(store.images, device, batch_size, cfg.seed, cfg.stream),
         model=model, ddp_model=ddp_model,
         augment=SimCLRAugment(cfg.augment, image_size, mean, std, cfg.seed),
         optimizer=optimizer, meta=meta, log=log, base_lr=base_lr,
-        steps_per_epoch=len(store) // cfg.batch_size, total_epochs=cfg.epochs,
+        steps_per_epoch=len(store) // batch_size, total_epochs=cfg.epochs,
         sizes=None if store.sizes is None else store.sizes.to(device))
     trainer.scaler = grad_scaler(cfg.precision, device)
     if cfg.time_budget is not None:
@@ -294,7 +302,8 @@ def _write_run_files(t: Trainer) -> None:
     if t.store.skipped:
         atomic_write_text(t.run_dir / "skipped.txt", skipped_report(t.store))
     t.log.write("run", device=str(t.device), world_size=distributed.world_size(),
-                images=len(t.store), image_size=t.meta["image_size"], effective_lr=t.base_lr,
+                images=len(t.store), image_size=t.meta["image_size"], batch_size=t.batch_size,
+                effective_lr=t.base_lr,
                 steps_per_epoch=t.steps_per_epoch, dataset=t.store.provenance,
                 version=__version__, hardware=hardware_info(t.device))
 

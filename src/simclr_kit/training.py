@@ -48,7 +48,7 @@ def _step_failure(t: Trainer, err: RuntimeError) -> UserError | None:
     """One line for a step that cannot go on: out of memory (what to lower), or another
     process of the torchrun job gone; None for any other error (raised as it is)."""
     cfg = t.config
-    return (out_of_memory_error(err, t.device, cfg.batch_size, distributed.world_size(),
+    return (out_of_memory_error(err, t.device, t.batch_size, distributed.world_size(),
                                 t.meta["image_size"], cfg.precision, cfg.channels_last)
             or distributed.peer_failure(err, f"training step {t.global_step + 1}"))
 
