@@ -441,7 +441,7 @@ def test_each_command_has_its_flags_and_no_two_write_the_same_value():
     augment = {f.flag for f in PRETRAIN_FLAGS if f.dest.startswith("augment.")}
     assert len(augment) == 13 and {"--flip-p", "--grayscale-p", "--solarize-threshold"} <= augment
     by_name = {"--data", "--data-config", "--revision", "--image-column", "--label-column",
-               "--bad-images"}
+               "--bad-images", "--crop-fraction"}  # what names images and how they are cropped
     run_data = data - {"--store-size"}  # the stored size concerns pretraining alone
     expected = {"run": data | pretrain | flags(EVAL_FLAGS), "pretrain": data | pretrain,
                 "evaluate": run_data | flags(EVAL_FLAGS), "report": run_data,

@@ -229,11 +229,12 @@ def test_cache_key_of_a_decoded_store_follows_its_key_and_rows_not_its_pixels() 
 def test_decode_split_keys_a_store_by_its_decoded_cache(data) -> None:
     from simclr_kit.config import DataConfig
     from simclr_kit.data.sources import open_splits
+    from simclr_kit.data.pixels import Layout
     from simclr_kit.data.store import _cache_dir, decode_split
 
     train, _ = open_splits(DataConfig(data=str(data)), need_eval=False)
     store = decode_split(train, progress=False)
-    assert store.key == _cache_dir(train, store.image_size).name
+    assert store.key == _cache_dir(train, Layout.crop(store.image_size)).name
     assert decode_split(train, progress=False).key == store.key  # a cache hit: the same key
     digits, _ = open_splits(DataConfig(data="digits"), need_eval=False)
     assert decode_split(digits, progress=False).key is None  # in memory, no fingerprint

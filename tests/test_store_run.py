@@ -22,6 +22,12 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_weights(latest_checkpoint(run) / "model.safetensors")
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test counts the decoded files of its own runs only."""
+    monkeypatch.setenv("SIMCLR_KIT_CACHE", str(tmp_path / "cache"))
+
+
 def _stored_shapes() -> Counter:
     """How many decoded files of each shape the cache holds."""
     root = Path(os.environ["SIMCLR_KIT_CACHE"]) / "decoded"
