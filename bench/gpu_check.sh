@@ -142,7 +142,7 @@ echo "pretraining (decode + training + save) took $((SECONDS - PART3)) s"
 python3 - "$PHOTO_RUN" "$PHOTO_BATCH" <<'EOF' || true
 import json, sys
 from pathlib import Path
-from simclr_kit.checkpoint import latest_checkpoint
+from simclr_kit.checkpoint_files import latest_checkpoint
 run = Path(sys.argv[1])
 records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
 first = next(r for r in records if r["kind"] == "run")

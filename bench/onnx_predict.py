@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from simclr_kit.checkpoint import save_weights
+from simclr_kit.checkpoint_files import save_weights
 from simclr_kit.classifier import decode_for_predict, load_classifier, predict, train_classifier
 from simclr_kit.config import ClassifierConfig
 from simclr_kit.deploy.onnx_export import export_onnx
 from simclr_kit.deploy.onnx_predict import predict_onnx
 from simclr_kit.deploy.onnx_runtime import cpu_session, run_batches
 from simclr_kit.evaluation.features import forward_images
-from simclr_kit.models import build_backbone
+from simclr_kit.models.backbones import build_backbone
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 

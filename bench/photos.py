@@ -257,7 +257,7 @@ def step_time(root: Path, steps: int, batch: int) -> list[dict]:
     from simclr_kit.config import DataConfig, PretrainConfig
     from simclr_kit.data.loader import ResidentBatches
     from simclr_kit.data.stream import StreamedBatches
-    from simclr_kit.training import prepare
+    from simclr_kit.train.loop import prepare
 
     from store import time_steps
 

@@ -48,10 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from simclr_kit.config import DataConfig, EvalConfig, PretrainConfig, from_dict, merge  # noqa: E402
 from simclr_kit.data.sources import open_splits  # noqa: E402
 from simclr_kit.data.store import ImageStore, decode_split  # noqa: E402
-from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, load_encoder  # noqa: E402
+from simclr_kit.models.encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, load_encoder  # noqa: E402
 from simclr_kit.evaluation.protocols import run_protocols  # noqa: E402
 from simclr_kit.augment import channel_stats  # noqa: E402
-from simclr_kit.models import build_backbone  # noqa: E402
+from simclr_kit.models.backbones import build_backbone  # noqa: E402
 
 
 def validation_rows(labels: np.ndarray, start: int, n: int, seed: int) -> np.ndarray:
@@ -115,7 +115,7 @@ def kit_overrides(spec: str) -> dict[str, Any]:
 
 
 def train_kit(spec: str, args: argparse.Namespace, data: DataConfig, run_dir: Path) -> Encoder:
-    from simclr_kit.training import pretrain
+    from simclr_kit.train.loop import pretrain
 
     base = {"data": dataclasses.asdict(data), "epochs": args.epochs,
             "batch_size": args.batch_size, "seed": args.seed, "out": str(run_dir),

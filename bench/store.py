@@ -232,7 +232,7 @@ def time_steps(t, sources: dict, steps: int,
     """Per batch source (a label and a batch source of the trainer ``t``), the seconds of each
     of ``steps`` training steps after ``warmup`` more, and the seconds each waited for its
     batch; the sources take turns step by step, so that a busy neighbour slows each alike."""
-    from simclr_kit.training import train_step
+    from simclr_kit.train.loop import train_step
 
     times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in sources}
     iterators = {k: source.epoch(0, 0, steps + warmup) for k, source in sources.items()}
@@ -257,7 +257,7 @@ def step_time(root: Path, name: str, steps: int, batch: int) -> list[dict]:
     from simclr_kit.config import DataConfig, PretrainConfig
     from simclr_kit.data.loader import ResidentBatches
     from simclr_kit.data.stream import StreamedBatches
-    from simclr_kit.training import prepare
+    from simclr_kit.train.loop import prepare
 
     os.environ["SIMCLR_KIT_CACHE"] = str(root / "cache")
     cfg = PretrainConfig(data=DataConfig(data=str(root / name), image_size=64), batch_size=batch,

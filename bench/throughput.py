@@ -5,7 +5,7 @@ optimizer), in steady state: warm-up steps (compilation, cuDNN autotuning, DataL
 are run first and not counted, and the device is synchronised at both ends of the timed window.
 
 - ``batched``: simclr-kit: the uint8 images resident on the device, both views made there in
-  one batched pass (``SimCLRAugment``), the step of ``simclr_kit.step`` that training runs.
+  one batched pass (``SimCLRAugment``), the step of ``simclr_kit.train.step`` that training runs.
 - ``per-image``: what most SimCLR code does: PIL images, torchvision transforms drawn per image
   in DataLoader worker processes (one per core), float batches copied to the device. Same
   model, precision, memory format and optimizer; never compiled.
@@ -45,9 +45,9 @@ from simclr_kit.augment import SimCLRAugment, blur_kernel_size, channel_stats  #
 from simclr_kit.config import AugmentConfig  # noqa: E402
 from simclr_kit.devices import (autocast_dtype, compile_by_default, resolve_device,  # noqa: E402
                                 tune_backends)
-from simclr_kit.models import build_simclr  # noqa: E402
-from simclr_kit.optim import build_optimizer, effective_lr  # noqa: E402
-from simclr_kit.step import simclr_step  # noqa: E402
+from simclr_kit.models.heads import build_simclr  # noqa: E402
+from simclr_kit.train.optim import build_optimizer, effective_lr  # noqa: E402
+from simclr_kit.train.step import simclr_step  # noqa: E402
 
 TEMPERATURE = 0.1
 PREFETCH = 2  # DataLoader batches queued per worker (its default)

@@ -27,7 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from simclr_kit import checkpoint, training
+from simclr_kit import checkpoint_files as checkpoint
+from simclr_kit.train import loop as training
 from simclr_kit.data import store
 
 Patch = Callable[[Any, str, Any], None]  # setattr, or pytest's monkeypatch.setattr

@@ -14,7 +14,7 @@ import torch
 from simclr_kit import distributed
 from simclr_kit.augment import channel_stats
 from simclr_kit.evaluation.features import extract_features
-from simclr_kit.models import build_backbone
+from simclr_kit.models.backbones import build_backbone
 
 
 def join_group(rank: int, world: int, port: int) -> None:

@@ -9,9 +9,9 @@ import torch
 from distributed_workers import join_group
 from simclr_kit import distributed
 from simclr_kit.data.store import ImageStore
-from simclr_kit.encoder import Encoder
+from simclr_kit.models.encoder import Encoder
 from simclr_kit.evaluation.cache import cached_features
-from simclr_kit.models import build_backbone
+from simclr_kit.models.backbones import build_backbone
 
 
 def tiny_encoder_and_store(n: int, seed: int = 0) -> tuple[Encoder, ImageStore]:

@@ -227,7 +227,7 @@ def test_fewer_images_than_a_batch(tmp_path, capsys):
     assert (record["kind"], record["batch_size"], record["steps_per_epoch"]) == ("run", 6, 1)
     # so a resume, from the command line or with the config the run started from, takes the
     # same batch again and needs no rule of its own
-    from simclr_kit.training import pretrain
+    from simclr_kit.train.loop import pretrain
 
     given = from_dict(PretrainConfig, dict(saved, epochs=2, progress=False))
     assert pretrain(given, resume=run, report=False) == run
@@ -424,7 +424,7 @@ def test_evaluate_says_what_it_skipped_and_counts_images_not_rows(tiny_run, tmp_
 
 def test_a_batch_too_large_for_the_memory_says_what_to_lower(tiny_run, tmp_path, monkeypatch,
                                                              capsys):
-    from simclr_kit import training
+    from simclr_kit.train import loop as training
 
     def no_memory(*args, **kwargs):  # what torch's CPU allocator raises
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
@@ -483,7 +483,7 @@ def classifier(tiny_run, tmp_path_factory) -> Path:
 ], ids=["classes", "feature-dim", "no-feature-dim", "head"])
 def test_predict_with_a_classifier_its_metadata_does_not_describe(classifier, tmp_path, capsys,
                                                                   edit, message):
-    from simclr_kit.checkpoint import load_weights, read_metadata, save_weights
+    from simclr_kit.checkpoint_files import load_weights, read_metadata, save_weights
 
     file = tmp_path / "cls" / "classifier.safetensors"
     file.parent.mkdir()
@@ -501,7 +501,7 @@ def test_predict_with_a_classifier_its_metadata_does_not_describe(classifier, tm
 
 def test_imagenet_init_without_its_weights_fails_before_any_data_is_read(tmp_path, monkeypatch,
                                                                          capsys):
-    from simclr_kit import trainer
+    from simclr_kit.train import prepare as trainer
 
     def read(*args, **kwargs):
         raise AssertionError("the data was read before the weights were checked")

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from simclr_kit.augment import normalize
-from simclr_kit.checkpoint import latest_checkpoint, load_train_state, save_checkpoint
-from simclr_kit.encoder import export_backbone, load_encoder, read_weights
+from simclr_kit.checkpoint_files import latest_checkpoint, load_train_state, save_checkpoint
+from simclr_kit.models.encoder import export_backbone, load_encoder, read_weights
 from simclr_kit.errors import UserError
-from simclr_kit.models import SimCLR, build_simclr
+from simclr_kit.models.heads import SimCLR, build_simclr
 
 META = {"backbone": "resnet18", "stem": "cifar", "image_size": 8, "mean": [0.5] * 3,
         "std": [0.25] * 3, "feature_dim": 512}
@@ -148,7 +148,7 @@ def test_exported_weights_follow_the_umask_like_their_json(run_dir, tmp_path, um
 def test_newest_checkpoint_by_position_when_the_pointer_is_lost(tmp_path):
     """Names count epochs from 1 (step 3 of the second epoch is epoch-0002-step-000003), so text
     order is not position order: without ``latest`` the recorded step decides."""
-    from simclr_kit.training import checkpoint_name
+    from simclr_kit.train.loop import checkpoint_name
 
     run = tmp_path / "run"
     positions = [(0, 3, 3), (1, 0, 4), (1, 3, 7)]  # (0-based epoch, step in epoch, global step)

@@ -15,11 +15,12 @@ import datasets
 import pytest
 import torch
 
-from simclr_kit import checkpoint, training
+from simclr_kit import checkpoint_files as checkpoint
+from simclr_kit.train import loop as training
 from conftest import write_unlabeled_parquet
-from simclr_kit.checkpoint import latest_checkpoint, load_train_state, load_weights
+from simclr_kit.checkpoint_files import latest_checkpoint, load_train_state, load_weights
 from simclr_kit.cli import main
-from simclr_kit.encoder import load_encoder
+from simclr_kit.models.encoder import load_encoder
 from simclr_kit.errors import UserError
 
 TINY = ["--device", "cpu", "--batch-size", "4", "--image-size", "8", "--projection-dim", "8",
@@ -318,8 +319,9 @@ def test_dataset_loading_scripts_are_refused_with_a_way_out(tmp_path, monkeypatc
 
 def test_resume_on_regenerated_data_is_refused_unless_allowed(tmp_path, capsys):
     """The Parquet file is regenerated at the same path with more rows between two sessions."""
-    from simclr_kit.cli import build_parser, pretrain_config
-    from simclr_kit.resume import resume_config
+    from simclr_kit.cli.parser import build_parser
+    from simclr_kit.cli.commands import pretrain_config
+    from simclr_kit.train.resume import resume_config
 
     data = write_unlabeled_parquet(tmp_path / "data", count=16)
     run = tmp_path / "run"

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import TINY
-from simclr_kit.checkpoint import latest_checkpoint
+from simclr_kit.checkpoint_files import latest_checkpoint
 from simclr_kit.cli import main
 from simclr_kit.report.metrics import read_metrics
 
@@ -142,7 +142,7 @@ def test_resume_continues_to_more_epochs(run, tmp_path, capsys):
     assert (run / "checkpoints" / "latest").read_text().strip() == "epoch-0002"
     # Resumed again without --epochs (after a kill, say), it goes on to the length last given,
     # not to the one in its config.yaml.
-    from simclr_kit.resume import resume_config
+    from simclr_kit.train.resume import resume_config
 
     assert resume_config(run, {}).epochs == 2
     assert resume_config(run, {"epochs": 5}).epochs == 5
@@ -271,7 +271,7 @@ def test_show_augment_counts_epochs_from_1(data, tmp_path, monkeypatch, capsys):
 
 
 def test_resumable_fields_are_one_list_in_help_readme_and_error(run, capsys):
-    from simclr_kit.resume import RESUMABLE_FIELDS, resumable_flags, resumable_text
+    from simclr_kit.train.resume import RESUMABLE_FIELDS, resumable_flags, resumable_text
 
     flags = resumable_flags()
     assert len(flags) == len(RESUMABLE_FIELDS) - 1  # progress has no flag
@@ -314,7 +314,7 @@ def test_show_augment_writes_a_grid(data, tmp_path):
 # ---- boolean flags, mistyped flags, config files -------------------------------------------
 
 def _parsed(argv: list[str]):
-    from simclr_kit.cli import build_parser
+    from simclr_kit.cli.parser import build_parser
 
     return build_parser().parse_args(argv)
 
@@ -334,8 +334,8 @@ def test_boolean_flags_are_bare_negated_or_valued(argv, value):
 
 def test_every_boolean_option_has_a_bare_and_a_no_form():
     """Generic: every true/false row of every flag table, present and future."""
-    from simclr_kit.cli import CLASSIFIER_FLAGS, DATA_FLAGS, EVAL_FLAGS, PRETRAIN_FLAGS
-    from simclr_kit.flags import parse_bool as _bool
+    from simclr_kit.cli.commands import CLASSIFIER_FLAGS, DATA_FLAGS, EVAL_FLAGS, PRETRAIN_FLAGS
+    from simclr_kit.cli.flags import parse_bool as _bool
 
     tables = {"pretrain": DATA_FLAGS + PRETRAIN_FLAGS, "evaluate": DATA_FLAGS + EVAL_FLAGS,
               "train-classifier": CLASSIFIER_FLAGS}
@@ -394,7 +394,7 @@ def test_config_file_in_flag_spellings_and_print_config(tmp_path, capsys):
 
 def _sections():
     """(config class, dest prefix, flag table) for every config class the commands expose."""
-    from simclr_kit.cli import CLASSIFIER_FLAGS, DATA_FLAGS, EVAL_FLAGS, PRETRAIN_FLAGS
+    from simclr_kit.cli.commands import CLASSIFIER_FLAGS, DATA_FLAGS, EVAL_FLAGS, PRETRAIN_FLAGS
     from simclr_kit.config import (AugmentConfig, ClassifierConfig, DataConfig, EvalConfig,
                                    PretrainConfig)
 
@@ -405,7 +405,7 @@ def _sections():
 
 def _options(command):
     """{option string: action} of a sub-command, the hidden --no-x forms left out."""
-    from simclr_kit.cli import _command_parser, build_parser
+    from simclr_kit.cli.parser import _command_parser, build_parser
 
     parser = _command_parser(build_parser(), command)
     return {o: a for a in parser._actions for o in a.option_strings if a.help != "==SUPPRESS=="}
@@ -432,7 +432,7 @@ def test_every_config_field_is_a_flag_or_marked_not_one():
 
 
 def test_each_command_has_its_flags_and_no_two_write_the_same_value():
-    from simclr_kit.cli import CLASSIFIER_FLAGS, DATA_FLAGS, EVAL_FLAGS, PRETRAIN_FLAGS
+    from simclr_kit.cli.commands import CLASSIFIER_FLAGS, DATA_FLAGS, EVAL_FLAGS, PRETRAIN_FLAGS
 
     def flags(table):
         return {f.flag for f in table}
@@ -458,7 +458,7 @@ def test_each_command_has_its_flags_and_no_two_write_the_same_value():
         assert len(dests) == len(set(dests)), f"{command}: two options write one value"
     assert {"--eval-seed", "--eval-batch-size", "--baseline", "--logger"} <= every
     args = _parsed(["run", "--eval-seed", "7", "--eval-batch-size", "32", "--batch-size", "64"])
-    from simclr_kit.cli import eval_flags, pretrain_config
+    from simclr_kit.cli.commands import eval_flags, pretrain_config
 
     assert eval_flags(args) == {"seed": 7, "batch_size": 32}
     assert (pretrain_config(args).seed, pretrain_config(args).batch_size) == (0, 64)
@@ -492,7 +492,7 @@ def test_help_states_each_default_as_the_dataclass_has_it():
 def test_a_new_field_is_one_line():
     """What a field's declaration alone gives its flag: name, type, help and default."""
     from simclr_kit.config import setting, unflagged
-    from simclr_kit.flags import config_flags, parse_bool
+    from simclr_kit.cli.flags import config_flags, parse_bool
 
     @dataclasses.dataclass(frozen=True)
     class Demo:
@@ -563,7 +563,7 @@ def test_resuming_a_finished_run_changes_nothing(run, capsys):
 def test_api_resume_refuses_what_the_command_line_refuses(run):
     from simclr_kit.config import PretrainConfig, from_dict, load_yaml
     from simclr_kit.errors import UserError
-    from simclr_kit.training import pretrain
+    from simclr_kit.train.loop import pretrain
 
     before = _files(run)
     saved = from_dict(PretrainConfig, load_yaml(run / "config.yaml"))
@@ -599,8 +599,8 @@ def test_check_distributed_takes_a_pretraining_config_from_its_flags(monkeypatch
     given build a CheckConfig, which is a PretrainConfig."""
     from types import SimpleNamespace
 
-    import simclr_kit.check_distributed as check
-    from simclr_kit.cli import CHECK_FLAGS, PRETRAIN_FLAGS
+    import simclr_kit.diagnostics.check_distributed as check
+    from simclr_kit.cli.commands import CHECK_FLAGS, PRETRAIN_FLAGS
     from simclr_kit.config import CheckConfig, PretrainConfig
 
     assert [f.dest for f in CHECK_FLAGS] == list(CheckConfig.FLAGS)

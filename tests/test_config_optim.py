@@ -10,8 +10,8 @@ import torch
 from simclr_kit.config import (AugmentConfig, ConfigError, PretrainConfig, from_dict, load_yaml,
                                merge)
 from simclr_kit.errors import UserError
-from simclr_kit.optim import (LARS, build_optimizer, effective_lr, parameter_groups, set_lr,
-                             warmup_cosine, warmup_epochs_within)
+from simclr_kit.train.optim import (LARS, build_optimizer, effective_lr, parameter_groups, set_lr,
+                                    warmup_cosine, warmup_epochs_within)
 
 
 @pytest.mark.parametrize("field,value", [("temperature", 0.0), ("batch_size", 1), ("lr", -1.0),
@@ -24,7 +24,7 @@ def test_bad_values_name_the_field(field, value, tmp_path):
     # Whether this machine can build a backbone is asked where the run is set up, before any
     # data is read (the data here does not exist), not by the config itself.
     from simclr_kit.config import DataConfig
-    from simclr_kit.training import prepare
+    from simclr_kit.train.loop import prepare
 
     cfg = PretrainConfig(backbone=value, data=DataConfig(data=str(tmp_path / "absent")))
     with pytest.raises(UserError, match="unknown backbone"):
@@ -121,7 +121,7 @@ def test_every_optimizer_the_config_accepts_is_built_and_steps():
     """optim.BUILDERS builds every row of the one optimizer table, config.OPTIMIZER_DEFAULTS,
     with the optimizer of that name; each keeps biases and norms undecayed."""
     from simclr_kit.config import OPTIMIZERS
-    from simclr_kit.optim import BUILDERS
+    from simclr_kit.train.optim import BUILDERS
 
     assert set(OPTIMIZERS) == set(BUILDERS)
     with pytest.raises(ConfigError, match="optimizer"):
@@ -215,7 +215,7 @@ def test_config_facts_are_read_from_the_fields_declarations():
 
     from simclr_kit.config import (DataConfig, data_recipe, flatten, marked, recipe,
                                    with_data_recipe)
-    from simclr_kit.resume import RESUMABLE_FIELDS
+    from simclr_kit.train.resume import RESUMABLE_FIELDS
 
     def declared(fact, value):
         top = {f.name for f in fields(PretrainConfig) if f.metadata.get(fact) is value}

@@ -19,7 +19,7 @@ from conftest import TINY
 from simclr_kit import classifier, embed
 from simclr_kit.cli import main
 from simclr_kit.data.store import ImageStore
-from simclr_kit.encoder import load_encoder
+from simclr_kit.models.encoder import load_encoder
 from simclr_kit.evaluation import protocols
 
 SIZE, FRACTION = 72, 0.9  # resized shorter side round(72 / 0.9) = 80, then the centre 72

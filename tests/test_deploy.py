@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from conftest import TINY
-from simclr_kit.checkpoint import save_weights
+from simclr_kit.checkpoint_files import save_weights
 from simclr_kit.classifier import load_classifier
 from simclr_kit.cli import main
-from simclr_kit.encoder import load_encoder
-from simclr_kit.models import build_backbone
+from simclr_kit.models.encoder import load_encoder
+from simclr_kit.models.backbones import build_backbone
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -283,7 +283,7 @@ def test_hub_folder_loads_with_load_encoder_hf_hub_and_the_cards_lines(run, tmp_
 
     import huggingface_hub
 
-    from simclr_kit.deploy.hub import HUB_FILES
+    from simclr_kit.models.encoder import HUB_FILES
 
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download",

@@ -24,12 +24,12 @@ import distributed_workers as workers
 from conftest import write_parquet_dataset
 from simclr_kit import distributed
 from simclr_kit.augment import SimCLRAugment, channel_stats
-from simclr_kit.check_distributed import TOLERANCE, CheckConfig, run_checks
+from simclr_kit.diagnostics.check_distributed import TOLERANCE, CheckConfig, run_checks
 from simclr_kit.cli import main
 from simclr_kit.config import AugmentConfig
-from simclr_kit.models import build_simclr
+from simclr_kit.models.heads import build_simclr
 from simclr_kit.report.metrics import read_metrics
-from simclr_kit.training import batch_indices, epoch_permutation
+from simclr_kit.train.loop import batch_indices, epoch_permutation
 
 N_IMAGES, GLOBAL_BATCH, SEED = 24, 8, 3
 

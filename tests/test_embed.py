@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import TINY
-from simclr_kit.checkpoint import latest_checkpoint
+from simclr_kit.checkpoint_files import latest_checkpoint
 from simclr_kit.cli import main
-from simclr_kit.encoder import load_encoder
-from simclr_kit.models import SimCLR
+from simclr_kit.models.encoder import load_encoder
+from simclr_kit.models.heads import SimCLR
 from simclr_kit.report.metrics import read_metrics
 
 HAS_TENSORBOARD = find_spec("tensorboard") is not None

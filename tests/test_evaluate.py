@@ -17,7 +17,7 @@ from conftest import make_class_images
 from simclr_kit.cli import main
 from simclr_kit.config import EvalConfig
 from simclr_kit.data.store import ImageStore
-from simclr_kit.encoder import Encoder, load_encoder
+from simclr_kit.models.encoder import Encoder, load_encoder
 from simclr_kit.evaluation import cache as cache_module
 from simclr_kit.evaluation.cache import cache_key
 from simclr_kit.evaluation.features import extract_features
@@ -25,7 +25,8 @@ from simclr_kit.evaluation.finetune import finetune, finetune_optimizer
 from simclr_kit.evaluation.knn import knn_accuracy
 from simclr_kit.evaluation.linear import train_linear_probe
 from simclr_kit.evaluation.protocols import run_protocols
-from simclr_kit.models import Classifier, build_backbone
+from simclr_kit.models.heads import Classifier
+from simclr_kit.models.backbones import build_backbone
 from simclr_kit.report.metrics import read_metrics
 
 TINY = ["--batch-size", "8", "--device", "cpu", "--log-every", "1", "--projection-dim", "16",

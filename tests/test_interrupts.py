@@ -21,7 +21,7 @@ import torch
 
 from conftest import write_unlabeled_parquet
 from simclr_kit.report.metrics import read_metrics
-from simclr_kit.checkpoint import latest_checkpoint, load_train_state, load_weights
+from simclr_kit.checkpoint_files import latest_checkpoint, load_train_state, load_weights
 
 ARGS = ["--batch-size", "4", "--image-size", "8", "--device", "cpu", "--projection-dim", "8",
         "--log-every", "1", "--seed", "7"]
@@ -130,7 +130,7 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_weights(data, tmp_p
 def test_a_second_signal_stops_at_once():
     from types import SimpleNamespace
 
-    from simclr_kit.loop_events import install_signal_handlers
+    from simclr_kit.train.events import install_signal_handlers
 
     trainer = SimpleNamespace(stop_signal=None)
     before = signal.getsignal(signal.SIGTERM)

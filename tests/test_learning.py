@@ -17,12 +17,12 @@ from simclr_kit.config import EvalConfig, PretrainConfig, from_dict, recipe, wit
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import decode_split
 from simclr_kit.devices import grad_scaler
-from simclr_kit.encoder import load_encoder
+from simclr_kit.models.encoder import load_encoder
 from simclr_kit.evaluation.protocols import baseline_encoder, run_protocols
 from simclr_kit.evaluation.tables import verdict
 from simclr_kit.report.metrics import read_metrics
-from simclr_kit.step import simclr_step
-from simclr_kit.training import pretrain
+from simclr_kit.train.step import simclr_step
+from simclr_kit.train.loop import pretrain
 
 
 def _train_losses(run_dir) -> list[float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from simclr_kit.loss import NTXentLoss, nt_xent
+from simclr_kit.models.loss import NTXentLoss, nt_xent
 
 
 def numpy_nt_xent(z1: np.ndarray, z2: np.ndarray, tau: float) -> float:

@@ -8,8 +8,8 @@ import torchvision
 from torch import nn
 
 from simclr_kit.errors import UserError
-from simclr_kit.models import (Classifier, ProjectionHead, build_backbone, build_simclr,
-                               feature_dim, resolve_stem)
+from simclr_kit.models.heads import Classifier, ProjectionHead, build_simclr
+from simclr_kit.models.backbones import build_backbone, feature_dim, resolve_stem
 
 
 @pytest.mark.parametrize("name,expected", [("resnet18", 512), ("resnet50", 2048),

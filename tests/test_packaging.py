@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import simclr_kit
-from simclr_kit.cli import build_parser, main
+from simclr_kit.cli.parser import build_parser
+from simclr_kit.cli import main
 
 # Flags whose absence has no single default to state: the dataset (required by some commands,
 # recorded in the run for others) and the run to resume.

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import write_parquet_dataset
-from simclr_kit.budget import TimeBudget
+from simclr_kit.train.budget import TimeBudget
 from simclr_kit.cli import main
 from simclr_kit.config import DataConfig, PretrainConfig
 from simclr_kit.devices import compile_by_default
-from simclr_kit.optim import LARS, build_optimizer, parameter_groups, warmup_epochs_within
+from simclr_kit.train.optim import LARS, build_optimizer, parameter_groups, warmup_epochs_within
 from simclr_kit.report.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,8 +214,8 @@ def test_time_budget_sets_the_epochs_logs_them_and_ends_with_a_checkpoint(data, 
 
 
 def test_compiled_model_checkpoints_keep_plain_keys(data, tmp_path, monkeypatch):
-    from simclr_kit import training
-    from simclr_kit.models import build_simclr
+    from simclr_kit.train import loop as training
+    from simclr_kit.models.heads import build_simclr
 
     real_compile = torch.compile
     # The eager backend keeps dynamo's wrapper (and its ``_orig_mod.`` keys) without codegen.
@@ -235,7 +235,7 @@ def test_compiled_model_checkpoints_keep_plain_keys(data, tmp_path, monkeypatch)
 
 
 def test_compile_is_off_by_default_on_cpu(data, tmp_path):
-    from simclr_kit import training
+    from simclr_kit.train import loop as training
 
     assert not compile_by_default(torch.device("cpu"))
     cfg = PretrainConfig(data=DataConfig(data=str(data), image_size=8), out=str(tmp_path / "r"),

@@ -181,7 +181,7 @@ def _banded_photo(height: int, width: int, rng: np.random.Generator) -> np.ndarr
 def test_training_views_reach_outside_the_centre_square(tmp_path):
     """On 4:3 and 3:4 photos whose bands outside the centre square are red, a sizeable part of
     the views that training steps see show red (torchvision on the originals: about 60%)."""
-    from simclr_kit.training import prepare, train_step
+    from simclr_kit.train.loop import prepare, train_step
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "photos"

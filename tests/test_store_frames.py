@@ -17,7 +17,7 @@ from simclr_kit.config import DataConfig
 from simclr_kit.data.pixels import Layout, decode_image, to_rgb_array
 from simclr_kit.data.sources import open_splits
 from simclr_kit.data.store import decode_split, training_sizes
-from simclr_kit.encoder import Encoder
+from simclr_kit.models.encoder import Encoder
 
 
 def _folder(root: Path, shapes: list[tuple[int, int]], fmt: str = "PNG", seed: int = 0) -> Path:

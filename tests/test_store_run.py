@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import TINY, write_parquet_dataset, write_unlabeled_parquet
-from simclr_kit.checkpoint import latest_checkpoint, load_weights
+from simclr_kit.checkpoint_files import latest_checkpoint, load_weights
 from simclr_kit.cli import main
-from simclr_kit.encoder import load_encoder
+from simclr_kit.models.encoder import load_encoder
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

@@ -13,12 +13,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import TINY, write_parquet_dataset
-from simclr_kit.checkpoint import latest_checkpoint
+from simclr_kit.checkpoint_files import latest_checkpoint
 from simclr_kit.cli import main
-from simclr_kit.encoder import load_encoder
+from simclr_kit.models.encoder import load_encoder
 from simclr_kit.errors import UserError
-from simclr_kit.models import backbone_kwargs, build_backbone, build_simclr, resolve_stem
-from simclr_kit.optim import build_optimizer, parameter_groups
+from simclr_kit.models.backbones import backbone_kwargs, build_backbone, resolve_stem
+from simclr_kit.models.heads import build_simclr
+from simclr_kit.train.optim import build_optimizer, parameter_groups
 
 timm = pytest.importorskip("timm")
 
@@ -148,8 +149,8 @@ def test_one_lars_step_at_the_default_rate_moves_the_position_embedding_by_lr_ti
     momentum SGD is the gradient itself, and these tensors are not decayed); a raw SGD step at
     the LARS rate moved timm's pos_embed by several times its norm."""
     from simclr_kit.config import PretrainConfig
-    from simclr_kit.loss import nt_xent
-    from simclr_kit.optim import effective_lr
+    from simclr_kit.models.loss import nt_xent
+    from simclr_kit.train.optim import effective_lr
 
     cfg = PretrainConfig(backbone=VIT, optimizer="lars", batch_size=256).resolved()
     lr = effective_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
@@ -194,7 +195,7 @@ def test_stem_rule_for_other_timm_models():
 
 
 def test_imagenet_init_reads_the_local_cache_only(tmp_path, monkeypatch):
-    from simclr_kit import timm_backbones
+    from simclr_kit.models import timm_backbones
 
     monkeypatch.setattr(timm_backbones, "cached_weights_file", lambda name: None)
     with pytest.raises(UserError, match="not in the local cache"):
@@ -227,7 +228,7 @@ def test_unknown_timm_name_is_one_line_and_exit_2(data, tmp_path, capsys):
 
 def test_exported_convnext_keeps_its_head_norm(tmp_path):
     """A timm model's own ``head.*`` (ConvNeXt's final norm) is backbone, not a classifier."""
-    from simclr_kit.checkpoint import save_weights
+    from simclr_kit.checkpoint_files import save_weights
 
     backbone = build_backbone("timm/convnext_atto", "imagenet")
     assert any(k.startswith("head.norm.") for k in backbone.state_dict())
@@ -241,7 +242,7 @@ def test_exported_convnext_keeps_its_head_norm(tmp_path):
 
 @pytest.mark.slow
 def test_check_distributed_passes_for_a_vit():
-    from simclr_kit.check_distributed import CheckConfig, run_check
+    from simclr_kit.diagnostics.check_distributed import CheckConfig, run_check
 
     result = run_check(CheckConfig(device="cpu", backbone=VIT, image_size=SIZE))
     assert result.passed, result.report()
@@ -250,7 +251,7 @@ def test_check_distributed_passes_for_a_vit():
 def test_feature_size_is_probed_and_checked_against_what_timm_declares():
     # MobileNetV3 pools 576 channels through a head convolution: 1024 features (head_hidden_size).
     assert build_simclr("timm/mobilenetv3_small_100", "auto", 32, 16).feature_dim == 1024
-    from simclr_kit.timm_backbones import check_num_features
+    from simclr_kit.models.timm_backbones import check_num_features
 
     model = nn.Linear(2, 3)
     model.num_features = 5
@@ -278,7 +279,7 @@ def test_the_readme_example_of_a_backbone_of_ones_own_trains(tmp_path, monkeypat
 
 def _vit_weights(tmp_path: Path, kwargs: dict) -> Path:
     """A timm/test_vit backbone saved as simclr-kit saves one, with ``kwargs`` recorded."""
-    from simclr_kit.checkpoint import save_weights
+    from simclr_kit.checkpoint_files import save_weights
 
     model = build_backbone(VIT, "cifar", kwargs={"img_size": SIZE, "patch_size": 4})
     file = tmp_path / "vit.safetensors"
@@ -321,7 +322,7 @@ def test_the_recorded_kwargs_still_load(tmp_path):
 
 
 def test_a_mistyped_timm_name_suggests_the_names_it_resembles(capsys):
-    from simclr_kit.timm_backbones import check_timm_name
+    from simclr_kit.models.timm_backbones import check_timm_name
 
     with pytest.raises(UserError) as err:
         check_timm_name("timm/vit_tiny_patch16_22")
@@ -332,7 +333,8 @@ def test_a_mistyped_timm_name_suggests_the_names_it_resembles(capsys):
 
 def test_timm_imagenet_init_without_its_weights_fails_before_any_data_is_read(
         data, tmp_path, monkeypatch, capsys):
-    from simclr_kit import timm_backbones, trainer
+    from simclr_kit.models import timm_backbones
+    from simclr_kit.train import prepare as trainer
 
     def read(*args, **kwargs):
         raise AssertionError("the data was read before the weights were checked")

@@ -32,10 +32,10 @@ from simclr_kit.data.pixels import chosen_crop_fraction
 from simclr_kit.data.sources import TRAIN_SPLITS, whole_split
 from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, list_skipped
 from simclr_kit.devices import resolve_device
-from simclr_kit.encoder import Encoder, Weights, encoder_from_weights, read_weights
+from simclr_kit.models.encoder import Encoder, Weights, encoder_from_weights, read_weights
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.features import forward_images
-from simclr_kit.models import ProjectionHead
+from simclr_kit.models.heads import ProjectionHead
 from simclr_kit.provenance import data_for, run_directory
 
 FORMATS = ("parquet", "npy")

@@ -26,36 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from simclr_kit.atomic import atomic_write_text, fsync_dir
-from simclr_kit.checkpoint import save_weights
+from simclr_kit.checkpoint_files import save_weights
 from simclr_kit.data.pixels import chosen_crop_fraction, resize_side
 from simclr_kit.deploy.loading_code import plain_loading_code, simclr_kit_code
 from simclr_kit.deploy.model_card import model_card
-from simclr_kit.encoder import HUB_PREFIX, encoder_from_weights, export_metadata, read_weights
 from simclr_kit.errors import UserError
-from simclr_kit.models import is_timm_name
+from simclr_kit.models.encoder import (HUB_PREFIX, encoder_from_weights,
+                                       export_metadata, read_weights)
+from simclr_kit.models.timm_backbones import is_timm_name
 from simclr_kit.provenance import read_evaluation, run_directory
-
-# What a download fetches of a hub repository: the folder's files, nothing else it may hold.
-HUB_FILES = ["model.safetensors", "model.json", "config.json", "README.md"]
-
-
-def download_hub_folder(name: str) -> Path:
-    """``hf-hub:OWNER/NAME[@REVISION]`` -> the local folder ``huggingface_hub.snapshot_download``
-    fetched (or found in its cache); a failure is one line."""
-    repo, _, revision = name[len(HUB_PREFIX):].partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise UserError(f"{name}: expected hf-hub:OWNER/NAME (optionally @REVISION)")
-    import huggingface_hub
-
-    try:
-        folder = huggingface_hub.snapshot_download(repo_id=repo, revision=revision or None,
-                                                   allow_patterns=HUB_FILES)
-    except Exception as err:  # offline, unknown repository, no access: the hub's own wording
-        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"cannot fetch {name} from the Hugging Face hub ({type(err).__name__}: "
-                        f"{first}); check the name and the network, or `hf auth login` for a "
-                        "private repository") from None
-    return Path(folder)
 
 
 def crop_fraction(meta: dict[str, Any]) -> float:

@@ -16,7 +16,8 @@ import torch
 import torchvision
 from torch import nn
 
-from simclr_kit.models import build_backbone, is_timm_name
+from simclr_kit.models.backbones import build_backbone
+from simclr_kit.models.timm_backbones import is_timm_name
 
 WEIGHTS = "model.safetensors"
 LOAD_LINE = f'model.load_state_dict(load_file("{WEIGHTS}"), strict=True)'
@@ -54,7 +55,7 @@ def _stem_lines(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def _classifier_lines(name: str) -> list[str]:
-    """What :func:`simclr_kit.models.build_backbone` removed of torchvision's ``name``, as
+    """What :func:`simclr_kit.models.backbones.build_backbone` removed of torchvision's ``name``, as
     assignments: found by comparing the two models, so it follows whatever is removed."""
     full = torchvision.models.get_model(name, weights=None)
     ours = build_backbone(name, "imagenet")

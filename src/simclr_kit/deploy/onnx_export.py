@@ -34,10 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from simclr_kit.atomic import atomic_write_bytes
-from simclr_kit.checkpoint import META_KEY, read_metadata
+from simclr_kit.checkpoint_files import META_KEY, read_metadata
 from simclr_kit.data.pixels import chosen_crop_fraction, resize_side
 from simclr_kit.deploy.onnx_runtime import INPUT_NAME, cpu_session, import_onnx_package
-from simclr_kit.encoder import encoder_from_weights, export_metadata, read_weights
+from simclr_kit.models.encoder import encoder_from_weights, export_metadata, read_weights
 from simclr_kit.errors import UserError
 
 OPSET = 17

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from simclr_kit.checkpoint import META_KEY
+from simclr_kit.checkpoint_files import META_KEY
 from simclr_kit.errors import UserError
 
 INSTALL_HINT = "pip install 'simclr-kit[onnx]'"

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from simclr_kit.augment import SimCLRAugment
-from simclr_kit.encoder import Encoder
+from simclr_kit.models.encoder import Encoder
 from simclr_kit.evaluation.finetune import FINETUNE_AUGMENT
 from simclr_kit.evaluation.linear import HeadTrainer, LinearProbeResult, standardisation
 

@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from simclr_kit.augment import SimCLRAugment, only
 from simclr_kit.config import EvalConfig
 from simclr_kit.data.store import ImageStore
-from simclr_kit.encoder import Encoder
+from simclr_kit.models.encoder import Encoder
 from simclr_kit.evaluation.features import forward_images
-from simclr_kit.models import Classifier
-from simclr_kit.optim import set_lr, warmup_cosine
+from simclr_kit.models.heads import Classifier
+from simclr_kit.train.optim import set_lr, warmup_cosine
 
 # Fine-tuning augmentation: the ops it keeps, crops and flips; every other op (colour
 # distortion, blur, solarize, and any op added to the recipe later) is off.
@@ -47,7 +47,7 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, mean: Sequence[fl
 def finetune_optimizer(model: Classifier, lr: float, backbone_lr_mult: float,
                        weight_decay: float) -> torch.optim.Adam:
     """Adam with two groups: the head at ``lr``, the backbone at ``lr * backbone_lr_mult`` (its
-    ``lr_mult``, which :func:`~simclr_kit.optim.set_lr` keeps as the schedule moves the rate)."""
+    ``lr_mult``, which :func:`~simclr_kit.train.optim.set_lr` keeps as the schedule moves the rate)."""
     groups = [{"params": list(model.head.parameters())},
               {"params": list(model.backbone.parameters()), "lr_mult": backbone_lr_mult}]
     optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from simclr_kit.config import EvalConfig
-from simclr_kit.optim import set_lr, warmup_cosine
+from simclr_kit.train.optim import set_lr, warmup_cosine
 
 _DEFAULTS = EvalConfig()
 # Rows per forward pass when scoring a whole set: bounds the (rows, C) logits in memory.

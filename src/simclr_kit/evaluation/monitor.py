@@ -1,6 +1,6 @@
 """kNN accuracy during pretraining (``--monitor-knn N``): the kNN protocol every N epochs.
 
-A :class:`~simclr_kit.training.Trainer` hook. After every N-th epoch (and the last one) it
+A :class:`~simclr_kit.train.loop.Trainer` hook. After every N-th epoch (and the last one) it
 embeds the pretraining split and the labelled evaluation split with the backbone in eval mode
 (clean images, no augmentation), runs the weighted kNN of ``knn.py`` with the ``EvalConfig``
 defaults (k = 200, T = 0.1), and logs a ``knn`` record (epoch, step, top1, top5 above 5 classes, k, ...) to
@@ -36,7 +36,7 @@ from simclr_kit.evaluation.fractions import stratified_fraction
 from simclr_kit.evaluation.knn import knn_accuracy
 
 if TYPE_CHECKING:
-    from simclr_kit.trainer import Trainer
+    from simclr_kit.train.state import Trainer
 
 MONITOR_MAX_KEYS = 50_000
 _DEFAULTS = EvalConfig()

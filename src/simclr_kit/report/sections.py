@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from simclr_kit.config import AugmentConfig, DataConfig, from_dict, layered_data
-from simclr_kit.encoder import Encoder
+from simclr_kit.models.encoder import Encoder
 from simclr_kit.evaluation.tables import side_by_side
 from simclr_kit.errors import UserError
 from simclr_kit.report import plots
@@ -83,7 +83,7 @@ class ReportContext:
 
     def encoder(self) -> Encoder:
         if "encoder" not in self._cache:
-            from simclr_kit.encoder import load_encoder
+            from simclr_kit.models.encoder import load_encoder
 
             try:
                 self._cache["encoder"] = load_encoder(self.run)

@@ -2,7 +2,7 @@
 
 Nothing here knows which configs exist (they are in :mod:`simclr_kit.config`): a field is
 declared with :func:`setting` (its default, its meaning with units, and what its command-line
-flag needs: :mod:`simclr_kit.flags`) or :func:`unflagged`; :func:`from_dict` builds any config
+flag needs: :mod:`simclr_kit.cli.flags`) or :func:`unflagged`; :func:`from_dict` builds any config
 dataclass, sections included, from a dict (a YAML file, a built-in recipe, the flags given),
 with one-line errors that name the field.
 """
@@ -297,3 +297,22 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def check_range(ok: bool, name: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name} = {value!r} is out of range: must be {allowed}")
+
+
+def check_choice(config: Any, name: str, choices: tuple[str, ...], what: str) -> None:
+    """A choice-valued field (each item of a tuple field): an unknown value names the flag, the
+    choices and the closest one."""
+    value = getattr(config, name)
+    for item in value if isinstance(value, tuple) else (value,):
+        if item not in choices:
+            raise unknown_choice(what, item, choices, flag_name(type(config), name))
+
+
+def check_probability(name: str, value: float | None) -> None:
+    if value is not None:
+        check_range(0.0 <= value <= 1.0, name, "a probability in [0, 1]", value)

@@ -1,6 +1,6 @@
 """What happens around the training steps: logging, signals, the time budget, checkpoints.
 
-:class:`LoopEvents` is the training loop's one companion (:func:`simclr_kit.training.fit`):
+:class:`LoopEvents` is the training loop's one companion (:func:`simclr_kit.train.loop.fit`):
 ``after_step`` runs once per step, ``after_epoch`` once per epoch, ``done`` at the end. Under
 torchrun every decision that makes the ranks act (stop, save, change the run's length) is taken
 by all ranks at the same step: from shared counters, or agreed at the logging points, where
@@ -22,11 +22,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from simclr_kit import distributed
-from simclr_kit.budget import describe
-from simclr_kit.optim import warmup_epochs_within
 from simclr_kit.report.system import peak_memory_mb
-from simclr_kit.run_checkpoints import NonFiniteLoss, save
-from simclr_kit.trainer import Trainer
+from simclr_kit.train.budget import describe
+from simclr_kit.train.checkpoints import NonFiniteLoss, save
+from simclr_kit.train.optim import warmup_epochs_within
+from simclr_kit.train.state import Trainer
 
 ROLLING_CHECKPOINT_SECONDS = 300.0
 
@@ -54,7 +54,7 @@ def install_signal_handlers(t: Trainer) -> Callable[[], None]:
 
 
 class LoopEvents:
-    """The per-step and per-epoch events of one :func:`~simclr_kit.training.fit` session; a
+    """The per-step and per-epoch events of one :func:`~simclr_kit.train.loop.fit` session; a
     context manager that installs the signal handlers and the progress bar and starts the
     budget's clock."""
 

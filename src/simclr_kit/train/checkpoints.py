@@ -1,8 +1,8 @@
-"""A training run's checkpoints: what a :class:`~simclr_kit.trainer.Trainer` saves, the guard
+"""A training run's checkpoints: what a :class:`~simclr_kit.train.state.Trainer` saves, the guard
 that keeps a NaN from ever being saved, and the restore that a resumed run starts with.
 
 The files themselves (safetensors weights, ``state.pt``, sidecars, atomic publishing) are
-:mod:`simclr_kit.checkpoint`'s; this module decides what goes in them and when they are good.
+:mod:`simclr_kit.checkpoint_files`'s; this module decides what goes in them and when they are good.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from simclr_kit import distributed
-from simclr_kit.checkpoint import (latest_checkpoint, load_into, load_train_state, load_weights,
-                                   save_checkpoint)
+from simclr_kit.checkpoint_files import (latest_checkpoint, load_into,
+                                         load_train_state, load_weights,
+                                         save_checkpoint)
 from simclr_kit.errors import UserError
 from simclr_kit.report.system import hardware_info
 
 if TYPE_CHECKING:
-    from simclr_kit.trainer import Trainer
+    from simclr_kit.train.state import Trainer
 
 _STATE_KEYS = ("optimizer", "epoch", "step_in_epoch", "global_step", "rng_cpu")
 

@@ -1,10 +1,9 @@
-"""Backbones, the projection head and the SimCLR module. Knows nothing about training or data.
-
-The backbone is any torchvision classification model with the final layer of its classifier
+"""Backbones: any torchvision classification model with the final layer of its classifier
 replaced by ``nn.Identity()`` (:func:`final_layer`: everything before it stays, such as
 ConvNeXt's last LayerNorm or MobileNetV3's 1024-wide hidden layer), or a timm model named
-``timm/NAME`` (see :mod:`simclr_kit.timm_backbones`); its feature size is found by a dummy
+``timm/NAME`` (:mod:`simclr_kit.models.timm_backbones`); the feature size is found by a dummy
 forward, never read from ``fc.in_features`` (which is gone once ``fc`` is an Identity).
+Knows nothing about training or data.
 """
 
 from __future__ import annotations
@@ -16,19 +15,16 @@ from typing import Any
 
 import torch
 import torchvision
-from torch import Tensor, nn
+from torch import nn
 
 from simclr_kit.errors import UserError
-
-# Images at or below this size get the CIFAR stem: the ImageNet stem (7x7 stride-2 conv and a
-# max-pool) shrinks a 32 px image to 8x8 before the first residual block.
-CIFAR_STEM_MAX_SIZE = 64
-TIMM_PREFIX = "timm/"  # --backbone timm/NAME: a timm model (simclr_kit.timm_backbones)
-
-
-def is_timm_name(name: str) -> bool:
-    """Whether ``name`` names a timm model (``timm/NAME``) rather than a torchvision one."""
-    return name.startswith(TIMM_PREFIX)
+from simclr_kit.models.cifar_stem import CIFAR_STEM_MAX_SIZE, apply_cifar_stem
+from simclr_kit.models.timm_backbones import (build_timm_backbone,
+                                              check_num_features,
+                                              check_timm_name,
+                                              imagenet_weights_file,
+                                              is_timm_name, resolve_timm_stem,
+                                              timm_create_kwargs)
 
 
 def available_backbones() -> list[str]:
@@ -40,8 +36,6 @@ def check_backbone_name(name: str) -> None:
     """Raise a one-line UserError when ``name`` is neither a torchvision classification model
     nor ``timm/NAME`` with timm installed and knowing NAME."""
     if is_timm_name(name):
-        from simclr_kit.timm_backbones import check_timm_name
-
         check_timm_name(name)
         return
     if name not in available_backbones():
@@ -55,8 +49,6 @@ def resolve_stem(stem: str, image_size: int, backbone: str = "resnet18") -> str:
     """'cifar' for images <= 64 px, 'imagenet' above, unless forced. A timm model without a
     small-image form keeps its own stem ('imagenet') at any size."""
     if is_timm_name(backbone):
-        from simclr_kit.timm_backbones import resolve_timm_stem
-
         return resolve_timm_stem(backbone, stem, image_size, CIFAR_STEM_MAX_SIZE)
     if stem != "auto":
         return stem
@@ -68,8 +60,6 @@ def backbone_kwargs(name: str, stem: str, image_size: int) -> dict[str, Any]:
     keyword arguments (a ViT's ``img_size``, ``patch_size``); {} for torchvision models."""
     if not is_timm_name(name):
         return {}
-    from simclr_kit.timm_backbones import timm_create_kwargs
-
     return timm_create_kwargs(name, stem, image_size)
 
 
@@ -142,16 +132,6 @@ def fit_former_classifier(backbone: nn.Module, stored: list[str]) -> None:
         setattr(backbone, attr, nn.Identity())
 
 
-def apply_cifar_stem(model: nn.Module, name: str) -> None:
-    """3x3 stride-1 first conv and no max-pool (He et al. 2016, section 4.2, CIFAR ResNets)."""
-    if not isinstance(getattr(model, "conv1", None), nn.Conv2d):
-        raise UserError(f"the CIFAR stem is defined for ResNet-style backbones, not {name!r}: "
-                        "use --stem imagenet")
-    out_channels = model.conv1.out_channels
-    model.conv1 = nn.Conv2d(3, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-
-
 def build_backbone(name: str = "resnet18", stem: str = "imagenet", weights: str | None = None,
                    kwargs: dict[str, Any] | None = None) -> nn.Module:
     """A torchvision model by name, classifier removed, or ``timm/NAME`` built with ``kwargs``
@@ -162,8 +142,6 @@ def build_backbone(name: str = "resnet18", stem: str = "imagenet", weights: str 
     torchvision models: callers flatten).
     """
     if is_timm_name(name):
-        from simclr_kit.timm_backbones import build_timm_backbone
-
         return build_timm_backbone(name, stem, kwargs or {}, pretrained=weights == "imagenet")
     check_backbone_name(name)
     if weights == "imagenet":
@@ -190,8 +168,6 @@ def fetch_imagenet_weights(name: str) -> None:
     missing file is an error at once. torchvision's file is also read with
     ``weights_only=True`` here: torchvision's own loader would unpickle it in full."""
     if is_timm_name(name):
-        from simclr_kit.timm_backbones import imagenet_weights_file
-
         imagenet_weights_file(name)
         return
     check_backbone_name(name)
@@ -243,92 +219,9 @@ def backbone_feature_dim(name: str, backbone: nn.Module, image_size: int) -> int
     built for, so they are probed at exactly that size)."""
     if not is_timm_name(name):
         return feature_dim(backbone, max(image_size, 32))
-    from simclr_kit.timm_backbones import check_num_features
-
     try:
         probed = feature_dim(backbone, image_size)
     except (RuntimeError, AssertionError, ValueError) as err:
         raise UserError(f"{name} does not run on {image_size} px images: "
                         f"{str(err).splitlines()[0][:160]}") from None
     return check_num_features(name, backbone, probed)
-
-
-class ProjectionHead(nn.Module):
-    """SimCLR's 2-layer MLP g(h): Linear(d, h) - BN - ReLU - Linear(h, p) (Chen et al. 2020, sec. 2.1).
-
-    ``h: (N, d)`` -> ``z: (N, p)``; the paper uses p=128, the seed 256 (our default).
-    """
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
-        )
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.layers(h)
-
-
-class SimCLR(nn.Module):
-    """Backbone f and projection head g: ``x: (N, 3, S, S)`` -> ``z = g(f(x)): (N, projection_dim)``.
-
-    The seed's layout (attributes ``backbone`` and ``projection_head``), so its state dicts load.
-    """
-
-    def __init__(self, backbone: nn.Module, feature_dim: int, projection_dim: int = 256,
-                 hidden_dim: int | None = None) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.feature_dim = feature_dim
-        self.projection_head = ProjectionHead(feature_dim, hidden_dim or feature_dim, projection_dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.projection_head(self.backbone(x).flatten(1))
-
-
-def build_simclr(backbone_name: str, stem: str, image_size: int, projection_dim: int = 256,
-                 hidden_dim: int | None = None, weights: str | None = None) -> SimCLR:
-    """Backbone by name with the stem resolved for ``image_size``, plus the projection head."""
-    stem = resolve_stem(stem, image_size, backbone_name)
-    backbone = build_backbone(backbone_name, stem, weights,
-                              backbone_kwargs(backbone_name, stem, image_size))
-    dim = backbone_feature_dim(backbone_name, backbone, image_size)
-    return SimCLR(backbone, dim, projection_dim, hidden_dim)
-
-
-class Classifier(nn.Module):
-    """Extracted backbone plus a new head: ``x: (N, 3, S, S)`` -> logits ``(N, num_classes)``.
-
-    With ``frozen=True`` the backbone stays in eval mode whatever ``.train()`` says, so its
-    BatchNorm statistics never move (the trap in lightly #1440), and gets no gradients.
-    """
-
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int,
-                 head: str = "linear", hidden_dim: int = 512, frozen: bool = True) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.frozen = frozen
-        if head == "linear":
-            self.head: nn.Module = nn.Linear(feature_dim, num_classes)
-        else:
-            self.head = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.ReLU(inplace=True),
-                                      nn.Linear(hidden_dim, num_classes))
-        if frozen:
-            self.backbone.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> Classifier:
-        super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.frozen:
-            with torch.no_grad():
-                features = self.backbone(x).flatten(1)
-        else:
-            features = self.backbone(x).flatten(1)
-        return self.head(features)

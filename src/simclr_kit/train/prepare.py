@@ -1,107 +1,49 @@
-"""One training run's state and how it is built: :class:`Trainer` and :func:`prepare`.
+"""How a training run is built: :func:`prepare` does everything before the first step.
 
-:func:`prepare` does everything before the first step, in this order: check a resumed run's
-config, start the process group, check the batch splits over the processes, name the run
-directory, decode the data, build the model (and wrap it for DDP and ``torch.compile``), the
-optimizer, the augmentation, the batch source and the logs, then restore a resumed run's
-checkpoint or write a new run's ``config.yaml``. The loop itself is :mod:`simclr_kit.training`.
+In this order: check a resumed run's config, start the process group, check the batch splits
+over the processes, name the run directory, decode the data, build the model (and wrap it for
+DDP and ``torch.compile``), the optimizer, the augmentation, the batch source and the logs,
+then restore a resumed run's checkpoint or write a new run's ``config.yaml``. The result is a
+:class:`~simclr_kit.train.state.Trainer`; the loop is :mod:`simclr_kit.train.loop`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from simclr_kit import __version__, distributed
 from simclr_kit.atomic import atomic_write_text
 from simclr_kit.augment import SimCLRAugment
-from simclr_kit.budget import TimeBudget
 from simclr_kit.config import VIT_DEFAULTS, PretrainConfig, to_dict, to_yaml
-from simclr_kit.data.loader import ResidentBatches
 from simclr_kit.data.pixels import Layout, chosen_crop_fraction
 from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import (ImageStore, announce_skipped, decode_split, skipped_report,
-                                   store_channel_stats, training_sizes)
-from simclr_kit.data.stream import StreamedBatches, batch_source
+from simclr_kit.data.store import (ImageStore, announce_skipped, decode_split,
+                                   skipped_report, store_channel_stats,
+                                   training_sizes)
+from simclr_kit.data.stream import batch_source
 from simclr_kit.devices import compile_by_default, grad_scaler, tune_backends
-from simclr_kit.encoder import IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone, read_weights
 from simclr_kit.errors import UserError
-from simclr_kit.models import (SimCLR, backbone_feature_dim, backbone_kwargs, build_simclr,
-                               check_backbone_name, fetch_imagenet_weights, is_timm_name,
-                               resolve_stem)
-from simclr_kit.optim import build_optimizer, effective_lr, warmup_cosine, warmup_epochs_within
+from simclr_kit.models.backbones import (backbone_feature_dim, backbone_kwargs,
+                                         check_backbone_name,
+                                         fetch_imagenet_weights, resolve_stem)
+from simclr_kit.models.encoder import (IMAGENET_MEAN, IMAGENET_STD,
+                                       build_loaded_backbone, read_weights)
+from simclr_kit.models.heads import SimCLR, build_simclr
+from simclr_kit.models.timm_backbones import is_timm_name
 from simclr_kit.report.loggers import check_loggers, open_loggers
 from simclr_kit.report.metrics import MetricsLog
 from simclr_kit.report.system import hardware_info
-from simclr_kit.resume import check_resume, check_same_data
-from simclr_kit.run_checkpoints import restore
-
-
-@dataclass
-class Trainer:
-    """Everything one training run holds; built by :func:`prepare`.
-
-    The first fields are fixed for the run; ``epoch``, ``step_in_epoch`` and ``global_step``
-    are its position (what a checkpoint saves), the rest is what the loop's events keep.
-    """
-
-    config: PretrainConfig
-    run_dir: Path
-    device: torch.device
-    store: ImageStore
-    eval_store: ImageStore | None
-    batches: ResidentBatches | StreamedBatches  # each step's images (data/loader.py, stream.py)
-    model: SimCLR
-    ddp_model: nn.Module
-    augment: SimCLRAugment
-    optimizer: torch.optim.Optimizer
-    meta: dict[str, Any]
-    log: MetricsLog
-    base_lr: float
-    steps_per_epoch: int
-    total_epochs: int
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    stop_signal: int | None = None  # a signal this process received
-    stopping: bool = False  # the ranks agreed to stop after the current step
-    unchecked_loss: Tensor | None = None  # sum of the losses not yet tested for NaN/inf
-    last_save: float = field(default_factory=time.monotonic)
-    hooks: list[Callable[[Trainer], None]] = field(default_factory=list)
-    # With --time-budget: times the first steps, chooses the length, then guards the end.
-    # None on a resumed run whose length the budget already chose.
-    budget: TimeBudget | None = None
-    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (devices.grad_scaler)
-    # (N, 2) int32 on the device: each training image's (height, width) in its slot (None: all
-    # fill it); a step indexes it with the batch's indices, where they live.
-    sizes: Tensor | None = None
-
-    @property
-    def batch_size(self) -> int:
-        """The global batch the run trains with: the config's, or the whole (smaller) set that
-        ``allow_smaller_batch`` allows (:func:`_check_batch`)."""
-        return self.batches.global_batch
-
-    @property
-    def images(self) -> Tensor:
-        """The training set's uint8 images ``(N, 3, L, L)``, where the batch source keeps them."""
-        return self.batches.images
-
-    def learning_rate(self) -> float:
-        """The schedule's rate for the step at ``global_step``: linear warm-up, then cosine to 0
-        over the run's steps (the run's length may change once, when a time budget fits it)."""
-        total_steps = self.total_epochs * self.steps_per_epoch
-        warmup = round(warmup_epochs_within(self.config.warmup_epochs, self.total_epochs,
-                                            self.config.warmup_fraction) * self.steps_per_epoch)
-        return warmup_cosine(self.global_step, total_steps, min(warmup, total_steps), self.base_lr)
+from simclr_kit.train.budget import TimeBudget
+from simclr_kit.train.checkpoints import restore
+from simclr_kit.train.optim import build_optimizer, effective_lr
+from simclr_kit.train.resume import check_resume, check_same_data
+from simclr_kit.train.state import Trainer
 
 
 def _new_run_dir(cfg: PretrainConfig) -> Path:
@@ -306,5 +248,3 @@ def _write_run_files(t: Trainer) -> None:
                 effective_lr=t.base_lr,
                 steps_per_epoch=t.steps_per_epoch, dataset=t.store.provenance,
                 version=__version__, hardware=hardware_info(t.device))
-
-

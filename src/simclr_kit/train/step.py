@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from simclr_kit.distributed import all_gather_with_grad
-from simclr_kit.loss import nt_xent
+from simclr_kit.models.loss import nt_xent
 
 
 def simclr_step(model: nn.Module, optimizer: torch.optim.Optimizer, view1: Tensor, view2: Tensor,
@@ -28,7 +28,7 @@ def simclr_step(model: nn.Module, optimizer: torch.optim.Optimizer, view1: Tenso
     ``scaler``: for fp16 autocast, whose small gradients underflow to zero unscaled: the loss is
     multiplied before the backward pass, the gradients divided back before the update, and a
     step whose gradients overflowed is skipped (the scale then halves). ``gather``: how the
-    loss collects the other ranks' projections (see :func:`~simclr_kit.loss.nt_xent`).
+    loss collects the other ranks' projections (see :func:`~simclr_kit.models.loss.nt_xent`).
 
     Returns the loss as a 0-dim device tensor, detached: reading it is the caller's choice, so
     the step itself never waits for the device.

@@ -33,7 +33,15 @@ import torch
 from torch import nn
 
 from simclr_kit.errors import UserError
-from simclr_kit.models import TIMM_PREFIX, apply_cifar_stem
+from simclr_kit.models.cifar_stem import apply_cifar_stem
+
+TIMM_PREFIX = "timm/"  # --backbone timm/NAME: a timm model
+
+
+def is_timm_name(name: str) -> bool:
+    """Whether ``name`` names a timm model (``timm/NAME``) rather than a torchvision one."""
+    return name.startswith(TIMM_PREFIX)
+
 
 INSTALL_HINT = "pip install 'simclr-kit[timm]'"
 # Every keyword argument timm_create_kwargs writes, with its type and range: all a checkpoint's

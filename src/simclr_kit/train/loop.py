@@ -1,12 +1,12 @@
 """The SimCLR training loop: one path for CPU, one GPU and torchrun.
 
-A map for newcomers. :func:`pretrain` is the whole run: :func:`~simclr_kit.trainer.prepare`
+A map for newcomers. :func:`pretrain` is the whole run: :func:`~simclr_kit.train.prepare.prepare`
 builds everything before the first step (data, model, optimizer, run directory, resume) into a
-:class:`~simclr_kit.trainer.Trainer`; :func:`fit` is the loop below, which reads top to bottom;
+:class:`~simclr_kit.train.state.Trainer`; :func:`fit` is the loop below, which reads top to bottom;
 :func:`train_step` is one step. Everything that happens around the steps (metric lines, the
 progress bar, signals, the time budget, rolling and kept checkpoints, epoch hooks such as the
-kNN monitor) is in :class:`~simclr_kit.loop_events.LoopEvents`; what a checkpoint holds and the
-NaN guard before each save are in :mod:`simclr_kit.run_checkpoints`; the order of the images
+kNN monitor) is in :class:`~simclr_kit.train.events.LoopEvents`; what a checkpoint holds and the
+NaN guard before each save are in :mod:`simclr_kit.train.checkpoints`; the order of the images
 and each rank's share of a batch in :mod:`simclr_kit.data.loader`.
 """
 
@@ -24,11 +24,13 @@ from simclr_kit.config import PretrainConfig, with_data_recipe
 from simclr_kit.data.loader import batch_indices, epoch_permutation
 from simclr_kit.devices import autocast_dtype, out_of_memory_error
 from simclr_kit.errors import UserError
-from simclr_kit.loop_events import Interrupted, LoopEvents
-from simclr_kit.optim import set_lr
-from simclr_kit.run_checkpoints import NonFiniteLoss, check_finite, checkpoint_name, save
-from simclr_kit.step import simclr_step
-from simclr_kit.trainer import Trainer, prepare
+from simclr_kit.train.checkpoints import (NonFiniteLoss, check_finite,
+                                          checkpoint_name, save)
+from simclr_kit.train.events import Interrupted, LoopEvents
+from simclr_kit.train.optim import set_lr
+from simclr_kit.train.prepare import prepare
+from simclr_kit.train.state import Trainer
+from simclr_kit.train.step import simclr_step
 
 
 def train_step(t: Trainer, idx: Tensor,
@@ -90,7 +92,7 @@ def pretrain(config: PretrainConfig, resume: str | Path | None = None,
     """Pretrain (or resume) a SimCLR encoder; returns the run directory.
 
     ``resume``: a run directory to continue. ``config`` must equal its ``config.yaml`` except
-    for the fields in :data:`simclr_kit.resume.RESUMABLE_FIELDS` (``epochs`` among them), and a
+    for the fields in :data:`simclr_kit.train.resume.RESUMABLE_FIELDS` (``epochs`` among them), and a
     run that has trained all its epochs is refused, unchanged (:func:`resume.check_resume`).
     Data whose fingerprint differs from the one its last checkpoint recorded (regenerated under
     the same name) is refused too, unless ``allow_changed_data`` (:func:`resume.check_same_data`).
@@ -119,7 +121,7 @@ def summary(run_dir: Path) -> str:
     """The lines ``simclr pretrain`` ends with: the epochs trained, the final loss (and the
     last monitored kNN accuracy), the checkpoint, the report and the command to run next.
     Empty on ranks other than 0, which write no metrics."""
-    from simclr_kit.checkpoint import latest_checkpoint
+    from simclr_kit.checkpoint_files import latest_checkpoint
     from simclr_kit.report.metrics import read_metrics
 
     if not distributed.is_main():

@@ -24,13 +24,15 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor, nn
 
-from simclr_kit.checkpoint import (latest_checkpoint, load_into, load_weights, read_metadata,
-                                   save_weights, torch_load_safe)
-from simclr_kit.data.pixels import (chosen_crop_fraction, resize_center_crop, resize_side,
-                                    to_rgb_array)
+from simclr_kit.checkpoint_files import (latest_checkpoint, load_into,
+                                         load_weights, read_metadata,
+                                         save_weights, torch_load_safe)
+from simclr_kit.data.pixels import (chosen_crop_fraction, resize_center_crop,
+                                    resize_side, to_rgb_array)
 from simclr_kit.errors import UserError
-from simclr_kit.models import (build_backbone, feature_dim, fit_former_classifier, is_timm_name,
-                               removed_layer)
+from simclr_kit.models.backbones import (build_backbone, feature_dim,
+                                         fit_former_classifier, removed_layer)
+from simclr_kit.models.timm_backbones import is_timm_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,7 +87,7 @@ def checked_meta(meta: Any, file: Path, required: Sequence[str] = ()) -> dict[st
     """``meta`` (a weights file's metadata) when every field simclr-kit reads from it has the
     type and range simclr-kit writes, and ``required`` are present; else a one-line UserError
     naming ``file`` and the field. ``create_model_kwargs`` may hold only what
-    :data:`~simclr_kit.timm_backbones.CREATE_KWARGS` allows."""
+    :data:`~simclr_kit.models.timm_backbones.CREATE_KWARGS` allows."""
     if not isinstance(meta, dict):
         raise UserError(f"{file}: its metadata is a {type(meta).__name__}, not a mapping; it was "
                         "not written by simclr-kit as it stands, so it is not loaded")
@@ -98,16 +100,37 @@ def checked_meta(meta: Any, file: Path, required: Sequence[str] = ()) -> dict[st
             raise UserError(f"{file}: its metadata says {key} = {str(meta[key])[:60]!r}, not "
                             f"{what}; it was edited or damaged, so it is not loaded")
     if "create_model_kwargs" in meta:
-        from simclr_kit.timm_backbones import check_create_kwargs
+        from simclr_kit.models.timm_backbones import check_create_kwargs
 
         check_create_kwargs(meta["create_model_kwargs"], str(file))
     return meta
 
 
+# What a download fetches of a hub repository: the folder's files, nothing else it may hold.
+HUB_FILES = ["model.safetensors", "model.json", "config.json", "README.md"]
+
+
+def download_hub_folder(name: str) -> Path:
+    """``hf-hub:OWNER/NAME[@REVISION]`` -> the local folder ``huggingface_hub.snapshot_download``
+    fetched (or found in its cache); a failure is one line."""
+    repo, _, revision = name[len(HUB_PREFIX):].partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise UserError(f"{name}: expected hf-hub:OWNER/NAME (optionally @REVISION)")
+    import huggingface_hub
+
+    try:
+        folder = huggingface_hub.snapshot_download(repo_id=repo, revision=revision or None,
+                                                   allow_patterns=HUB_FILES)
+    except Exception as err:  # offline, unknown repository, no access: the hub's own wording
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"cannot fetch {name} from the Hugging Face hub ({type(err).__name__}: "
+                        f"{first}); check the name and the network, or `hf auth login` for a "
+                        "private repository") from None
+    return Path(folder)
+
+
 def resolve_weights_file(path: str | Path) -> Path:
     if str(path).startswith(HUB_PREFIX):  # hf-hub:OWNER/NAME: a folder of `export --format hub`
-        from simclr_kit.deploy.hub import download_hub_folder
-
         path = download_hub_folder(str(path))
     p = Path(path).expanduser()
     if not p.exists():

@@ -2,7 +2,7 @@
 
 Distributed contrastive losses fail silently (a gather whose backward does not sum the ranks'
 gradients, negatives left local, labels not offset by rank): the loss still falls, only more
-slowly. This check runs one real training step (:func:`simclr_kit.training.train_step`: the
+slowly. This check runs one real training step (:func:`simclr_kit.train.loop.train_step`: the
 augmentation, DDP model, NT-Xent with gathered negatives and LARS) in N processes with batch
 B/N each, and a single-process reference step with batch B from the same weights and images,
 then compares the loss, every parameter's gradient, the updated weights and the views.
@@ -36,10 +36,11 @@ from simclr_kit.config import CheckConfig, PretrainConfig
 from simclr_kit.data.loader import ResidentBatches
 from simclr_kit.data.store import ImageStore
 from simclr_kit.errors import UserError
-from simclr_kit.loss import no_gather, nt_xent
-from simclr_kit.models import SimCLR, build_simclr, check_backbone_name
-from simclr_kit.optim import build_optimizer, effective_lr, set_lr
+from simclr_kit.models.backbones import check_backbone_name
+from simclr_kit.models.heads import SimCLR, build_simclr
+from simclr_kit.models.loss import no_gather, nt_xent
 from simclr_kit.report.metrics import MetricsLog
+from simclr_kit.train.optim import build_optimizer, effective_lr, set_lr
 
 # float32 carries ~7 digits; the two runs sum the same terms in different orders (per-rank
 # partial sums, then the all-reduce), which moves gradients by ~1e-6 of their size. A missing
