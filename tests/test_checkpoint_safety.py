@@ -149,13 +149,12 @@ def test_finiteness_check_before_every_save(base_run, bad):
             model[0].weight[1, 2] = float("inf")
         elif bad == "buffer":
             model[1].running_var[0] = float("nan")
-    t = SimpleNamespace(model=model, unchecked_loss=loss, run_dir=base_run, epoch=3,
-                        step_in_epoch=7)
+    t = SimpleNamespace(model=model, run_dir=base_run, epoch=3, step_in_epoch=7)
     if bad == "none":
-        training.check_finite(t)  # type: ignore[arg-type]
+        training.check_finite(t, loss)  # type: ignore[arg-type]
         return
     with pytest.raises(training.NonFiniteLoss, match="epoch 4 step 7.*epoch-0001, is kept"):
-        training.check_finite(t)  # type: ignore[arg-type]
+        training.check_finite(t, loss)  # type: ignore[arg-type]
 
 
 def _enospc(*_args, **_kwargs):

@@ -132,12 +132,12 @@ def test_a_second_signal_stops_at_once():
 
     from simclr_kit.train.events import install_signal_handlers
 
-    trainer = SimpleNamespace(stop_signal=None)
+    events = SimpleNamespace(stop_signal=None)
     before = signal.getsignal(signal.SIGTERM)
-    restore = install_signal_handlers(trainer)  # type: ignore[arg-type]
+    restore = install_signal_handlers(events)  # type: ignore[arg-type]
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # the first asks the loop to save and stop
-        assert trainer.stop_signal == signal.SIGTERM
+        assert events.stop_signal == signal.SIGTERM
         with pytest.raises(KeyboardInterrupt):  # the second does not wait for it
             os.kill(os.getpid(), signal.SIGINT)
     finally:

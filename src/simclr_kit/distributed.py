@@ -204,6 +204,12 @@ def max_over_ranks(value: int) -> int:
     return int(x.item())
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank; every rank gets the same answer, so all take the same
+    branch (a save, a stop, a recomputation) at the same step."""
+    return max_over_ranks(int(flag)) > 0
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` (any picklable value) on every rank."""
     if world_size() == 1:

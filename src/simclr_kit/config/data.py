@@ -8,8 +8,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from simclr_kit.config.fields import (check_choice, check_probability,
-                                      check_range, from_dict, merge,
+from simclr_kit.config.fields import (one_of, probability,
+                                      ensure, from_dict, merge,
                                       normalize_keys, setting, unflagged)
 
 
@@ -40,18 +40,18 @@ class AugmentConfig:
     solarize_threshold: float = setting(0.5, "solarize inverts pixels >= this, on a 0-1 scale")
 
     def __post_init__(self) -> None:
-        check_range(0 < self.crop_scale_min <= self.crop_scale_max <= 1, "augment.crop_scale_min/max",
+        ensure(0 < self.crop_scale_min <= self.crop_scale_max <= 1, "augment.crop_scale_min/max",
                "0 < min <= max <= 1", (self.crop_scale_min, self.crop_scale_max))
-        check_range(0 < self.crop_ratio_min <= self.crop_ratio_max, "augment.crop_ratio_min/max",
+        ensure(0 < self.crop_ratio_min <= self.crop_ratio_max, "augment.crop_ratio_min/max",
                "0 < min <= max", (self.crop_ratio_min, self.crop_ratio_max))
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            check_probability(f"augment.{name}", getattr(self, name))
+            probability(f"augment.{name}", getattr(self, name))
         if self.jitter_strength is not None:
-            check_range(0 <= self.jitter_strength <= 1.25, "augment.jitter_strength", "in [0, 1.25]",
+            ensure(0 <= self.jitter_strength <= 1.25, "augment.jitter_strength", "in [0, 1.25]",
                    self.jitter_strength)
-        check_range(0 < self.blur_sigma_min <= self.blur_sigma_max, "augment.blur_sigma_min/max",
+        ensure(0 < self.blur_sigma_min <= self.blur_sigma_max, "augment.blur_sigma_min/max",
                "0 < min <= max", (self.blur_sigma_min, self.blur_sigma_max))
-        check_range(0 <= self.solarize_threshold <= 1, "augment.solarize_threshold", "in [0, 1]",
+        ensure(0 <= self.solarize_threshold <= 1, "augment.solarize_threshold", "in [0, 1]",
                self.solarize_threshold)
 
     def resolved(self, image_size: int) -> AugmentConfig:
@@ -112,18 +112,18 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.image_size is not None:
-            check_range(8 <= self.image_size <= 1024, "image_size", "an integer in [8, 1024] pixels",
+            ensure(8 <= self.image_size <= 1024, "image_size", "an integer in [8, 1024] pixels",
                    self.image_size)
-        check_range(0 < self.val_fraction < 1, "val_fraction", "in (0, 1)", self.val_fraction)
-        check_choice(self, "bad_images", ("skip", "error"), "bad-images policy")
+        ensure(0 < self.val_fraction < 1, "val_fraction", "in (0, 1)", self.val_fraction)
+        one_of(self, "bad_images", ("skip", "error"), "bad-images policy")
         if self.store_size is not None:
-            check_range(8 <= self.store_size <= 2048, "store_size", "an integer in [8, 2048] pixels",
+            ensure(8 <= self.store_size <= 2048, "store_size", "an integer in [8, 2048] pixels",
                    self.store_size)
         if self.crop_fraction is not None:
-            check_range(0.5 <= self.crop_fraction <= 1, "crop_fraction", "in [0.5, 1]",
+            ensure(0.5 <= self.crop_fraction <= 1, "crop_fraction", "in [0.5, 1]",
                    self.crop_fraction)
         if self.decode_workers is not None:
-            check_range(self.decode_workers >= 1, "decode_workers", "at least 1", self.decode_workers)
+            ensure(self.decode_workers >= 1, "decode_workers", "at least 1", self.decode_workers)
 
 
 def layered_data(recorded: dict[str, Any] | None,

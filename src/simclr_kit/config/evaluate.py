@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from simclr_kit.config.fields import check_choice, check_range, setting
+from simclr_kit.config.fields import one_of, ensure, setting
 
 
 @dataclass(frozen=True)
@@ -55,26 +55,26 @@ class EvalConfig:
     seed: int = setting(0, "seed of the probes", flag="--eval-seed")
 
     def __post_init__(self) -> None:
-        check_choice(self, "protocols", ("knn", "linear", "finetune", "fractions"), "protocol")
+        one_of(self, "protocols", ("knn", "linear", "finetune", "fractions"), "protocol")
         for k in self.knn_k:
-            check_range(k >= 1, "knn_k", "integers >= 1", self.knn_k)
-        check_range(self.knn_temperature > 0, "knn_temperature", "> 0", self.knn_temperature)
+            ensure(k >= 1, "knn_k", "integers >= 1", self.knn_k)
+        ensure(self.knn_temperature > 0, "knn_temperature", "> 0", self.knn_temperature)
         for name in ("linear_epochs", "finetune_epochs", "seeds"):
-            check_range(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+            ensure(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
         for name in ("linear_lr", "finetune_lr", "finetune_backbone_lr_mult"):
-            check_range(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+            ensure(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         for name in ("linear_batch_size", "finetune_batch_size", "batch_size"):
-            check_range(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
-        check_choice(self, "baselines", ("random", "imagenet"), "baseline")
-        check_range(self.linear_min_steps >= 0, "linear_min_steps", "an integer >= 0 (0: off)",
+            ensure(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        one_of(self, "baselines", ("random", "imagenet"), "baseline")
+        ensure(self.linear_min_steps >= 0, "linear_min_steps", "an integer >= 0 (0: off)",
                self.linear_min_steps)
         for name in ("linear_weight_decay", "finetune_weight_decay"):
-            check_range(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+            ensure(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
         for f in self.fractions:
-            check_range(0 < f <= 1, "fractions", "label fractions in (0, 1]", self.fractions)
+            ensure(0 < f <= 1, "fractions", "label fractions in (0, 1]", self.fractions)
         for k in self.shots:
-            check_range(k >= 1, "shots", "integers >= 1 (examples per class)", self.shots)
-        check_range(bool(self.fractions or self.shots) or "fractions" not in self.protocols,
+            ensure(k >= 1, "shots", "integers >= 1 (examples per class)", self.shots)
+        ensure(bool(self.fractions or self.shots) or "fractions" not in self.protocols,
                "fractions/shots", "not both empty with the fractions protocol",
                (self.fractions, self.shots))
 
@@ -114,11 +114,11 @@ class ClassifierConfig:
                             "epochs")
 
     def __post_init__(self) -> None:
-        check_choice(self, "head", ("linear", "mlp"), "head")
-        check_range(self.epochs is None or self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
-        check_range(self.lr > 0, "lr", "> 0", self.lr)
-        check_range(self.backbone_lr_mult > 0, "backbone_lr_mult", "> 0", self.backbone_lr_mult)
-        check_range(self.batch_size is None or self.batch_size >= 1, "batch_size", "an integer >= 1",
+        one_of(self, "head", ("linear", "mlp"), "head")
+        ensure(self.epochs is None or self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        ensure(self.lr > 0, "lr", "> 0", self.lr)
+        ensure(self.backbone_lr_mult > 0, "backbone_lr_mult", "> 0", self.backbone_lr_mult)
+        ensure(self.batch_size is None or self.batch_size >= 1, "batch_size", "an integer >= 1",
                self.batch_size)
-        check_range(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
-        check_range(self.min_steps >= 0, "min_steps", "an integer >= 0 (0: off)", self.min_steps)
+        ensure(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        ensure(self.min_steps >= 0, "min_steps", "an integer >= 0 (0: off)", self.min_steps)

@@ -299,12 +299,12 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_range(ok: bool, name: str, allowed: str, value: Any) -> None:
+def ensure(ok: bool, name: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{name} = {value!r} is out of range: must be {allowed}")
 
 
-def check_choice(config: Any, name: str, choices: tuple[str, ...], what: str) -> None:
+def one_of(config: Any, name: str, choices: tuple[str, ...], what: str) -> None:
     """A choice-valued field (each item of a tuple field): an unknown value names the flag, the
     choices and the closest one."""
     value = getattr(config, name)
@@ -313,6 +313,6 @@ def check_choice(config: Any, name: str, choices: tuple[str, ...], what: str) ->
             raise unknown_choice(what, item, choices, flag_name(type(config), name))
 
 
-def check_probability(name: str, value: float | None) -> None:
+def probability(name: str, value: float | None) -> None:
     if value is not None:
-        check_range(0.0 <= value <= 1.0, name, "a probability in [0, 1]", value)
+        ensure(0.0 <= value <= 1.0, name, "a probability in [0, 1]", value)

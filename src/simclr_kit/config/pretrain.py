@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from simclr_kit.config.data import AugmentConfig, DataConfig
-from simclr_kit.config.fields import (check_choice, check_range, flatten,
+from simclr_kit.config.fields import (one_of, ensure, flatten,
                                       from_dict, marked, recipe, setting,
                                       to_dict, unflagged)
 from simclr_kit.config.optimizers import (LR_SCALINGS, OPTIMIZER_DEFAULTS,
@@ -112,42 +112,42 @@ class PretrainConfig:
                                                "batches of all of them instead of stopping")
 
     def __post_init__(self) -> None:
-        check_range(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
-        check_choice(self, "stream", ("auto", "on", "off"), "stream setting")
-        check_range(self.batch_size >= 2, "batch_size", "an integer >= 2 (NT-Xent needs negatives)",
+        ensure(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        one_of(self, "stream", ("auto", "on", "off"), "stream setting")
+        ensure(self.batch_size >= 2, "batch_size", "an integer >= 2 (NT-Xent needs negatives)",
                self.batch_size)
         if self.lr is not None:
-            check_range(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite number > 0", self.lr)
+            ensure(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite number > 0", self.lr)
         if self.optimizer is not None:
-            check_choice(self, "optimizer", OPTIMIZERS, "optimizer")
-        check_range(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
+            one_of(self, "optimizer", OPTIMIZERS, "optimizer")
+        ensure(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
         if self.weight_decay is not None:
-            check_range(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+            ensure(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
         if self.lr_scaling is not None:
-            check_choice(self, "lr_scaling", LR_SCALINGS, "learning-rate scaling")
-        check_range(0 < self.lars_eta and math.isfinite(self.lars_eta), "lars_eta", "a finite number > 0",
+            one_of(self, "lr_scaling", LR_SCALINGS, "learning-rate scaling")
+        ensure(0 < self.lars_eta and math.isfinite(self.lars_eta), "lars_eta", "a finite number > 0",
                self.lars_eta)
         if self.warmup_epochs is not None:
-            check_range(self.warmup_epochs >= 0, "warmup_epochs", ">= 0", self.warmup_epochs)
-        check_range(0 <= self.warmup_fraction <= 1, "warmup_fraction", "in [0, 1]", self.warmup_fraction)
-        check_range(self.temperature > 0 and math.isfinite(self.temperature), "temperature",
+            ensure(self.warmup_epochs >= 0, "warmup_epochs", ">= 0", self.warmup_epochs)
+        ensure(0 <= self.warmup_fraction <= 1, "warmup_fraction", "in [0, 1]", self.warmup_fraction)
+        ensure(self.temperature > 0 and math.isfinite(self.temperature), "temperature",
                "a finite number > 0", self.temperature)
-        check_choice(self, "stem", ("auto", "cifar", "imagenet"), "stem")
-        check_range(self.projection_dim >= 1, "projection_dim", "an integer >= 1", self.projection_dim)
+        one_of(self, "stem", ("auto", "cifar", "imagenet"), "stem")
+        ensure(self.projection_dim >= 1, "projection_dim", "an integer >= 1", self.projection_dim)
         if self.projection_hidden_dim is not None:
-            check_range(self.projection_hidden_dim >= 1, "projection_hidden_dim", "an integer >= 1",
+            ensure(self.projection_hidden_dim >= 1, "projection_hidden_dim", "an integer >= 1",
                    self.projection_hidden_dim)
-        check_choice(self, "precision", ("auto", "fp32", "bf16", "fp16"), "precision")
-        check_range(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0 (0: only at the end)",
+        one_of(self, "precision", ("auto", "fp32", "bf16", "fp16"), "precision")
+        ensure(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0 (0: only at the end)",
                self.checkpoint_every)
-        check_range(self.checkpoint_every_steps >= 0, "checkpoint_every_steps",
+        ensure(self.checkpoint_every_steps >= 0, "checkpoint_every_steps",
                "an integer >= 0 (0: off)", self.checkpoint_every_steps)
-        check_range(self.log_every >= 1, "log_every", "an integer >= 1", self.log_every)
-        check_range(self.monitor_knn >= 0, "monitor_knn", "an integer >= 0 (0: off)", self.monitor_knn)
+        ensure(self.log_every >= 1, "log_every", "an integer >= 1", self.log_every)
+        ensure(self.monitor_knn >= 0, "monitor_knn", "an integer >= 0 (0: off)", self.monitor_knn)
         if self.time_budget is not None:
-            check_range(self.time_budget > 0, "time_budget", "> 0 minutes", self.time_budget)
+            ensure(self.time_budget > 0, "time_budget", "> 0 minutes", self.time_budget)
         if self.device.split(":")[0] not in ("cpu", "cuda", "mps"):  # cuda:1 is a cuda device
-            check_choice(self, "device", ("auto", "cpu", "cuda", "cuda:N", "mps"), "device")
+            one_of(self, "device", ("auto", "cpu", "cuda", "cuda:N", "mps"), "device")
 
     def optimizer_defaults(self) -> tuple[str, OptimizerDefaults]:
         """The optimizer this config trains with and the defaults its ``None`` fields take:
@@ -179,7 +179,8 @@ class PretrainConfig:
 @dataclass(frozen=True)
 class CheckConfig(PretrainConfig):
     """``simclr check-distributed``: ``nproc`` processes x ``batch_size / nproc`` images vs one
-    process x ``batch_size``, one training step each (:mod:`simclr_kit.diagnostics.check_distributed`).
+    process x ``batch_size``, one training step each
+    (:mod:`simclr_kit.diagnostics.check_distributed`).
 
     A pretraining config: the step trains with its model, loss, augmentation and LARS fields.
     Below are the check's own fields, then the pretraining defaults it must change. Its flags

@@ -155,7 +155,7 @@ def cached_features(encoder: Encoder, store: ImageStore, split: str, cache_dir: 
     key = cache_key(encoder, store, split, weights)
     path = cache_file(cache_dir, split, key)
     features = _read(path, key, len(store))
-    if distributed.max_over_ranks(int(features is None)) == 0:
+    if not distributed.any_rank(features is None):
         assert features is not None
         return CachedFeatures(features, path, True)
     features = extract_features(encoder, store.images, encoder.mean, encoder.std, device,

@@ -47,7 +47,8 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, mean: Sequence[fl
 def finetune_optimizer(model: Classifier, lr: float, backbone_lr_mult: float,
                        weight_decay: float) -> torch.optim.Adam:
     """Adam with two groups: the head at ``lr``, the backbone at ``lr * backbone_lr_mult`` (its
-    ``lr_mult``, which :func:`~simclr_kit.train.optim.set_lr` keeps as the schedule moves the rate)."""
+    ``lr_mult``, which :func:`~simclr_kit.train.optim.set_lr` keeps as the schedule moves the
+    rate)."""
     groups = [{"params": list(model.head.parameters())},
               {"params": list(model.backbone.parameters()), "lr_mult": backbone_lr_mult}]
     optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)

@@ -7,11 +7,11 @@ The files themselves (safetensors weights, ``state.pt``, sidecars, atomic publis
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from simclr_kit import distributed
@@ -39,13 +39,13 @@ class NonFiniteLoss(UserError):
                          "or --precision fp32")
 
 
-def check_finite(t: Trainer) -> None:
-    """Raise :class:`NonFiniteLoss` unless the losses since the last check and every weight and
-    buffer are finite: one device sync, run before anything is saved."""
+def check_finite(t: Trainer, loss: Tensor | None = None) -> None:
+    """Raise :class:`NonFiniteLoss` unless ``loss`` (the sum of the losses since the last check)
+    and every weight and buffer are finite: one device sync, run before anything is saved."""
     tensors = [v for v in t.model.state_dict().values() if v.is_floating_point()]
     flags = [~torch.isfinite(v).all() for v in tensors]
-    if t.unchecked_loss is not None:
-        flags.append(~torch.isfinite(t.unchecked_loss))
+    if loss is not None:
+        flags.append(~torch.isfinite(loss))
     if float(distributed.all_reduce_sum(torch.stack(flags).any().float())) > 0:
         raise NonFiniteLoss(t, "the loss or the weights became NaN or infinite")
 
@@ -58,13 +58,14 @@ def checkpoint_name(epoch: int, step_in_epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 
 
-def save(t: Trainer, keep: bool = False) -> Path | None:
+def save(t: Trainer, keep: bool = False, loss: Tensor | None = None) -> Path | None:
     """Checkpoint the current position (rank 0 writes; every rank waits for it).
 
-    Refused (:class:`NonFiniteLoss`) when anything is NaN or infinite, so the last checkpoint
-    is always a good one. A failed write on rank 0 is raised on every rank.
+    Refused (:class:`NonFiniteLoss`) when ``loss`` (the losses not yet checked) or a weight is
+    NaN or infinite, so the last checkpoint is always a good one. A failed write on rank 0 is
+    raised on every rank.
     """
-    check_finite(t)
+    check_finite(t, loss)
     path, error = None, None
     if distributed.is_main():
         name = checkpoint_name(t.epoch, t.step_in_epoch)
@@ -87,7 +88,6 @@ def save(t: Trainer, keep: bool = False) -> Path | None:
         error = distributed.broadcast_object(error)
     if error is not None:
         raise UserError(error)
-    t.last_save = time.monotonic()
     return path
 
 

@@ -1,10 +1,10 @@
 """What happens around the training steps: logging, signals, the time budget, checkpoints.
 
-:class:`LoopEvents` is the training loop's one companion (:func:`simclr_kit.train.loop.fit`):
-``after_step`` runs once per step, ``after_epoch`` once per epoch, ``done`` at the end. Under
-torchrun every decision that makes the ranks act (stop, save, change the run's length) is taken
-by all ranks at the same step: from shared counters, or agreed at the logging points, where
-they synchronise anyway.
+:class:`LoopEvents` is the state of one session of the loop (:func:`simclr_kit.train.loop.fit`
+calls each of its steps by name) and the decisions taken between steps. Under torchrun every
+decision that makes the ranks act (stop, save, change the run's length) is taken by all ranks
+at the same step: from shared counters, or agreed at the logging points, where they synchronise
+anyway (:func:`simclr_kit.distributed.any_rank`).
 """
 
 from __future__ import annotations
@@ -40,23 +40,22 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
 
 
-def install_signal_handlers(t: Trainer) -> Callable[[], None]:
-    """SIGINT/SIGTERM finish the current step, then the loop saves and stops; a second signal
-    stops at once (the last checkpoint stays). Returns the function that puts the old handlers
-    back."""
+def install_signal_handlers(events: LoopEvents) -> Callable[[], None]:
+    """SIGINT/SIGTERM set ``events.stop_signal``: the current step finishes, then the loop saves
+    and stops; a second signal stops at once (the last checkpoint stays). Returns the function
+    that puts the old handlers back."""
     def handler(signum: int, _frame: Any) -> None:
-        if t.stop_signal is not None:
+        if events.stop_signal is not None:
             raise KeyboardInterrupt
-        t.stop_signal = signum
+        events.stop_signal = signum
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     return lambda: [signal.signal(s, h) for s, h in previous.items()]  # type: ignore[func-returns-value]
 
 
 class LoopEvents:
-    """The per-step and per-epoch events of one :func:`~simclr_kit.train.loop.fit` session; a
-    context manager that installs the signal handlers and the progress bar and starts the
-    budget's clock."""
+    """One session of :func:`~simclr_kit.train.loop.fit` over the run ``t``; a context manager
+    that installs the signal handlers and the progress bar and starts the budget's clock."""
 
     def __init__(self, t: Trainer) -> None:
         self.t = t
@@ -66,12 +65,16 @@ class LoopEvents:
         self.epoch_started = 0.0
         self.seen = 0  # steps since the last metric line
         self.interval_started = 0.0
+        self.losses = torch.zeros((), device=t.device)  # summed on the device, not yet checked
+        self.stop_signal: int | None = None  # a signal this process received
+        self.stopping = False  # the ranks agreed to stop after the current step
+        self.last_save = 0.0
         self._restore_signals: Callable[[], None] = lambda: None
 
     def __enter__(self) -> LoopEvents:
         t = self.t
-        self._restore_signals = install_signal_handlers(t)
-        t.last_save = self.started = time.monotonic()
+        self._restore_signals = install_signal_handlers(self)
+        self.last_save = self.started = time.monotonic()
         if t.config.progress and distributed.is_main():
             self.bar = tqdm(total=t.total_epochs * t.steps_per_epoch, initial=t.global_step,
                             unit="step", desc="pretraining", dynamic_ncols=True)
@@ -90,27 +93,76 @@ class LoopEvents:
             self.bar.set_description(f"epoch {t.epoch + 1}/{t.total_epochs}")
         self.epoch_started = t.budget.elapsed() if t.budget is not None else 0.0
         t.ddp_model.train()
-        t.unchecked_loss = torch.zeros((), device=t.device)
+        self.losses = torch.zeros((), device=t.device)
         self.seen, self.interval_started = 0, time.perf_counter()
 
-    def after_step(self, loss: Tensor) -> None:
-        """Count the step's loss; log every ``log_every`` steps and at the epoch's end; agree
-        on a stop; fit the budget once its first steps are timed; write a rolling checkpoint
-        when due. Sets ``t.stopping`` when the run must stop after this step."""
-        t = self.t
-        assert t.unchecked_loss is not None
-        t.unchecked_loss += loss  # a NaN stays NaN in the sum: tested at the next log or save
+    def count(self, loss: Tensor) -> None:
+        """Add a step's loss to the sum of the unchecked ones (a NaN stays NaN in the sum: it is
+        caught at the next log or save, without a device sync per step)."""
+        self.losses += loss
         self.seen += 1
         if self.bar is not None:
             self.bar.update(1)
-        logged = self.seen == t.config.log_every or t.step_in_epoch == t.steps_per_epoch
-        if logged:
-            self._log_interval()
-        self._agree_stop(logged)
-        if t.budget is not None and t.budget.fit is None:
-            self._observe_budget()
-        if t.step_in_epoch < t.steps_per_epoch and not t.stopping and self._rolling_due(logged):
-            save(t)
+
+    def log_due(self) -> bool:
+        """Every ``log_every`` steps and at the epoch's end; the ranks' shared points."""
+        t = self.t
+        return self.seen == t.config.log_every or t.step_in_epoch == t.steps_per_epoch
+
+    def agree_stop(self, sync_point: bool) -> bool:
+        """Whether the run stops after this step: a signal arrived. A signal may reach the ranks
+        of a torchrun job at different steps, and a rank that stopped alone would leave the
+        others waiting in a collective: under torchrun the ranks agree at the logging points."""
+        if distributed.world_size() == 1:
+            self.stopping = self.stop_signal is not None
+        elif sync_point:
+            signum = distributed.max_over_ranks(self.stop_signal or 0)
+            if signum:
+                self.stop_signal, self.stopping = self.stop_signal or signum, True
+        return self.stopping
+
+    def fit_budget(self) -> None:
+        """With ``--time-budget``, once the first steps are timed: set the run's length to fit
+        it. Rank 0's measurement decides, so every rank takes the same length at the same step."""
+        t = self.t
+        if t.budget is None or t.budget.fit is not None:
+            return
+        ready = t.budget.step_done()
+        if distributed.world_size() > 1:
+            ready = distributed.broadcast_object(ready)
+        if not ready:
+            return
+        fit = distributed.broadcast_object(t.budget.choose(t.global_step))
+        t.budget.fit, replaced, t.total_epochs = fit, t.total_epochs, fit.epochs
+        warmup = warmup_epochs_within(t.config.warmup_epochs, fit.epochs,
+                                      t.config.warmup_fraction)
+        t.log.write("budget", minutes=t.config.time_budget, replaced_epochs=replaced,
+                    warmup_epochs=round(warmup, 4), step=t.global_step, **fit.as_record())
+        if distributed.is_main():
+            tqdm.write(describe(fit, t.config.time_budget or 0.0, replaced, warmup))
+        if self.bar is not None:
+            self.bar.total = t.total_epochs * t.steps_per_epoch
+            self.bar.set_description(f"epoch {t.epoch + 1}/{t.total_epochs}")
+
+    def rolling_save_due(self, sync_point: bool) -> bool:
+        """Whether a rolling checkpoint is due inside an epoch: every ``checkpoint_every_steps``
+        steps, and once ROLLING_CHECKPOINT_SECONDS have passed since the last save. Every rank
+        must give the same answer (each joins :meth:`save`): the step count is shared; under
+        torchrun the clocks are compared at the logging points."""
+        t = self.t
+        every = t.config.checkpoint_every_steps
+        if every and t.global_step % every == 0:
+            return True
+        late = time.monotonic() - self.last_save > ROLLING_CHECKPOINT_SECONDS
+        return (late if distributed.world_size() == 1
+                else sync_point and distributed.any_rank(late))
+
+    def save(self, keep: bool = False) -> Path | None:
+        """Checkpoint the position (:func:`~simclr_kit.train.checkpoints.save`), after checking
+        the losses since the last check and the weights for NaN."""
+        path = save(self.t, keep, self.losses)
+        self.last_save = time.monotonic()
+        return path
 
     def after_epoch(self) -> None:
         """The epoch hooks (kNN monitor; not counted against a time budget), the budget's
@@ -129,8 +181,8 @@ class LoopEvents:
         kept = bool(every) and t.epoch % every == 0
         # Between kept checkpoints, rolling ones bound the work a crash can lose without
         # writing a checkpoint per (possibly 2-second) epoch.
-        if t.epoch < t.total_epochs and (kept or self._rolling_due(sync_point=True)):
-            save(t, keep=kept)
+        if t.epoch < t.total_epochs and (kept or self.rolling_save_due(sync_point=True)):
+            self.save(keep=kept)
 
     def done(self) -> None:
         """The session's closing record: its wall time (a resumed run logs one per session),
@@ -142,16 +194,15 @@ class LoopEvents:
                                        / max(seconds, 1e-9), 1),
                     peak_memory_mb=peak_memory_mb(t.device))
 
-    def _log_interval(self) -> None:
+    def log(self) -> None:
         """Log the mean loss of the last steps (and stop if it is NaN or infinite)."""
         t = self.t
-        assert t.unchecked_loss is not None
         seconds = time.perf_counter() - self.interval_started
-        loss = t.unchecked_loss / self.seen
+        loss = self.losses / self.seen
         value = float(distributed.all_reduce_sum(loss.detach()) / distributed.world_size())
         if not math.isfinite(value):
             raise NonFiniteLoss(t, f"the loss became {value}")
-        t.unchecked_loss.zero_()
+        self.losses.zero_()
         ips = self.seen * t.batch_size / max(seconds, 1e-9)
         lr = t.optimizer.param_groups[0]["lr"]
         # Epochs count from 1 in every record, as in checkpoint names and the progress bar.
@@ -161,54 +212,6 @@ class LoopEvents:
             self.bar.set_postfix(loss=f"{value:.4f}", img_s=f"{ips:.0f}", lr=f"{lr:.3g}")
         self.seen, self.interval_started = 0, time.perf_counter()
 
-    def _agree_stop(self, sync_point: bool) -> None:
-        """Set ``t.stopping`` when a signal arrived. A signal may reach the ranks of a torchrun
-        job at different steps, and a rank that stopped alone would leave the others waiting in
-        a collective: under torchrun the ranks agree at the logging points."""
-        t = self.t
-        if distributed.world_size() == 1:
-            t.stopping = t.stop_signal is not None
-        elif sync_point:
-            signum = distributed.max_over_ranks(t.stop_signal or 0)
-            if signum:
-                t.stop_signal, t.stopping = t.stop_signal or signum, True
-
-    def _rolling_due(self, sync_point: bool) -> bool:
-        """Whether a rolling checkpoint is due: every ``checkpoint_every_steps`` steps, and once
-        ROLLING_CHECKPOINT_SECONDS have passed since the last save. Every rank must give the
-        same answer (each joins :func:`save`): the step count is shared; under torchrun the
-        clocks are compared at the logging points."""
-        t = self.t
-        every = t.config.checkpoint_every_steps
-        if every and t.global_step % every == 0:
-            return True
-        late = time.monotonic() - t.last_save > ROLLING_CHECKPOINT_SECONDS
-        if distributed.world_size() == 1:
-            return late
-        return sync_point and distributed.max_over_ranks(int(late)) > 0
-
-    def _observe_budget(self) -> None:
-        """Once the first steps are timed, set the run's length to fit ``--time-budget``. Rank
-        0's measurement decides, so every rank takes the same length at the same step."""
-        t = self.t
-        assert t.budget is not None
-        ready = t.budget.step_done()
-        if distributed.world_size() > 1:
-            ready = distributed.broadcast_object(ready)
-        if not ready:
-            return
-        fit = distributed.broadcast_object(t.budget.choose(t.global_step))
-        t.budget.fit, replaced, t.total_epochs = fit, t.total_epochs, fit.epochs
-        warmup = warmup_epochs_within(t.config.warmup_epochs, fit.epochs,
-                                      t.config.warmup_fraction)
-        t.log.write("budget", minutes=t.config.time_budget, replaced_epochs=replaced,
-                    warmup_epochs=round(warmup, 4), step=t.global_step, **fit.as_record())
-        if distributed.is_main():
-            tqdm.write(describe(fit, t.config.time_budget or 0.0, replaced, warmup))
-        if self.bar is not None:
-            self.bar.total = t.total_epochs * t.steps_per_epoch
-            self.bar.set_description(f"epoch {t.epoch + 1}/{t.total_epochs}")
-
     def _budget_allows_next_epoch(self, epoch_seconds: float) -> bool:
         """False when another epoch as long as the last would overrun the budget (a safety net:
         the chosen length already ends inside it, unless the steps became slower). Every rank
@@ -216,8 +219,7 @@ class LoopEvents:
         budget = self.t.budget
         if budget is None or budget.fit is None:
             return True
-        over = not budget.fits_another(epoch_seconds)
-        return distributed.max_over_ranks(int(over)) == 0
+        return not distributed.any_rank(not budget.fits_another(epoch_seconds))
 
 
 __all__ = ["Interrupted", "LoopEvents", "install_signal_handlers"]

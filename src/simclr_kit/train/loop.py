@@ -2,12 +2,12 @@
 
 A map for newcomers. :func:`pretrain` is the whole run: :func:`~simclr_kit.train.prepare.prepare`
 builds everything before the first step (data, model, optimizer, run directory, resume) into a
-:class:`~simclr_kit.train.state.Trainer`; :func:`fit` is the loop below, which reads top to bottom;
-:func:`train_step` is one step. Everything that happens around the steps (metric lines, the
-progress bar, signals, the time budget, rolling and kept checkpoints, epoch hooks such as the
-kNN monitor) is in :class:`~simclr_kit.train.events.LoopEvents`; what a checkpoint holds and the
-NaN guard before each save are in :mod:`simclr_kit.train.checkpoints`; the order of the images
-and each rank's share of a batch in :mod:`simclr_kit.data.loader`.
+:class:`~simclr_kit.train.state.Trainer`; :func:`fit` is the loop, which reads top to bottom,
+each thing a step does named on its line; :func:`train_step` is one step. The decisions
+between steps (when to log, to stop, to save, the time budget) and the progress bar and signals
+are :class:`~simclr_kit.train.events.LoopEvents`'; what a checkpoint holds and the NaN guard
+before each save are in :mod:`simclr_kit.train.checkpoints`; the order of the images and each
+rank's share of a batch in :mod:`simclr_kit.data.loader`.
 """
 
 from __future__ import annotations
@@ -60,29 +60,35 @@ def fit(t: Trainer) -> Path:
 
     A signal (SIGINT, SIGTERM) ends the current step, saves and raises :class:`Interrupted`.
     """
-    with LoopEvents(t) as events:
+    with LoopEvents(t) as events:  # the progress bar, the signal handlers, the budget's clock
         while t.epoch < t.total_epochs:
             events.start_epoch()
             for idx in t.batches.epoch(t.epoch, t.step_in_epoch, t.steps_per_epoch):
                 try:
-                    loss = train_step(t, idx)
-                except RuntimeError as err:
+                    loss = train_step(t, idx)  # rate, batch, views, forward, backward, update
+                except RuntimeError as err:  # out of memory, or a torchrun peer gone: one line
                     failure = _step_failure(t, err)
                     if failure is None:
                         raise
                     raise failure from None
                 t.step_in_epoch += 1
                 t.global_step += 1
-                events.after_step(loss)  # log, stop on a signal, fit the budget, roll a save
-                if t.stopping:
+                events.count(loss)  # no sync: a NaN is caught at the next log or save
+                logged = events.log_due()
+                if logged:
+                    events.log()  # the mean loss (the ranks' mean); NaN or infinite stops here
+                if events.agree_stop(sync_point=logged):
                     break
-            if t.stopping:
-                save(t)
-                raise Interrupted(t.stop_signal or signal.SIGTERM, t.run_dir)
+                events.fit_budget()  # --time-budget: the run's length, once steps are timed
+                if t.step_in_epoch < t.steps_per_epoch and events.rolling_save_due(logged):
+                    events.save()
+            if events.stopping:
+                events.save()
+                raise Interrupted(events.stop_signal or signal.SIGTERM, t.run_dir)
             t.epoch += 1
             t.step_in_epoch = 0
             events.after_epoch()  # epoch hooks, the budget's safety net, kept checkpoints
-        final = save(t, keep=True)
+        final = events.save(keep=True)
         events.done()
     return final or t.run_dir
 
@@ -92,10 +98,10 @@ def pretrain(config: PretrainConfig, resume: str | Path | None = None,
     """Pretrain (or resume) a SimCLR encoder; returns the run directory.
 
     ``resume``: a run directory to continue. ``config`` must equal its ``config.yaml`` except
-    for the fields in :data:`simclr_kit.train.resume.RESUMABLE_FIELDS` (``epochs`` among them), and a
-    run that has trained all its epochs is refused, unchanged (:func:`resume.check_resume`).
-    Data whose fingerprint differs from the one its last checkpoint recorded (regenerated under
-    the same name) is refused too, unless ``allow_changed_data`` (:func:`resume.check_same_data`).
+    for the fields declared resumable (``epochs`` among them; see
+    :mod:`simclr_kit.train.resume`), and a run that has trained all its epochs is refused,
+    unchanged. Data whose fingerprint differs from the one its last checkpoint recorded
+    (regenerated under the same name) is refused too, unless ``allow_changed_data``.
 
     ``report``: write ``RUN/report.html`` at the end with the sections that need no forward
     passes over the data (``simclr report RUN`` adds the embedding sections).

@@ -7,7 +7,6 @@ step needs (the batches, the augmentation, the schedule's rate); the loop is
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +28,14 @@ from simclr_kit.train.optim import warmup_cosine, warmup_epochs_within
 
 @dataclass
 class Trainer:
-    """Everything one training run holds; built by :func:`prepare`.
+    """One training run: what a step needs and what a checkpoint saves; built by
+    :func:`~simclr_kit.train.prepare.prepare`.
 
-    The first fields are fixed for the run; ``epoch``, ``step_in_epoch`` and ``global_step``
-    are its position (what a checkpoint saves), the rest is what the loop's events keep.
+    The fields up to ``steps_per_epoch`` are fixed for the run. ``total_epochs``, ``epoch``,
+    ``step_in_epoch`` and ``global_step`` are its length and position, saved in every checkpoint
+    with the model, the optimizer and ``scaler``. What one session of the loop keeps (the losses
+    not yet checked, a signal, the time of the last save) is
+    :class:`~simclr_kit.train.events.LoopEvents`'.
     """
 
     config: PretrainConfig
@@ -53,10 +56,6 @@ class Trainer:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
-    stop_signal: int | None = None  # a signal this process received
-    stopping: bool = False  # the ranks agreed to stop after the current step
-    unchecked_loss: Tensor | None = None  # sum of the losses not yet tested for NaN/inf
-    last_save: float = field(default_factory=time.monotonic)
     hooks: list[Callable[[Trainer], None]] = field(default_factory=list)
     # With --time-budget: times the first steps, chooses the length, then guards the end.
     # None on a resumed run whose length the budget already chose.
