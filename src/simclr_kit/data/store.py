@@ -44,6 +44,7 @@ from simclr_kit import distributed
 from simclr_kit.atomic import atomic_write_text
 from simclr_kit.augment.stats import channel_stats, stats_from_counts
 from simclr_kit.data import decode_pool, mapped
+from simclr_kit.data.chunk_digests import rows_digest
 from simclr_kit.data.pixels import CROP_FRACTION, Layout, decode_image
 from simclr_kit.data.sources import Split, label_values
 from simclr_kit.errors import UserError
@@ -267,8 +268,8 @@ class ChunkDecoder:
             mm, array, offset = self._map[1]
             mapped.flush_rows(mm, offset, array[0].nbytes, start, stop)
             bad = {r for r, _, _ in skipped}
-            record["sha256"] = mapped.rows_digest(array, [r for r in range(start, stop)
-                                                          if r not in bad])
+            record["sha256"] = rows_digest(array, [r for r in range(start, stop)
+                                                   if r not in bad])
         return record
 
     def close(self) -> None:
