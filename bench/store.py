@@ -81,7 +81,7 @@ def make_set(folder: Path, count: int, width: int, height: int) -> None:
 
 def _split(folder: Path):
     from simclr_kit.config import DataConfig
-    from simclr_kit.data.sources import open_splits
+    from simclr_kit.data.splits import open_splits
 
     train, _ = open_splits(DataConfig(data=str(folder)), need_eval=False)
     return train

@@ -21,8 +21,8 @@ from PIL import Image
 
 from simclr_kit.config import DataConfig
 from simclr_kit.data import decode_pool, mapped
-from simclr_kit.data.sources import open_splits
 from simclr_kit.data.pixels import Layout, decode_image
+from simclr_kit.data.splits import open_splits
 from simclr_kit.data.store import cache_root, decode_split, training_sizes
 
 pytestmark = [pytest.mark.slow,

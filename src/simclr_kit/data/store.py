@@ -45,8 +45,9 @@ from simclr_kit.atomic import atomic_write_text
 from simclr_kit.augment.stats import channel_stats, stats_from_counts
 from simclr_kit.data import decode_pool, mapped
 from simclr_kit.data.chunk_digests import rows_digest
+from simclr_kit.data.columns import label_values
 from simclr_kit.data.pixels import CROP_FRACTION, Layout, decode_image
-from simclr_kit.data.sources import Split, label_values
+from simclr_kit.data.splits import Split
 from simclr_kit.errors import UserError
 
 MAX_DEFAULT_SIZE = 224

@@ -12,9 +12,9 @@ import torch
 from simclr_kit.augment import SimCLRAugment, save_view_grid
 from simclr_kit.config import DataConfig, PretrainConfig
 from simclr_kit.data.pixels import Layout
-from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import (ImageStore, announce_skipped, decode_split,
-                                   store_channel_stats, training_sizes)
+from simclr_kit.data.splits import open_splits
+from simclr_kit.data.store import (ImageStore, announce_skipped, decode_split, store_channel_stats,
+                                   training_sizes)
 from simclr_kit.errors import UserError
 
 
