@@ -304,7 +304,7 @@ def _timed(run) -> float:
 _PEAK = """
 import resource, sys
 from PIL import Image
-from simclr_kit.data.store import resize_center_crop, to_rgb_array
+from simclr_kit.data.pixels import resize_center_crop, to_rgb_array
 Image.MAX_IMAGE_PIXELS = None
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with Image.open(sys.argv[1]) as img:

@@ -16,9 +16,11 @@ from PIL import Image
 import crash
 from simclr_kit.augment import channel_stats
 from simclr_kit.data import mapped, store
+from simclr_kit.data.chunk_decoder import ChunkDecoder
 from simclr_kit.data.pixels import Layout, decode_image, frame_size
+from simclr_kit.data.size_policy import training_sizes
 from simclr_kit.data.splits import Split
-from simclr_kit.data.store import ChunkDecoder, decode_split, training_sizes
+from simclr_kit.data.store import decode_split
 from simclr_kit.errors import UserError
 
 SIZE = 16

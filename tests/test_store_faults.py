@@ -21,8 +21,9 @@ import pytest
 from conftest import TINY
 from simclr_kit.cli import main
 from simclr_kit.data import chunk_digests, mapped, store
+from simclr_kit.data.chunk_decoder import ChunkDecoder
 from simclr_kit.data.pixels import Layout
-from simclr_kit.data.store import ChunkDecoder, decode_split
+from simclr_kit.data.store import decode_split
 from simclr_kit.errors import UserError
 from test_store import (SIZE, _cache_dir, _in_memory, _split, assert_same_store,  # noqa: F401
                         on_disk, small_chunks)

@@ -25,8 +25,9 @@ from simclr_kit.atomic import atomic_write_text
 from simclr_kit.checkpoint_files import load_into, load_weights, read_metadata, save_weights
 from simclr_kit.config import ClassifierConfig, DataConfig, EvalConfig
 from simclr_kit.data.pixels import chosen_crop_fraction
+from simclr_kit.data.skip_reports import announce_skipped, list_skipped
 from simclr_kit.data.splits import PREDICT_SPLITS, open_splits, whole_split
-from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, list_skipped
+from simclr_kit.data.store import ImageStore, decode_split
 from simclr_kit.devices import resolve_device
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.features import extract_features, forward_images

@@ -29,8 +29,9 @@ from torch import Tensor
 from simclr_kit.atomic import atomic_file, atomic_write_text
 from simclr_kit.config import DataConfig
 from simclr_kit.data.pixels import chosen_crop_fraction
+from simclr_kit.data.skip_reports import announce_skipped, list_skipped
 from simclr_kit.data.splits import TRAIN_SPLITS, whole_split
-from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, list_skipped
+from simclr_kit.data.store import ImageStore, decode_split
 from simclr_kit.devices import resolve_device
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.features import forward_images

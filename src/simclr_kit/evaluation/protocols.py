@@ -32,8 +32,9 @@ from simclr_kit import __version__, distributed
 from simclr_kit.atomic import atomic_write_text
 from simclr_kit.config import DataConfig, EvalConfig
 from simclr_kit.data.pixels import chosen_crop_fraction
+from simclr_kit.data.skip_reports import announce_skipped, list_skipped
 from simclr_kit.data.splits import open_splits
-from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, list_skipped
+from simclr_kit.data.store import ImageStore, decode_split
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.cache import cached_features, weights_hash
 from simclr_kit.evaluation.fractions import label_efficiency, plot_label_efficiency

@@ -22,9 +22,10 @@ from simclr_kit.atomic import atomic_write_text
 from simclr_kit.augment import SimCLRAugment
 from simclr_kit.config import VIT_DEFAULTS, PretrainConfig, to_dict, to_yaml
 from simclr_kit.data.pixels import Layout, chosen_crop_fraction
+from simclr_kit.data.size_policy import training_sizes
+from simclr_kit.data.skip_reports import announce_skipped, skipped_report
 from simclr_kit.data.splits import open_splits
-from simclr_kit.data.store import (ImageStore, announce_skipped, decode_split, skipped_report,
-                                   store_channel_stats, training_sizes)
+from simclr_kit.data.store import ImageStore, decode_split, store_channel_stats
 from simclr_kit.data.stream import batch_source
 from simclr_kit.devices import compile_by_default, grad_scaler, tune_backends
 from simclr_kit.errors import UserError
