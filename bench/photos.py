@@ -55,7 +55,7 @@ def make_photos(folder: Path, count: int) -> None:
 
 def _split(folder: Path):
     from simclr_kit.config import DataConfig
-    from simclr_kit.data.sources import open_splits
+    from simclr_kit.data.splits import open_splits
 
     train, _ = open_splits(DataConfig(data=str(folder)), need_eval=False)
     return train
@@ -71,7 +71,7 @@ def _boxes_in_photo(height: int, width: int, n: int, how: str) -> tuple[np.ndarr
     from simclr_kit.augment import SimCLRAugment
     from simclr_kit.config import AugmentConfig
     from simclr_kit.data.pixels import frame_size
-    from simclr_kit.data.store import frame_cap
+    from simclr_kit.data.size_policy import frame_cap
 
     if how == "torchvision":
         torch.manual_seed(0)
@@ -129,7 +129,7 @@ def cap(n: int) -> list[dict]:
     from simclr_kit.augment import SimCLRAugment
     from simclr_kit.config import AugmentConfig
     from simclr_kit.data.pixels import frame_size
-    from simclr_kit.data.store import frame_cap
+    from simclr_kit.data.size_policy import frame_cap
 
     def fractions(size: int, side: int, height: int, width: int) -> tuple[float, float]:
         augment = SimCLRAugment(AugmentConfig(), size, (0.0,) * 3, (1.0,) * 3, seed=1)
@@ -160,7 +160,8 @@ def decode(root: Path, rows: int, workers: int) -> dict:
     import datasets
 
     from simclr_kit.data.pixels import Layout
-    from simclr_kit.data.store import decode_split, frame_cap, training_sizes
+    from simclr_kit.data.size_policy import frame_cap, training_sizes
+    from simclr_kit.data.store import decode_split
 
     from store import _cpu_seconds
 
@@ -232,7 +233,8 @@ def memory(root: Path, steps: int, stream: str, batch: int) -> dict:
     """Peak anonymous memory of ``simclr pretrain`` at 224 px on the photos, killed after
     ``steps`` steps (the set decoded beforehand)."""
     from simclr_kit.data.pixels import Layout
-    from simclr_kit.data.store import decode_split, training_sizes
+    from simclr_kit.data.size_policy import training_sizes
+    from simclr_kit.data.store import decode_split
 
     from store import CRASH, _env, watch
 

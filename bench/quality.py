@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from simclr_kit.config import DataConfig, EvalConfig, PretrainConfig, from_dict, merge  # noqa: E402
-from simclr_kit.data.sources import open_splits  # noqa: E402
+from simclr_kit.data.splits import open_splits  # noqa: E402
 from simclr_kit.data.store import ImageStore, decode_split  # noqa: E402
 from simclr_kit.models.encoder import (IMAGENET_MEAN, IMAGENET_STD, Encoder,  # noqa: E402
                                        load_encoder)

@@ -10,7 +10,7 @@ JSON line per result.
   timed on ``--sample`` rows at this full size and extrapolated linearly to every row.
   Former: ``ds.select_columns([col])[col]`` read row by row (``store._labels`` before it read
   columns), and ``ds.train_test_split(..., stratify_by_column=col)`` to carve the validation
-  part. Current: ``store._labels`` (one Arrow column) and ``sources._carve_validation``; the
+  part. Current: ``store._labels`` (one Arrow column) and ``splits._carve_validation``; the
   labels and the carved rows are checked equal to the former ones.
 - **The feature cache's data key.** Former: SHA-256 over every decoded uint8 pixel (what
   ``cache.data_hash`` still does for a set held in memory, which has no store key), timed on
@@ -88,7 +88,7 @@ def labels(root: Path, rows: int, sample: int) -> None:
     """Carving the validation part and reading the labels, former and current ways."""
     from simclr_kit.config import DataConfig
     from simclr_kit.data import store as store_module
-    from simclr_kit.data.sources import TRAIN_SPLITS, _carve_validation, whole_split
+    from simclr_kit.data.splits import TRAIN_SPLITS, _carve_validation, whole_split
 
     folder = root / f"labels{rows}"
     if not (folder / "train.parquet").is_file():

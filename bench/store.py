@@ -81,7 +81,7 @@ def make_set(folder: Path, count: int, width: int, height: int) -> None:
 
 def _split(folder: Path):
     from simclr_kit.config import DataConfig
-    from simclr_kit.data.sources import open_splits
+    from simclr_kit.data.splits import open_splits
 
     train, _ = open_splits(DataConfig(data=str(folder)), need_eval=False)
     return train
@@ -304,7 +304,7 @@ def _timed(run) -> float:
 _PEAK = """
 import resource, sys
 from PIL import Image
-from simclr_kit.data.store import resize_center_crop, to_rgb_array
+from simclr_kit.data.pixels import resize_center_crop, to_rgb_array
 Image.MAX_IMAGE_PIXELS = None
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with Image.open(sys.argv[1]) as img:

@@ -140,7 +140,7 @@ def load_images(args: argparse.Namespace) -> Tensor:
     """``(N, 3, S, S)`` uint8 on the CPU: random pixels, or ``--data`` decoded by the package."""
     if args.data is not None:
         from simclr_kit.config import DataConfig
-        from simclr_kit.data.sources import open_splits
+        from simclr_kit.data.splits import open_splits
         from simclr_kit.data.store import decode_split
 
         train, _ = open_splits(DataConfig(data=args.data, image_size=args.image_size),

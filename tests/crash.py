@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from simclr_kit import checkpoint_files as checkpoint
+from simclr_kit.data import chunk_decoder
 from simclr_kit.train import loop as training
-from simclr_kit.data import store
 
 Patch = Callable[[Any, str, Any], None]  # setattr, or pytest's monkeypatch.setattr
 
@@ -69,17 +69,17 @@ def _after(owner: Any, name: str, arrivals: _Arrivals, patch: Patch,
 
 def _half_chunk(arrivals: _Arrivals, patch: Patch) -> None:
     """Arrive at the middle row of each chunk: the fatal arrival decodes the first half only."""
-    real = store.ChunkDecoder.__call__
+    real = chunk_decoder.ChunkDecoder.__call__
 
     @functools.wraps(real)
-    def call(self: store.ChunkDecoder, start: int, stop: int) -> dict:
+    def call(self: chunk_decoder.ChunkDecoder, start: int, stop: int) -> dict:
         if not arrivals.fatal():
             return real(self, start, stop)
         real(self, start, (start + stop) // 2)
         _kill()
         raise AssertionError("unreachable")
 
-    patch(store.ChunkDecoder, "__call__", call)
+    patch(chunk_decoder.ChunkDecoder, "__call__", call)
 
 
 def _is_latest(path: Path, *args: Any, **kwargs: Any) -> bool:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from simclr_kit.cli import main
 from simclr_kit.config import DataConfig, PretrainConfig, from_dict
-from simclr_kit.data.sources import open_splits
+from simclr_kit.data.splits import open_splits
 from simclr_kit.data.store import decode_split
 
 TINY = ["--device", "cpu", "--batch-size", "4", "--image-size", "8", "--epochs", "1",

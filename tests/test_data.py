@@ -13,8 +13,8 @@ from PIL import Image
 from conftest import make_class_images, needs_shared
 from simclr_kit.config import DataConfig
 from simclr_kit.data import sources
-from simclr_kit.data.sources import open_splits
 from simclr_kit.data.pixels import resize_center_crop, to_rgb_array
+from simclr_kit.data.splits import open_splits
 from simclr_kit.data.store import decode_split
 from simclr_kit.errors import UserError
 
@@ -237,7 +237,7 @@ def test_a_hub_that_never_answers_is_given_up_on_before_the_loader_runs(tmp_path
 
 
 def test_one_split_rule_with_each_commands_preference():
-    from simclr_kit.data.sources import EVAL_SPLITS, PREDICT_SPLITS, TRAIN_SPLITS, pick_split
+    from simclr_kit.data.splits import EVAL_SPLITS, PREDICT_SPLITS, TRAIN_SPLITS, pick_split
 
     names = ["train", "test"]
     assert pick_split(names, None, TRAIN_SPLITS, "--train-split") == "train"
@@ -305,7 +305,7 @@ def test_a_carved_split_reads_its_labels_as_one_column(tmp_path, monkeypatch, fe
 
 @pytest.mark.parametrize("feature", [datasets.Value("int64"), datasets.Value("uint8")])
 def test_missing_labels_read_as_one_column(tmp_path, monkeypatch, feature):
-    from simclr_kit.data.sources import TRAIN_SPLITS, whole_split
+    from simclr_kit.data.splits import TRAIN_SPLITS, whole_split
 
     labels = [2, 0, None, 5, 1, None, 3, 7]
     if feature.dtype == "int64":

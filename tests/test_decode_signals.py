@@ -21,9 +21,10 @@ from PIL import Image
 
 from simclr_kit.config import DataConfig
 from simclr_kit.data import decode_pool, mapped
-from simclr_kit.data.sources import open_splits
 from simclr_kit.data.pixels import Layout, decode_image
-from simclr_kit.data.store import cache_root, decode_split, training_sizes
+from simclr_kit.data.size_policy import training_sizes
+from simclr_kit.data.splits import open_splits
+from simclr_kit.data.store import cache_root, decode_split
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")]

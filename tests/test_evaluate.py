@@ -105,7 +105,7 @@ def test_all_four_protocols_labelled_and_consistent(run, data, tmp_path, capsys)
     # The cached features are the encoder's eval-mode features, and each number is what the
     # protocol functions give on them (independent recomputation).
     encoder = load_encoder(run)
-    from simclr_kit.data.sources import open_splits
+    from simclr_kit.data.splits import open_splits
     from simclr_kit.data.store import decode_split
     from simclr_kit.config import DataConfig
 
@@ -229,8 +229,8 @@ def test_cache_key_of_a_decoded_store_follows_its_key_and_rows_not_its_pixels() 
 
 def test_decode_split_keys_a_store_by_its_decoded_cache(data) -> None:
     from simclr_kit.config import DataConfig
-    from simclr_kit.data.sources import open_splits
     from simclr_kit.data.pixels import Layout
+    from simclr_kit.data.splits import open_splits
     from simclr_kit.data.store import _cache_dir, decode_split
 
     train, _ = open_splits(DataConfig(data=str(data)), need_eval=False)
@@ -434,7 +434,7 @@ def test_train_classifier_linear_head_is_evaluates_linear_probe(run, data, tmp_p
     predicts (from images, through predict's path) what the probe predicts."""
     from simclr_kit.classifier import load_classifier
     from simclr_kit.config import DataConfig
-    from simclr_kit.data.sources import open_splits
+    from simclr_kit.data.splits import open_splits
     from simclr_kit.data.store import decode_split
     from simclr_kit.evaluation.features import forward_images
 
@@ -468,7 +468,7 @@ def test_train_classifier_mlp_head_folds_the_standardisation(run, data, tmp_path
     what the trainer reported."""
     from simclr_kit.classifier import load_classifier, train_classifier
     from simclr_kit.config import ClassifierConfig, DataConfig
-    from simclr_kit.data.sources import open_splits
+    from simclr_kit.data.splits import open_splits
     from simclr_kit.data.store import decode_split
     from simclr_kit.evaluation.finetune import accuracy
 

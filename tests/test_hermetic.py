@@ -17,7 +17,7 @@ import pytest
 
 from conftest import write_parquet_dataset
 from simclr_kit.config import DataConfig
-from simclr_kit.data.sources import open_splits
+from simclr_kit.data.splits import open_splits
 from simclr_kit.data.store import decode_split
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from conftest import write_parquet_dataset
 from simclr_kit.config import EvalConfig, PretrainConfig, from_dict, recipe, with_data_recipe
-from simclr_kit.data.sources import open_splits
+from simclr_kit.data.splits import open_splits
 from simclr_kit.data.store import decode_split
 from simclr_kit.devices import grad_scaler
 from simclr_kit.models.encoder import load_encoder

@@ -16,9 +16,11 @@ from PIL import Image
 import crash
 from simclr_kit.augment import channel_stats
 from simclr_kit.data import mapped, store
+from simclr_kit.data.chunk_decoder import ChunkDecoder
 from simclr_kit.data.pixels import Layout, decode_image, frame_size
-from simclr_kit.data.sources import Split
-from simclr_kit.data.store import ChunkDecoder, decode_split, training_sizes
+from simclr_kit.data.size_policy import training_sizes
+from simclr_kit.data.splits import Split
+from simclr_kit.data.store import decode_split
 from simclr_kit.errors import UserError
 
 SIZE = 16
@@ -223,7 +225,7 @@ def test_a_decode_killed_with_its_process_is_continued_by_the_next_process(
         "import crash\n"
         "crash.arm('decode-chunk@3')\n"
         "from simclr_kit.data import mapped\n"
-        "from simclr_kit.data.sources import Split\n"
+        "from simclr_kit.data.splits import Split\n"
         "from simclr_kit.data.store import decode_split\n"
         "mapped.CHUNK_ROWS = 4\n"
         f"ds = datasets.Dataset.from_parquet({str(tmp_path / 'train.parquet')!r}, "

@@ -20,9 +20,10 @@ import pytest
 
 from conftest import TINY
 from simclr_kit.cli import main
-from simclr_kit.data import mapped, store
+from simclr_kit.data import chunk_digests, mapped, store
+from simclr_kit.data.chunk_decoder import ChunkDecoder
 from simclr_kit.data.pixels import Layout
-from simclr_kit.data.store import ChunkDecoder, decode_split
+from simclr_kit.data.store import decode_split
 from simclr_kit.errors import UserError
 from test_store import (SIZE, _cache_dir, _in_memory, _split, assert_same_store,  # noqa: F401
                         on_disk, small_chunks)
@@ -200,13 +201,13 @@ def test_a_same_size_edit_of_the_images_is_caught_and_decoded_again(on_disk, sma
 
 def test_the_chunks_checked_at_an_opening_fit_the_budget(monkeypatch):
     chunks = [[1024, "x"]] * 100  # 100 chunks of 1024 rows of 1 kB: 100 MiB
-    monkeypatch.delenv(mapped.VERIFY_ENV, raising=False)
-    assert mapped._chunks_to_verify(chunks, 1024) == list(range(100))  # under the budget: all
-    monkeypatch.setattr(mapped, "VERIFY_BYTES", 10 << 20)
-    picked = mapped._chunks_to_verify(chunks, 1024)
-    assert len(picked) == 10 and picked == mapped._chunks_to_verify(chunks, 1024)  # agreed
-    monkeypatch.setenv(mapped.VERIFY_ENV, "all")
-    assert mapped._chunks_to_verify(chunks, 1024) == list(range(100))
+    monkeypatch.delenv(chunk_digests.VERIFY_ENV, raising=False)
+    assert chunk_digests.chunks_to_verify(chunks, 1024) == list(range(100))  # under the budget: all
+    monkeypatch.setattr(chunk_digests, "VERIFY_BYTES", 10 << 20)
+    picked = chunk_digests.chunks_to_verify(chunks, 1024)
+    assert len(picked) == 10 and picked == chunk_digests.chunks_to_verify(chunks, 1024)  # agreed
+    monkeypatch.setenv(chunk_digests.VERIFY_ENV, "all")
+    assert chunk_digests.chunks_to_verify(chunks, 1024) == list(range(100))
 
 
 @pytest.mark.parametrize("edit", [

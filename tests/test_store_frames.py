@@ -15,8 +15,9 @@ from torchvision import transforms
 
 from simclr_kit.config import DataConfig
 from simclr_kit.data.pixels import Layout, decode_image, to_rgb_array
-from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import decode_split, training_sizes
+from simclr_kit.data.size_policy import training_sizes
+from simclr_kit.data.splits import open_splits
+from simclr_kit.data.store import decode_split
 from simclr_kit.models.encoder import Encoder
 
 

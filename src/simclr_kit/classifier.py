@@ -25,16 +25,17 @@ from simclr_kit.atomic import atomic_write_text
 from simclr_kit.checkpoint_files import load_into, load_weights, read_metadata, save_weights
 from simclr_kit.config import ClassifierConfig, DataConfig, EvalConfig
 from simclr_kit.data.pixels import chosen_crop_fraction
-from simclr_kit.data.sources import PREDICT_SPLITS, open_splits, whole_split
-from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, list_skipped
+from simclr_kit.data.skip_reports import announce_skipped, list_skipped
+from simclr_kit.data.splits import PREDICT_SPLITS, open_splits, whole_split
+from simclr_kit.data.store import ImageStore, decode_split
 from simclr_kit.devices import resolve_device
-from simclr_kit.models.encoder import Encoder, checked_meta, load_encoder
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.features import extract_features, forward_images
 from simclr_kit.evaluation.finetune import FINETUNE_AUGMENT, accuracy, finetune
 from simclr_kit.evaluation.linear import train_linear_probe
-from simclr_kit.models.heads import Classifier
 from simclr_kit.models.backbones import build_backbone, fit_former_classifier
+from simclr_kit.models.encoder import Encoder, checked_meta, load_encoder
+from simclr_kit.models.heads import Classifier
 from simclr_kit.models.timm_backbones import is_timm_name
 from simclr_kit.provenance import data_for, run_directory
 

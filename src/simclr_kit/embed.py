@@ -29,12 +29,13 @@ from torch import Tensor
 from simclr_kit.atomic import atomic_file, atomic_write_text
 from simclr_kit.config import DataConfig
 from simclr_kit.data.pixels import chosen_crop_fraction
-from simclr_kit.data.sources import TRAIN_SPLITS, whole_split
-from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, list_skipped
+from simclr_kit.data.skip_reports import announce_skipped, list_skipped
+from simclr_kit.data.splits import TRAIN_SPLITS, whole_split
+from simclr_kit.data.store import ImageStore, decode_split
 from simclr_kit.devices import resolve_device
-from simclr_kit.models.encoder import Encoder, Weights, encoder_from_weights, read_weights
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.features import forward_images
+from simclr_kit.models.encoder import Encoder, Weights, encoder_from_weights, read_weights
 from simclr_kit.models.heads import ProjectionHead
 from simclr_kit.provenance import data_for, run_directory
 
@@ -100,7 +101,7 @@ def compute_embeddings(checkpoint: str | Path,
                        projections: bool = False, device: str = "auto", batch_size: int = 256,
                        progress: bool = True, skipped_file: Path | None = None) -> Embeddings:
     """Embed every row of one split with ``checkpoint``'s encoder: ``--split``, else the only
-    split, else 'train' (:func:`~simclr_kit.data.sources.whole_split`; nothing is carved off
+    split, else 'train' (:func:`~simclr_kit.data.splits.whole_split`; nothing is carved off
     for validation).
 
     ``data`` as :func:`simclr_kit.evaluation.protocols.evaluate` takes it: None (or a dict

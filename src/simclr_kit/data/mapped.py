@@ -38,27 +38,18 @@ compacting (a short final pass, only when rows were skipped) are deleted and dec
 The images file is allocated in full when the decode starts (``fallocate``): a disk without room
 is one error naming the size and the folder, never a SIGBUS when a page of the map is written.
 
-Each chunk's kept rows carry a SHA-256 (computed by the worker that wrote them, from the map;
-after compaction they are contiguous rows of the published file). Hashing is not free: SHA-256
-runs at 0.5-1.1 GB/s on one core (bench/RESULTS.md), so checking all 252 GB of ImageNet at 256
-px would add 4-8 minutes to every start. Opening a published decode checks chunks worth
-:data:`VERIFY_BYTES` (a quarter to half a second): all of a file up to that size (CIFAR-10 at
-32 px is 153 MB), else a sample of whole chunks that every process of the machine draws alike
-on a given day and that changes from day to day, so an edit is found within days of runs.
-``SIMCLR_KIT_VERIFY_CACHE=all`` checks every chunk. A file that fails is decoded again.
+Each chunk's kept rows carry a SHA-256, checked at each opening
+(:mod:`simclr_kit.data.chunk_digests`). A file that fails is decoded again.
 """
 
 from __future__ import annotations
 
 import ctypes
-import datetime
 import errno
-import hashlib
 import json
 import math
 import mmap
 import os
-import random
 import secrets
 import shutil
 import socket
@@ -69,14 +60,13 @@ from pathlib import Path
 import numpy as np
 
 from simclr_kit.atomic import atomic_write_text, fsync_dir, fsync_file
+from simclr_kit.data.chunk_digests import chunks_to_verify, verify
 from simclr_kit.data.decode_lock import claim, folder_lock, hold, release
 from simclr_kit.errors import UserError
 
 VERSION = 5  # 5: slots with sizes.npy, chunk SHA-256s; the key names the form (frame or crop)
 CHUNK_ROWS = 1024  # rows per decoding task: the unit of work, of progress and of resuming
 _MOVE_ROWS = 256  # rows moved per copy while compacting: bounds the temporary numpy makes
-VERIFY_BYTES = 256 << 20  # pixel bytes checked against their SHA-256 at each opening
-VERIFY_ENV = "SIMCLR_KIT_VERIFY_CACHE"
 
 
 @dataclass
@@ -104,16 +94,6 @@ def total_counts(records: list[dict]) -> np.ndarray:
 def record_sizes(records: list[dict]) -> np.ndarray:
     """The ``sizes`` of chunk records' kept images, in order: ``(K, 2) int32``."""
     return np.asarray([s for r in records for s in r["sizes"]], np.int32).reshape(-1, 2)
-
-
-def rows_digest(images: np.ndarray, rows: list[int] | np.ndarray) -> str:
-    """SHA-256 of ``images[rows]`` in order (``rows`` sorted), hashed run by contiguous run."""
-    h = hashlib.sha256()
-    rows = np.asarray(rows, np.int64)
-    for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1):
-        if len(run):
-            h.update(images[int(run[0]):int(run[-1]) + 1])
-    return h.hexdigest()
 
 
 def npy_offset(path: Path) -> tuple[tuple[int, ...], int]:
@@ -230,32 +210,6 @@ def _read_meta(final: Path, size: int) -> tuple[dict, tuple[int, ...]]:
     return meta, shape
 
 
-def _chunks_to_verify(chunks: list[list], row_bytes: int) -> list[int]:
-    """Indices of the chunks checked at this opening: every one within :data:`VERIFY_BYTES` (or
-    with ``SIMCLR_KIT_VERIFY_CACHE=all``), else a sample drawn from today's date, the same in
-    every process of a job (so they agree on the file) and different each day."""
-    sizes = [c[0] * row_bytes for c in chunks]
-    if os.environ.get(VERIFY_ENV) == "all" or sum(sizes) <= VERIFY_BYTES:
-        return list(range(len(chunks)))
-    rng = random.Random(f"{datetime.date.today().isoformat()}|{len(chunks)}")
-    picked, total = [], 0
-    for i in rng.sample(range(len(chunks)), len(chunks)):
-        if total + sizes[i] > VERIFY_BYTES and picked:
-            break
-        picked.append(i)
-        total += sizes[i]
-    return sorted(picked)
-
-
-def verify(images: np.ndarray, chunks: list[list], which: list[int]) -> int | None:
-    """The first chunk of ``which`` whose rows of ``images`` differ from their SHA-256, or None."""
-    starts = np.cumsum([0] + [c[0] for c in chunks])
-    for i in which:
-        if rows_digest(images, range(starts[i], starts[i + 1])) != chunks[i][1]:
-            return i
-    return None
-
-
 def open_complete(final: Path, size: int) -> Decoded | None:
     """The published decode in ``final``, mapped copy-on-write; None when absent or damaged
     (a meta.json of any other form, a file of another shape, rows that fail their SHA-256)."""
@@ -275,7 +229,7 @@ def open_complete(final: Path, size: int) -> Decoded | None:
     if len(rows) != shape[0] or len(files) != shape[0] or sizes.shape != (shape[0], 2):
         return None
     row_bytes = math.prod(shape[1:])
-    bad = verify(images, meta["chunks"], _chunks_to_verify(meta["chunks"], row_bytes))
+    bad = verify(images, meta["chunks"], chunks_to_verify(meta["chunks"], row_bytes))
     if bad is not None:
         print(f"the decoded cache {final} fails its SHA-256 check (chunk {bad}): it is decoded "
               "again", file=sys.stderr)

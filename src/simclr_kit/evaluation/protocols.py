@@ -32,9 +32,9 @@ from simclr_kit import __version__, distributed
 from simclr_kit.atomic import atomic_write_text
 from simclr_kit.config import DataConfig, EvalConfig
 from simclr_kit.data.pixels import chosen_crop_fraction
-from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import ImageStore, announce_skipped, decode_split, list_skipped
-from simclr_kit.models.encoder import Encoder, load_encoder
+from simclr_kit.data.skip_reports import announce_skipped, list_skipped
+from simclr_kit.data.splits import open_splits
+from simclr_kit.data.store import ImageStore, decode_split
 from simclr_kit.errors import UserError
 from simclr_kit.evaluation.cache import cached_features, weights_hash
 from simclr_kit.evaluation.fractions import label_efficiency, plot_label_efficiency
@@ -42,6 +42,7 @@ from simclr_kit.evaluation.knn import knn_accuracy
 from simclr_kit.evaluation.linear import train_linear_probe
 from simclr_kit.evaluation.tables import markdown_report, markdown_table
 from simclr_kit.models.backbones import backbone_kwargs, build_backbone
+from simclr_kit.models.encoder import Encoder, load_encoder
 from simclr_kit.provenance import check_not_replacing, data_for, run_directory
 
 LABEL_EFFICIENCY_PNG = "label_efficiency.png"

@@ -49,9 +49,10 @@ def _embedded(ctx: ReportContext, embeddings: bool) -> Embedded:
 
 
 def _embed_splits(ctx: ReportContext) -> Embedded:
-    from simclr_kit.data.sources import open_splits
     from simclr_kit.data.pixels import chosen_crop_fraction
-    from simclr_kit.data.store import announce_skipped, decode_split, list_skipped
+    from simclr_kit.data.skip_reports import announce_skipped, list_skipped
+    from simclr_kit.data.splits import open_splits
+    from simclr_kit.data.store import decode_split
     from simclr_kit.devices import resolve_device
     from simclr_kit.embed import backbone_features
     from simclr_kit.evaluation.cache import read_cached_features

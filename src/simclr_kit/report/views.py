@@ -12,16 +12,17 @@ import torch
 from simclr_kit.augment import SimCLRAugment, save_view_grid
 from simclr_kit.config import DataConfig, PretrainConfig
 from simclr_kit.data.pixels import Layout
-from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import (ImageStore, announce_skipped, decode_split,
-                                   store_channel_stats, training_sizes)
+from simclr_kit.data.size_policy import training_sizes
+from simclr_kit.data.skip_reports import announce_skipped
+from simclr_kit.data.splits import open_splits
+from simclr_kit.data.store import ImageStore, decode_split, store_channel_stats
 from simclr_kit.errors import UserError
 
 
 def sample_store(data: DataConfig, count: int,
                  image_size: int | None = None) -> tuple[ImageStore, int]:
     """``count`` images spread evenly over the training split, stored as pretraining stores
-    them (whole frames, :func:`~simclr_kit.data.store.training_sizes`; only those rows are
+    them (whole frames, :func:`~simclr_kit.data.size_policy.training_sizes`; only those rows are
     decoded), and the training size S (``image_size``, else ``data.image_size``, else the
     default).
 

@@ -22,18 +22,17 @@ from simclr_kit.atomic import atomic_write_text
 from simclr_kit.augment import SimCLRAugment
 from simclr_kit.config import VIT_DEFAULTS, PretrainConfig, to_dict, to_yaml
 from simclr_kit.data.pixels import Layout, chosen_crop_fraction
-from simclr_kit.data.sources import open_splits
-from simclr_kit.data.store import (ImageStore, announce_skipped, decode_split,
-                                   skipped_report, store_channel_stats,
-                                   training_sizes)
+from simclr_kit.data.size_policy import training_sizes
+from simclr_kit.data.skip_reports import announce_skipped, skipped_report
+from simclr_kit.data.splits import open_splits
+from simclr_kit.data.store import ImageStore, decode_split, store_channel_stats
 from simclr_kit.data.stream import batch_source
 from simclr_kit.devices import compile_by_default, grad_scaler, tune_backends
 from simclr_kit.errors import UserError
-from simclr_kit.models.backbones import (backbone_feature_dim, backbone_kwargs,
-                                         check_backbone_name,
+from simclr_kit.models.backbones import (backbone_feature_dim, backbone_kwargs, check_backbone_name,
                                          fetch_imagenet_weights, resolve_stem)
-from simclr_kit.models.encoder import (IMAGENET_MEAN, IMAGENET_STD,
-                                       build_loaded_backbone, read_weights)
+from simclr_kit.models.encoder import (IMAGENET_MEAN, IMAGENET_STD, build_loaded_backbone,
+                                       read_weights)
 from simclr_kit.models.heads import SimCLR, build_simclr
 from simclr_kit.models.timm_backbones import is_timm_name
 from simclr_kit.report.loggers import check_loggers, open_loggers
