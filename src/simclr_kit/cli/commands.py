@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from simclr_kit.cli.flags import config_flags, overrides
-from simclr_kit.config import (AugmentConfig, CheckConfig, ClassifierConfig,
-                               DataConfig, EvalConfig, PretrainConfig,
-                               config_source, data_recipe, from_dict, merge,
+from simclr_kit.config import (AugmentConfig, CheckConfig, ClassifierConfig, DataConfig, EvalConfig,
+                               PretrainConfig, config_source, data_recipe, from_dict, merge,
                                merge_pretrain)
 from simclr_kit.data.names import check_data_name
 from simclr_kit.errors import UserError

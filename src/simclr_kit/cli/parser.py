@@ -8,14 +8,11 @@ import argparse
 from typing import Callable
 
 from simclr_kit import __version__
-from simclr_kit.cli.commands import (CHECK_FLAGS, CLASSIFIER_DATA,
-                                     CLASSIFIER_FLAGS, DATA_FLAGS, EVAL_FLAGS,
-                                     FILE_DATA_FLAGS, PRETRAIN_FLAGS, RUN_DATA,
-                                     RUN_DATA_FLAGS, cmd_check_distributed,
-                                     cmd_embed, cmd_evaluate, cmd_export,
-                                     cmd_predict, cmd_pretrain, cmd_report,
-                                     cmd_run, cmd_show_augment,
-                                     cmd_train_classifier)
+from simclr_kit.cli.commands import (CHECK_FLAGS, CLASSIFIER_DATA, CLASSIFIER_FLAGS, DATA_FLAGS,
+                                     EVAL_FLAGS, FILE_DATA_FLAGS, PRETRAIN_FLAGS, RUN_DATA,
+                                     RUN_DATA_FLAGS, cmd_check_distributed, cmd_embed, cmd_evaluate,
+                                     cmd_export, cmd_predict, cmd_pretrain, cmd_report, cmd_run,
+                                     cmd_show_augment, cmd_train_classifier)
 from simclr_kit.cli.flags import Parser, add_bool, add_flags
 from simclr_kit.train.resume import resumable_text
 

@@ -18,17 +18,14 @@ from __future__ import annotations
 
 from simclr_kit.config.data import AugmentConfig, DataConfig, layered_data
 from simclr_kit.config.evaluate import ClassifierConfig, EvalConfig
-from simclr_kit.config.fields import (ConfigError, config_source, flag_name,
-                                      flatten, from_dict, load_yaml, marked,
-                                      merge, normalize_keys, recipe,
-                                      recipe_names, setting, to_dict, to_yaml,
-                                      unflagged, unknown_choice)
-from simclr_kit.config.optimizers import (LR_SCALINGS, OPTIMIZER_DEFAULTS,
-                                          OPTIMIZERS, VIT_DEFAULTS,
-                                          VIT_OPTIMIZER, OptimizerDefaults,
-                                          is_vit_name, merge_pretrain)
-from simclr_kit.config.pretrain import (BACKBONE_INITS, CheckConfig,
-                                        PretrainConfig, data_recipe,
+from simclr_kit.config.fields import (ConfigError, config_source, flag_name, flatten, from_dict,
+                                      load_yaml, marked, merge, normalize_keys, recipe,
+                                      recipe_names, setting, to_dict, to_yaml, unflagged,
+                                      unknown_choice)
+from simclr_kit.config.optimizers import (LR_SCALINGS, OPTIMIZER_DEFAULTS, OPTIMIZERS, VIT_DEFAULTS,
+                                          VIT_OPTIMIZER, OptimizerDefaults, is_vit_name,
+                                          merge_pretrain)
+from simclr_kit.config.pretrain import (BACKBONE_INITS, CheckConfig, PretrainConfig, data_recipe,
                                         with_data_recipe)
 
 __all__ = ["AugmentConfig", "BACKBONE_INITS", "CheckConfig", "ClassifierConfig", "ConfigError",

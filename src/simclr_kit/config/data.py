@@ -8,9 +8,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from simclr_kit.config.fields import (one_of, probability,
-                                      ensure, from_dict, merge,
-                                      normalize_keys, setting, unflagged)
+from simclr_kit.config.fields import (ensure, from_dict, merge, normalize_keys, one_of, probability,
+                                      setting, unflagged)
 
 
 @dataclass(frozen=True)

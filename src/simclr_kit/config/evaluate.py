@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from simclr_kit.config.fields import one_of, ensure, setting
+from simclr_kit.config.fields import ensure, one_of, setting
 
 
 @dataclass(frozen=True)

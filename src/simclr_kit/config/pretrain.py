@@ -10,14 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from simclr_kit.config.data import AugmentConfig, DataConfig
-from simclr_kit.config.fields import (one_of, ensure, flatten,
-                                      from_dict, marked, recipe, setting,
+from simclr_kit.config.fields import (ensure, flatten, from_dict, marked, one_of, recipe, setting,
                                       to_dict, unflagged)
-from simclr_kit.config.optimizers import (LR_SCALINGS, OPTIMIZER_DEFAULTS,
-                                          OPTIMIZERS, VIT_DEFAULTS,
-                                          VIT_OPTIMIZER, OptimizerDefaults,
-                                          _per_optimizer, is_vit_name,
-                                          merge_pretrain)
+from simclr_kit.config.optimizers import (LR_SCALINGS, OPTIMIZER_DEFAULTS, OPTIMIZERS, VIT_DEFAULTS,
+                                          VIT_OPTIMIZER, OptimizerDefaults, _per_optimizer,
+                                          is_vit_name, merge_pretrain)
 
 BACKBONE_INITS = ("scratch", "imagenet")
 

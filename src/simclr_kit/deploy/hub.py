@@ -31,8 +31,8 @@ from simclr_kit.data.pixels import chosen_crop_fraction, resize_side
 from simclr_kit.deploy.loading_code import plain_loading_code, simclr_kit_code
 from simclr_kit.deploy.model_card import model_card
 from simclr_kit.errors import UserError
-from simclr_kit.models.encoder import (HUB_PREFIX, encoder_from_weights,
-                                       export_metadata, read_weights)
+from simclr_kit.models.encoder import (HUB_PREFIX, encoder_from_weights, export_metadata,
+                                       read_weights)
 from simclr_kit.models.timm_backbones import is_timm_name
 from simclr_kit.provenance import read_evaluation, run_directory
 

@@ -37,8 +37,8 @@ from simclr_kit.atomic import atomic_write_bytes
 from simclr_kit.checkpoint_files import META_KEY, read_metadata
 from simclr_kit.data.pixels import chosen_crop_fraction, resize_side
 from simclr_kit.deploy.onnx_runtime import INPUT_NAME, cpu_session, import_onnx_package
-from simclr_kit.models.encoder import encoder_from_weights, export_metadata, read_weights
 from simclr_kit.errors import UserError
+from simclr_kit.models.encoder import encoder_from_weights, export_metadata, read_weights
 
 OPSET = 17
 # Largest ONNX Runtime - torch difference accepted, relative to the output's largest magnitude

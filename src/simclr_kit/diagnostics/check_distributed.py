@@ -30,17 +30,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from simclr_kit import distributed, training
+from simclr_kit import distributed
 from simclr_kit.augment import SimCLRAugment, channel_stats
 from simclr_kit.config import CheckConfig, PretrainConfig
-from simclr_kit.data.loader import ResidentBatches
+from simclr_kit.data.loader import ResidentBatches, batch_indices, epoch_permutation
 from simclr_kit.data.store import ImageStore
 from simclr_kit.errors import UserError
 from simclr_kit.models.backbones import check_backbone_name
 from simclr_kit.models.heads import SimCLR, build_simclr
 from simclr_kit.models.loss import no_gather, nt_xent
 from simclr_kit.report.metrics import MetricsLog
+from simclr_kit.train.loop import train_step
 from simclr_kit.train.optim import build_optimizer, effective_lr, set_lr
+from simclr_kit.train.state import Trainer
 
 # float32 carries ~7 digits; the two runs sum the same terms in different orders (per-rank
 # partial sums, then the all-reduce), which moves gradients by ~1e-6 of their size. A missing
@@ -188,8 +190,9 @@ class _ViewRecorder:
 
 
 def _trainer(cfg: CheckConfig, inputs: dict[str, Any], device: torch.device,
-             folder: Path) -> training.Trainer:
-    """A Trainer as :func:`training.prepare` builds it, over the check's images and weights."""
+             folder: Path) -> Trainer:
+    """A Trainer as :func:`~simclr_kit.train.prepare.prepare` builds it, over the check's images
+    and weights."""
     pcfg = _pretrain_config(cfg)
     images = inputs["images"]
     model = _model(cfg, inputs, device)
@@ -198,7 +201,7 @@ def _trainer(cfg: CheckConfig, inputs: dict[str, Any], device: torch.device,
     optimizer = build_optimizer(model, "lars", base_lr, pcfg.momentum, pcfg.weight_decay)
     store = ImageStore(images, None, None, torch.arange(len(images)), cfg.image_size)
     augment = SimCLRAugment(pcfg.augment, cfg.image_size, inputs["mean"], inputs["std"], cfg.seed)
-    return training.Trainer(
+    return Trainer(
         config=pcfg, run_dir=folder, device=device, store=store, eval_store=None,
         batches=ResidentBatches(images, device, cfg.global_batch, cfg.seed), model=model,
         ddp_model=ddp_model, augment=augment, optimizer=optimizer, meta={},
@@ -229,9 +232,9 @@ def _distributed_step(cfg: CheckConfig, inputs: dict[str, Any], device: torch.de
     recorder = _ViewRecorder(trainer.augment)
     trainer.augment = recorder  # type: ignore[assignment]
     trainer.ddp_model.train()
-    perm = training.epoch_permutation(cfg.global_batch, cfg.seed, 0)
-    indices = training.batch_indices(perm, 0, cfg.global_batch)
-    loss = training.train_step(trainer, indices, gather)
+    perm = epoch_permutation(cfg.global_batch, cfg.seed, 0)
+    indices = batch_indices(perm, 0, cfg.global_batch)
+    loss = train_step(trainer, indices, gather)
     loss = distributed.all_reduce_sum(loss) / cfg.nproc  # the mean over ranks: the global loss
     assert recorder.views is not None
     return dict(_snapshot(trainer.model), loss=loss.cpu(), indices=indices,
@@ -245,7 +248,7 @@ def _reference(cfg: CheckConfig, inputs: dict[str, Any]) -> dict[str, Any]:
     pcfg = _pretrain_config(cfg)
     model = _model(cfg, inputs, device).train()
     augment = SimCLRAugment(pcfg.augment, cfg.image_size, inputs["mean"], inputs["std"], cfg.seed)
-    indices = training.epoch_permutation(cfg.global_batch, cfg.seed, 0)[:cfg.global_batch]
+    indices = epoch_permutation(cfg.global_batch, cfg.seed, 0)[:cfg.global_batch]
     v1, v2 = augment(inputs["images"][indices].to(device), indices.to(device), 0)  # (B, 3, S, S)
     b = cfg.global_batch // cfg.nproc
     if cfg.global_bn:

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from simclr_kit.augment import SimCLRAugment
-from simclr_kit.models.encoder import Encoder
 from simclr_kit.evaluation.finetune import FINETUNE_AUGMENT
 from simclr_kit.evaluation.linear import HeadTrainer, LinearProbeResult, standardisation
+from simclr_kit.models.encoder import Encoder
 
 
 def train_augmented_probe(encoder: Encoder, images: Tensor, labels: Tensor,

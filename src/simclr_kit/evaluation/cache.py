@@ -36,8 +36,8 @@ from torch import Tensor
 from simclr_kit import distributed
 from simclr_kit.atomic import atomic_file
 from simclr_kit.data.store import ImageStore
-from simclr_kit.models.encoder import Encoder
 from simclr_kit.evaluation.features import extract_features
+from simclr_kit.models.encoder import Encoder
 
 CACHE_FORMAT = "simclr-kit-features/1"
 _META_KEY = "simclr_kit_features"

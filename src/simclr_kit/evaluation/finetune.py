@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from simclr_kit.augment import SimCLRAugment, only
 from simclr_kit.config import EvalConfig
 from simclr_kit.data.store import ImageStore
-from simclr_kit.models.encoder import Encoder
 from simclr_kit.evaluation.features import forward_images
+from simclr_kit.models.encoder import Encoder
 from simclr_kit.models.heads import Classifier
 from simclr_kit.train.optim import set_lr, warmup_cosine
 

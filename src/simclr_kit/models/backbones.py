@@ -19,12 +19,9 @@ from torch import nn
 
 from simclr_kit.errors import UserError
 from simclr_kit.models.cifar_stem import CIFAR_STEM_MAX_SIZE, apply_cifar_stem
-from simclr_kit.models.timm_backbones import (build_timm_backbone,
-                                              check_num_features,
-                                              check_timm_name,
-                                              imagenet_weights_file,
-                                              is_timm_name, resolve_timm_stem,
-                                              timm_create_kwargs)
+from simclr_kit.models.timm_backbones import (build_timm_backbone, check_num_features,
+                                              check_timm_name, imagenet_weights_file, is_timm_name,
+                                              resolve_timm_stem, timm_create_kwargs)
 
 
 def available_backbones() -> list[str]:

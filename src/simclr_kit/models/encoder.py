@@ -24,14 +24,13 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor, nn
 
-from simclr_kit.checkpoint_files import (latest_checkpoint, load_into,
-                                         load_weights, read_metadata,
+from simclr_kit.checkpoint_files import (latest_checkpoint, load_into, load_weights, read_metadata,
                                          save_weights, torch_load_safe)
-from simclr_kit.data.pixels import (chosen_crop_fraction, resize_center_crop,
-                                    resize_side, to_rgb_array)
+from simclr_kit.data.pixels import (chosen_crop_fraction, resize_center_crop, resize_side,
+                                    to_rgb_array)
 from simclr_kit.errors import UserError
-from simclr_kit.models.backbones import (build_backbone, feature_dim,
-                                         fit_former_classifier, removed_layer)
+from simclr_kit.models.backbones import (build_backbone, feature_dim, fit_former_classifier,
+                                         removed_layer)
 from simclr_kit.models.timm_backbones import is_timm_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from simclr_kit.models.backbones import (backbone_feature_dim, backbone_kwargs,
-                                         build_backbone, resolve_stem)
+from simclr_kit.models.backbones import (backbone_feature_dim, backbone_kwargs, build_backbone,
+                                         resolve_stem)
 
 
 class ProjectionHead(nn.Module):

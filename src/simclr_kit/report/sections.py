@@ -19,14 +19,14 @@ from typing import Any
 import yaml
 
 from simclr_kit.config import AugmentConfig, DataConfig, from_dict, layered_data
-from simclr_kit.models.encoder import Encoder
-from simclr_kit.evaluation.tables import side_by_side
 from simclr_kit.errors import UserError
+from simclr_kit.evaluation.tables import side_by_side
+from simclr_kit.models.encoder import Encoder
 from simclr_kit.report import plots
-from simclr_kit.report.page import (Missing, Section, caption, esc, folded, image, key_values,
-                                    note, preformatted, table)
 from simclr_kit.report.loggers import scalars
 from simclr_kit.report.metrics import read_metrics
+from simclr_kit.report.page import (Missing, Section, caption, esc, folded, image, key_values, note,
+                                    preformatted, table)
 
 VIEW_IMAGES = 6
 _KNOWN_KINDS = {"run", "resume", "train", "done", "knn"}

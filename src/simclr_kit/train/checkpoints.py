@@ -15,9 +15,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from simclr_kit import distributed
-from simclr_kit.checkpoint_files import (latest_checkpoint, load_into,
-                                         load_train_state, load_weights,
-                                         save_checkpoint)
+from simclr_kit.checkpoint_files import (latest_checkpoint, load_into, load_train_state,
+                                         load_weights, save_checkpoint)
 from simclr_kit.errors import UserError
 from simclr_kit.report.system import hardware_info
 

@@ -24,8 +24,7 @@ from simclr_kit.config import PretrainConfig, with_data_recipe
 from simclr_kit.data.loader import batch_indices, epoch_permutation
 from simclr_kit.devices import autocast_dtype, out_of_memory_error
 from simclr_kit.errors import UserError
-from simclr_kit.train.checkpoints import (NonFiniteLoss, check_finite,
-                                          checkpoint_name, save)
+from simclr_kit.train.checkpoints import NonFiniteLoss, check_finite, checkpoint_name, save
 from simclr_kit.train.events import Interrupted, LoopEvents
 from simclr_kit.train.optim import set_lr
 from simclr_kit.train.prepare import prepare

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from simclr_kit.config import (DataConfig, PretrainConfig, flag_name, flatten,
-                               from_dict, load_yaml, marked, merge, to_dict)
+from simclr_kit.config import (DataConfig, PretrainConfig, flag_name, flatten, from_dict, load_yaml,
+                               marked, merge, to_dict)
 from simclr_kit.errors import UserError
 
 # Fields a resume may change, as their declarations mark them (setting(..., resumable=True));
@@ -55,8 +55,7 @@ def resume_config(run_dir: Path, changes: dict[str, Any]) -> PretrainConfig:
     changes are allowed is :func:`check_resume`'s to say. Without an ``epochs`` change the run
     goes on to the length it was last given: a run extended with ``--epochs`` and then
     interrupted continues to that length, not to the one in its ``config.yaml``."""
-    from simclr_kit.checkpoint_files import (  # torch: lazily
-        latest_checkpoint, load_train_state)
+    from simclr_kit.checkpoint_files import latest_checkpoint, load_train_state  # torch: lazily
 
     saved = saved_config(run_dir)
     ckpt = latest_checkpoint(run_dir, required=False)
@@ -86,8 +85,7 @@ def _epochs(n: int) -> str:
 def _check_epochs_left(run_dir: Path, config: PretrainConfig) -> None:
     """Refuse a run that has trained its last epoch: resuming it would only save the same
     weights again and replace its report and metrics with a session that did nothing."""
-    from simclr_kit.checkpoint_files import (  # torch: lazily
-        latest_checkpoint, load_train_state)
+    from simclr_kit.checkpoint_files import latest_checkpoint, load_train_state  # torch: lazily
 
     ckpt = latest_checkpoint(run_dir, required=False)
     if ckpt is None:
@@ -133,8 +131,7 @@ def check_same_data(run_dir: Path, provenance: dict[str, Any],
     from tqdm.auto import tqdm
 
     from simclr_kit import distributed
-    from simclr_kit.checkpoint_files import (  # torch: lazily
-        latest_checkpoint, read_metadata)
+    from simclr_kit.checkpoint_files import latest_checkpoint, read_metadata  # torch: lazily
 
     ckpt = latest_checkpoint(run_dir, required=False)
     if ckpt is None:
