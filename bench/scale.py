@@ -18,6 +18,13 @@ JSON line per result.
   ``cache.data_hash`` of a store with a decoded cache's key, at the full ImageNet shape (its
   pixels are a broadcast view: the key reads none of them) and 1,281,167 row ids.
 
+- **A cached store.** ``--store-images`` (300,000) generated 32 x 32 JPEGs with ImageNet's
+  1,000 classes, decoded once with their labels into the decoded cache (timed: the first
+  run's decoding). Then, in a new process, as a second ``simclr pretrain --monitor-knn`` or
+  ``simclr evaluate`` on the same data starts: opening the splits, reopening the decoded store
+  with its labels (a cache hit), and the feature cache's data key of that store, the part of
+  ``evaluate``'s start-up that grows with the set.
+
 Times are ``wall / CPU`` seconds of this process (CPU time is the steadier of the two on a
 shared machine). Everything lives under ``--root``, which may be kept between runs.
 """
@@ -166,6 +173,78 @@ def feature_key(hash_images: int, size: int = 224) -> None:
             "current_store_key_1281167_s": str(current)})
 
 
+def make_store_set(folder: Path, rows: int, size: int = 32) -> None:
+    """``folder/train.parquet``: ``rows`` JPEGs of ``size`` px (64 distinct smooth images in
+    turn) and a random ClassLabel of 1,000 classes."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, size)[None, :, None]
+    jpegs = []
+    for colour in rng.integers(0, 256, (64, 3)):
+        buf = io.BytesIO()
+        Image.fromarray((ramp * colour + (1 - ramp) * colour[::-1]).astype(np.uint8).repeat(
+            size, axis=0)).save(buf, "JPEG", quality=90)
+        jpegs.append({"bytes": buf.getvalue(), "path": None})
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(
+        names=[f"n{c:08d}" for c in range(IMAGENET_CLASSES)])})
+    labels = rng.integers(0, IMAGENET_CLASSES, rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(folder / "train.parquet.partial", features.arrow_schema) as writer:
+        for start in range(0, rows, 50_000):
+            stop = min(start + 50_000, rows)
+            image = [jpegs[i % len(jpegs)] for i in range(start, stop)]
+            writer.write_table(pa.table({"image": image, "label": labels[start:stop]},
+                                        schema=features.arrow_schema))
+    (folder / "train.parquet.partial").rename(folder / "train.parquet")
+
+
+def _open_store(folder: Path) -> tuple[Clock, Clock, object]:
+    """Open the splits and decode (or reopen) the train split with its labels, as pretraining
+    with ``--monitor-knn`` and ``evaluate`` do; returns the two clocks and the store."""
+    from simclr_kit.config import DataConfig
+    from simclr_kit.data.splits import open_splits
+    from simclr_kit.data.store import decode_split
+
+    with Clock() as opened:
+        train, _ = open_splits(DataConfig(data=str(folder)), need_eval=False)
+    with Clock() as decoded:
+        store = decode_split(train, 32, progress=False, labels=True)
+    assert store.labels is not None and len(store.labels) == len(store)
+    return opened, decoded, store
+
+
+def cached_store(root: Path, images: int) -> None:
+    """The first decoding of an ``images``-row set, then a new process's cache-hit start."""
+    import subprocess
+    import sys
+
+    folder = root / f"store{images}"
+    if not (folder / "train.parquet").is_file():
+        with Clock() as made:
+            make_store_set(folder, images)
+        _print({"bench": "generate", "images": images, "seconds": str(made)})
+    opened, decoded, store = _open_store(folder)
+    _print({"bench": "cached store: first run", "images": len(store),
+            "open_splits_s": str(opened), "decode_with_labels_s": str(decoded)})
+    subprocess.run([sys.executable, __file__, "--root", str(root), "--store-hit", str(images)],
+                   check=True)
+
+
+def cached_store_hit(root: Path, images: int) -> None:
+    from simclr_kit.evaluation.cache import data_hash
+
+    opened, reopened, store = _open_store(root / f"store{images}")
+    with Clock() as keyed:
+        data_hash(store)
+    _print({"bench": "cached store: a new process starts", "images": len(store),
+            "open_splits_s": str(opened), "reopen_decoded_with_labels_s": str(reopened),
+            "feature_cache_data_key_s": str(keyed)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("/tmp/scale-bench"))
@@ -175,11 +254,18 @@ def main() -> None:
                         help="rows read the former, per-row way")
     parser.add_argument("--hash-images", type=int, default=2000,
                         help="224-px images hashed the former, per-pixel way")
+    parser.add_argument("--store-images", type=int, default=300_000,
+                        help="images of the cached store (0: skip it)")
+    parser.add_argument("--store-hit", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.update(SIMCLR_KIT_CACHE=str(args.root / "cache"), HF_HOME=str(args.root / "hf"),
                       HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    if args.store_hit is not None:  # the new process of cached_store
+        return cached_store_hit(args.root, args.store_hit)
     labels(args.root, args.rows, args.sample)
     feature_key(args.hash_images)
+    if args.store_images:
+        cached_store(args.root, args.store_images)
 
 
 if __name__ == "__main__":
