@@ -100,32 +100,8 @@ python3 -m simclr_kit pretrain --config "$RECIPE" --data "$DATA" --out "$RUN" \
     --time-budget "$BUDGET_MINUTES" --checkpoint-every 0 --log-every 20
 echo "pretraining (decode + training + save) took $((SECONDS - PART2)) s"
 python3 -m simclr_kit evaluate "$RUN" --data "$DATA" --protocols knn --device "$DEVICE"
-python3 - "$RUN" "$BATCH" <<'EOF'
-import json, sys
-from pathlib import Path
-run = Path(sys.argv[1])
-records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-first = next(r for r in records if r["kind"] == "run")
-fit = next((r for r in records if r["kind"] == "budget"), None)
-done = [r for r in records if r["kind"] == "done"][-1]
-train = [r["images_per_s"] for r in records if r["kind"] == "train"]
-steady = sorted(train[len(train) // 10:])  # the first intervals hold compilation
-knn = [r for r in json.loads((run / "eval.json").read_text())["results"]
-       if r["protocol"] == "knn" and r["metric"] == "top1"]
-images = first["steps_per_epoch"] * int(sys.argv[2])  # trained per epoch: full batches only
-print("== summary")
-if fit:
-    print(f"budget: {fit['minutes']} min -> {fit['epochs']} epochs "
-          f"({fit['seconds_per_step'] * 1000:.1f} ms/step measured after warm-up)")
-print(f"epochs done: {done['epoch']}; training wall time {done['wall_s']:.1f} s "
-      f"(compilation and checkpoints included): {done['wall_s'] / max(done['epoch'], 1):.2f} s/epoch")
-if steady:
-    median = steady[len(steady) // 2]
-    print(f"steady state: {median:,.0f} images/s (median of the logged intervals) = "
-          f"{images / median:.2f} s/epoch")
-for r in knn:
-    print(f"kNN top-1 (k={r['hyperparameters'].get('k')}, test split): {r['value']:.2f}%")
-EOF
+echo "== summary"
+python3 "$ROOT/bench/run_summary.py" "$RUN" "$BATCH"
 echo "== 3. $PHOTOS photo-shaped JPEGs at $PHOTO_SIZE px, streamed, --time-budget $PHOTO_MINUTES min"
 PART3=$SECONDS
 rm -rf "$WORK/photos" "$PHOTO_RUN"
@@ -139,21 +115,5 @@ SIMCLR_KIT_CACHE="$WORK/photos/cache" HF_HOME="$WORK/photos/hf" \
     --time-budget "$PHOTO_MINUTES" --epochs 100 --checkpoint-every 0 --log-every 5 \
     || echo "photo run: FAILED (exit $?)"
 echo "pretraining (decode + training + save) took $((SECONDS - PART3)) s"
-python3 - "$PHOTO_RUN" "$PHOTO_BATCH" <<'EOF' || true
-import json, sys
-from pathlib import Path
-from simclr_kit.checkpoint_files import latest_checkpoint
-run = Path(sys.argv[1])
-records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-first = next(r for r in records if r["kind"] == "run")
-meta = json.loads((latest_checkpoint(run) / "model.json").read_text())
-train = [r["images_per_s"] for r in records if r["kind"] == "train"]
-steady = sorted(train[len(train) // 10:])  # the first intervals hold compilation
-print(f"{first['images']} images stored as whole frames of longer side {meta['store_size']} px, "
-      f"views at {meta['image_size']} px; {first['steps_per_epoch']} steps per epoch")
-if steady:
-    median = steady[len(steady) // 2]
-    print(f"steady state: {median:,.0f} images/s = {1000 * int(sys.argv[2]) / median:.0f} "
-          f"ms/step (median of {len(steady)} logged intervals)")
-EOF
+python3 "$ROOT/bench/run_summary.py" "$PHOTO_RUN" "$PHOTO_BATCH" || true
 echo "total $((SECONDS - START)) s"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,19 @@ def make_class_images(n_per_class: int = 12, classes: int = 3, size: int = 12,
             images.append(img)
             labels.append(c)
     return images, labels
+
+
+def wait_for(proc: subprocess.Popen, ready: Callable[[], object], what: str,
+             timeout: float = 300) -> None:
+    """Poll ``ready()`` until it is true; fail when ``proc`` exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{what} not in time")
+        time.sleep(0.05)
 
 
 def write_image_folder(root: Path, n_per_class: int = 12, classes: int = 3, size: int = 12,

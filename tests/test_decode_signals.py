@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import wait_for
 from simclr_kit.config import DataConfig
 from simclr_kit.data import decode_pool, mapped
 from simclr_kit.data.pixels import Layout, decode_image
@@ -65,17 +66,6 @@ def _recorded() -> list[Path]:
     return list((cache_root() / "decoded").glob(".*.tmp-*/chunks/*.json"))
 
 
-def _wait_for_a_chunk(proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not _recorded():
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("no chunk decoded in time")
-        time.sleep(0.05)
-
-
 def _stat(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name (state, ppid, ...), None if gone."""
     try:
@@ -101,7 +91,7 @@ def _running(pid: int) -> bool:
 def test_the_workers_die_with_a_killed_main_process(photos, tmp_path, monkeypatch):
     monkeypatch.setenv("SIMCLR_KIT_CACHE", str(tmp_path / "cache"))  # this test's decode only
     proc = _start(photos, tmp_path / "run")
-    _wait_for_a_chunk(proc)
+    wait_for(proc, _recorded, "a decoded chunk", timeout=240)
     workers = _children(proc.pid)
     assert len(workers) >= 2
     proc.kill()
@@ -126,7 +116,7 @@ def test_sigterm_stops_the_decode_with_one_line_and_the_next_run_continues(photo
                                                                            monkeypatch):
     monkeypatch.setenv("SIMCLR_KIT_CACHE", str(tmp_path / "cache"))
     proc = _start(photos, tmp_path / "run")
-    _wait_for_a_chunk(proc)
+    wait_for(proc, _recorded, "a decoded chunk", timeout=240)
     workers = _children(proc.pid)
     proc.send_signal(signal.SIGTERM)
     try:

@@ -13,13 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import write_unlabeled_parquet
+from conftest import wait_for, write_unlabeled_parquet
 from simclr_kit.report.metrics import read_metrics
 from simclr_kit.checkpoint_files import latest_checkpoint, load_train_state, load_weights
 
@@ -49,17 +48,6 @@ def _train_records(run: Path) -> list[dict]:
     return [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "train"]
 
 
-def _wait_for_training(proc: subprocess.Popen, run: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not _train_records(run):
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("no metrics line in time")
-        time.sleep(0.05)
-
-
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
@@ -78,7 +66,7 @@ def _assert_loadable(run: Path) -> None:
 def test_signal_finishes_the_step_saves_and_says_how_to_resume(data, tmp_path, signum):
     run = tmp_path / "run"
     proc = _start(["--data", str(data), "--out", str(run), "--epochs", "500", *ARGS])
-    _wait_for_training(proc, run)
+    wait_for(proc, lambda: _train_records(run), "a metrics line")
     proc.send_signal(signum)
     rc, err = _finish(proc)
     assert rc == 128 + signum, err[-2000:]
@@ -103,7 +91,7 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_weights(data, tmp_p
     run = tmp_path / "killed"
     # 1. SIGKILL from outside, at whatever moment the first metrics line happens to appear.
     proc = _start([*common, "--out", str(run)])
-    _wait_for_training(proc, run)
+    wait_for(proc, lambda: _train_records(run), "a metrics line")
     proc.kill()
     assert _finish(proc)[0] == -signal.SIGKILL
     _assert_loadable(run)
