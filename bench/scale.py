@@ -18,9 +18,10 @@ JSON line per result.
   ``cache.data_hash`` of a store with a decoded cache's key, at the full ImageNet shape (its
   pixels are a broadcast view: the key reads none of them) and 1,281,167 row ids.
 
-- **A cached store.** ``--store-images`` (300,000) generated 32 x 32 JPEGs with ImageNet's
-  1,000 classes, decoded once with their labels into the decoded cache (timed: the first
-  run's decoding). Then, in a new process, as a second ``simclr pretrain --monitor-knn`` or
+- **A cached store.** A train split of ``--store-images`` (300,000) 32 x 32 JPEGs with
+  ImageNet's 1,000 classes once the default 20% validation part is carved off (375,000 rows
+  generated), decoded once with their labels into the decoded cache (timed: the first run's
+  decoding). Then, in a new process, as a second ``simclr pretrain --monitor-knn`` or
   ``simclr evaluate`` on the same data starts: opening the splits, reopening the decoded store
   with its labels (a cache hit), and the feature cache's data key of that store, the part of
   ``evaluate``'s start-up that grows with the set.
@@ -222,11 +223,14 @@ def cached_store(root: Path, images: int) -> None:
     import subprocess
     import sys
 
+    from simclr_kit.config import DataConfig
+
     folder = root / f"store{images}"
     if not (folder / "train.parquet").is_file():
+        rows = round(images / (1 - DataConfig().val_fraction))  # the carved train part: images
         with Clock() as made:
-            make_store_set(folder, images)
-        _print({"bench": "generate", "images": images, "seconds": str(made)})
+            make_store_set(folder, rows)
+        _print({"bench": "generate", "rows": rows, "seconds": str(made)})
     opened, decoded, store = _open_store(folder)
     _print({"bench": "cached store: first run", "images": len(store),
             "open_splits_s": str(opened), "decode_with_labels_s": str(decoded)})
@@ -255,16 +259,20 @@ def main() -> None:
     parser.add_argument("--hash-images", type=int, default=2000,
                         help="224-px images hashed the former, per-pixel way")
     parser.add_argument("--store-images", type=int, default=300_000,
-                        help="images of the cached store (0: skip it)")
+                        help="images of the cached store's train part")
+    parser.add_argument("--parts", nargs="+", default=["labels", "key", "store"],
+                        choices=["labels", "key", "store"], help="which measurements to run")
     parser.add_argument("--store-hit", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.update(SIMCLR_KIT_CACHE=str(args.root / "cache"), HF_HOME=str(args.root / "hf"),
                       HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     if args.store_hit is not None:  # the new process of cached_store
         return cached_store_hit(args.root, args.store_hit)
-    labels(args.root, args.rows, args.sample)
-    feature_key(args.hash_images)
-    if args.store_images:
+    if "labels" in args.parts:
+        labels(args.root, args.rows, args.sample)
+    if "key" in args.parts:
+        feature_key(args.hash_images)
+    if "store" in args.parts and args.store_images:
         cached_store(args.root, args.store_images)
 
 
