@@ -47,8 +47,8 @@ def test_pretrain_writes_run_directory(run):
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) == 3 and all(r["loss"] > 0 for r in train)  # 24 images / batch 8
     assert [r["epoch"] for r in train] == [1, 1, 1]  # from 1, as checkpoints and the bar count
-    # the default rate, 2.83 per 256 images, scaled by the square root of 8 / 256
-    assert records[0]["effective_lr"] == pytest.approx(2.83 * (8 / 256) ** 0.5)
+    # the default rate, SimCLR's square-root rule 0.075 x sqrt(B), at batch 8
+    assert records[0]["effective_lr"] == pytest.approx(0.075 * 8 ** 0.5)
 
 
 def test_pretrain_ends_with_the_loss_the_files_and_the_next_command(run):
@@ -567,7 +567,7 @@ def test_api_resume_refuses_what_the_command_line_refuses(run):
 
     before = _files(run)
     saved = from_dict(PretrainConfig, load_yaml(run / "config.yaml"))
-    with pytest.raises(UserError, match=r"lr \(2\.83 in its config.yaml, 0\.01 now\): cannot "
+    with pytest.raises(UserError, match=r"lr \(1\.2 in its config.yaml, 0\.01 now\): cannot "
                                         r"change when resuming"):
         pretrain(dataclasses.replace(saved, lr=0.01, epochs=9), resume=run)
     with pytest.raises(UserError, match="is complete"):

@@ -154,6 +154,16 @@ def test_each_optimizer_takes_its_own_defaults_and_a_given_value_wins(name, rate
     assert given.resolved() == given
 
 
+@pytest.mark.parametrize("batch", [2, 128, 256, 512, 4096, 8192, 65536])
+def test_the_default_lars_rate_follows_simclrs_square_root_rule_at_every_batch(batch):
+    """SimCLR (Chen et al. 2020, appendix B.1): LARS at 0.075 x sqrt(batch size), which gives
+    4.8 at batch 4096, the rate of its linear rule there (0.3 x 4096 / 256)."""
+    cfg = PretrainConfig(batch_size=batch).resolved()
+    assert cfg.optimizer == "lars"
+    assert effective_lr(cfg.lr, batch, cfg.lr_scaling) == pytest.approx(0.075 * math.sqrt(batch))
+    assert effective_lr(cfg.lr, 4096, cfg.lr_scaling) == pytest.approx(0.3 * 4096 / 256)
+
+
 @pytest.mark.parametrize("backbone", ["timm/vit_tiny_patch16_224", "vit_b_16",
                                       "timm/deit_small_patch16_224"])
 def test_a_vit_backbone_takes_moco_v3s_recipe_unless_told_otherwise(backbone):

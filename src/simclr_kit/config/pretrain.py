@@ -24,8 +24,8 @@ class PretrainConfig:
     """One SimCLR pretraining run. ``lr`` is the rate for a batch of 256, scaled to the global
     batch by ``lr_scaling``.
 
-    The optimisation defaults (LARS at 2.83 x sqrt(B / 256), the paper's rule for small batches,
-    and temperature 0.1) learned best of those measured in bench/RESULTS.md, "Encoder quality".
+    The optimisation defaults (LARS at SimCLR's square-root rule, 0.075 x sqrt(B), and
+    temperature 0.1) were chosen on validation in bench/RESULTS.md, "Encoder quality".
     """
 
     data: DataConfig = field(default_factory=DataConfig)
