@@ -405,9 +405,9 @@ def _sections():
 
 def _options(command):
     """{option string: action} of a sub-command, the hidden --no-x forms left out."""
-    from simclr_kit.cli.parser import _command_parser, build_parser
+    from simclr_kit.cli.parser import build_parser, command_parser
 
-    parser = _command_parser(build_parser(), command)
+    parser = command_parser(build_parser(), command)
     return {o: a for a in parser._actions for o in a.option_strings if a.help != "==SUPPRESS=="}
 
 

@@ -13,13 +13,11 @@ import sys
 import traceback
 from typing import Sequence
 
-from simclr_kit.cli.parser import _command_parser, build_parser
+from simclr_kit.cli.parser import build_parser, command_parser
 from simclr_kit.errors import UserError
 
 # Errors of the machine rather than of the code: a full disk, a read-only or forbidden folder.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
 _FULL_DISK = os.strerror(errno.ENOSPC)  # "No space left on device"
 
 
@@ -41,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, extra = parser.parse_known_args(argv)
         if extra:  # said by the sub-command's parser, which knows the flags to suggest
-            _command_parser(parser, args.command).unrecognized(extra)
+            command_parser(parser, args.command).unrecognized(extra)
     except SystemExit as done:  # --help, --version, or a usage error already printed
         return done.code if isinstance(done.code, int) else 2
     try:

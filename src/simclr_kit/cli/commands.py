@@ -19,39 +19,23 @@ from simclr_kit.data.names import check_data_name
 from simclr_kit.errors import UserError
 
 DATA_FLAGS = config_flags(DataConfig, "data.")
-
-
 # The data flags of the commands that work on a run's dataset: the stored size of the
 # training images concerns pretraining alone.
 RUN_DATA_FLAGS = [f for f in DATA_FLAGS if f.flag != "--store-size"]
-
-
 PRETRAIN_FLAGS = config_flags(PretrainConfig) + config_flags(AugmentConfig, "augment.")
-
-
 # "eval.": in `run`, --eval-seed and --eval-batch-size must not land on the pretraining seed
 # and batch.
 EVAL_FLAGS = config_flags(EvalConfig, "eval.")
-
-
 CLASSIFIER_FLAGS = config_flags(ClassifierConfig)
-
-
 CHECK_FLAGS = sorted((f for f in config_flags(CheckConfig) if f.dest in CheckConfig.FLAGS),
                      key=lambda f: CheckConfig.FLAGS.index(f.dest))
-
-
 # The data flags of predict and embed, which read one whole split: of the run's own dataset,
 # or of the files --data names.
 FILE_DATA_FLAGS = [f for f in DATA_FLAGS if f.flag in ("--data", "--data-config", "--revision",
                                                         "--image-column", "--label-column",
                                                         "--bad-images", "--crop-fraction")]
-
-
 RUN_DATA = ("data (default: the run's own dataset: the one its last evaluation used, else the one "
             "it was pretrained on)")
-
-
 CLASSIFIER_DATA = ("data (default: the dataset the classifier was trained on; an image file, "
                    "folder or glob is also accepted)")
 

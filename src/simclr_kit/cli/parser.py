@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command_parser(parser: argparse.ArgumentParser, name: str) -> Parser:
+def command_parser(parser: argparse.ArgumentParser, name: str) -> Parser:
+    """The parser of sub-command ``name``: it knows that command's flags, to suggest one."""
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return commands.choices[name]

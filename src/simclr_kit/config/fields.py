@@ -300,6 +300,7 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def ensure(ok: bool, name: str, allowed: str, value: Any) -> None:
+    """A field's range check: unless ``ok``, one line naming the field, its value and the range."""
     if not ok:
         raise ConfigError(f"{name} = {value!r} is out of range: must be {allowed}")
 

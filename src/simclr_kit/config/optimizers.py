@@ -41,17 +41,11 @@ OPTIMIZER_DEFAULTS: dict[str, OptimizerDefaults] = {
     # The same rate with decoupled weight decay (Loshchilov & Hutter 2019) at DeiT's 0.05.
     "adamw": OptimizerDefaults(1e-3, "linear", 0.05),
 }
-
-
 OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
-
-
 # ViT backbones train with MoCo v3's ViT recipe (Chen, Xie & He 2021, "An Empirical Study of
 # Training Self-Supervised Vision Transformers", section 4 and appendix): AdamW, lr 1.5e-4 x
 # B/256, weight decay 0.1, 40 warm-up epochs, then cosine.
 VIT_OPTIMIZER = "adamw"
-
-
 VIT_DEFAULTS = OptimizerDefaults(1.5e-4, "linear", 0.1, 40.0)
 
 
